@@ -1,0 +1,99 @@
+"""Typed errors and warnings raised by torch_dtdr.
+
+Every error is a :class:`DTDRError` and also subclasses the builtin a caller
+would naturally catch (a malformed file is a ``ValueError``, a missing one a
+``FileNotFoundError``). Errors about stored data carry the file, the tensor and
+the byte range involved, so a message alone is enough to locate the damage.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DTDRError",
+    "FormatError",
+    "UnsupportedVersionError",
+    "IntegrityError",
+    "TruncatedError",
+    "CheckpointNotFoundError",
+    "CodecError",
+    "StorageError",
+    "DTDRWarning",
+    "DamageWarning",
+]
+
+
+def _describe(file=None, tensor=None, byte_range=None, field=None) -> str:
+    parts = []
+    if file is not None:
+        parts.append(f"file={file!s}")
+    if tensor is not None:
+        parts.append(f"tensor={tensor!r}")
+    if byte_range is not None:
+        start, end = byte_range
+        parts.append(f"bytes=[{start}, {end})")
+    if field is not None:
+        parts.append(f"field={field}")
+    return (" (" + ", ".join(parts) + ")") if parts else ""
+
+
+class DTDRError(Exception):
+    """Base class of every error torch_dtdr raises on purpose.
+
+    ``file``, ``tensor``, ``byte_range`` and ``field`` locate the problem; any of
+    them may be ``None`` when it does not apply.
+    """
+
+    def __init__(self, message: str, *, file=None, tensor=None, byte_range=None, field=None):
+        self.message = message
+        self.file = None if file is None else str(file)
+        self.tensor = tensor
+        self.byte_range = None if byte_range is None else (int(byte_range[0]), int(byte_range[1]))
+        self.field = field
+        super().__init__(message + _describe(self.file, tensor, self.byte_range, field))
+
+    def __reduce__(self):  # keep errors picklable for multiprocessing users
+        return (_rebuild, (type(self), self.message, self.file, self.tensor, self.byte_range, self.field))
+
+
+def _rebuild(cls, message, file, tensor, byte_range, field):
+    return cls(message, file=file, tensor=tensor, byte_range=byte_range, field=field)
+
+
+class FormatError(DTDRError, ValueError):
+    """The bytes are not a valid DTDR container (bad magic, malformed index, a
+    field out of range, a limit exceeded)."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file was written by a newer, incompatible major format version."""
+
+
+class IntegrityError(DTDRError, IOError):
+    """Stored data failed its checksums and could not be restored bit-exactly
+    (raised by ``errors="strict"``)."""
+
+
+class TruncatedError(IntegrityError):
+    """The file ends early: an interrupted write, copy or upload."""
+
+
+class CheckpointNotFoundError(DTDRError, FileNotFoundError):
+    """The path or URL names no file."""
+
+
+class CodecError(DTDRError, ValueError):
+    """An unknown codec, or codec parameters that cannot apply to a tensor."""
+
+
+class StorageError(DTDRError, OSError):
+    """The storage back-end failed (a write could not be committed, a range
+    read came back short)."""
+
+
+class DTDRWarning(UserWarning):
+    """Base class of torch_dtdr's warnings."""
+
+
+class DamageWarning(DTDRWarning):
+    """A load returned data that was repaired, degraded or lost; the warning's
+    text summarises the report."""
