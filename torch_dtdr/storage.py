@@ -1,0 +1,830 @@
+"""Byte storage for torch_dtdr: the only module that touches files, URLs and fsspec.
+
+Two primitives cover everything the container needs:
+
+* :func:`open_source` gives a random-access, read-only :class:`Source` over a
+  local path, an fsspec URL (``file://``, ``memory://``, ``s3://``, ``gs://``,
+  anything fsspec knows) or a seekable binary file object. It reads byte ranges,
+  concurrently for remote stores (:meth:`Source.read_ranges`), and counts the
+  bytes it returned (:attr:`Source.bytes_read`) so callers can prove laziness.
+
+* :func:`open_sink` gives a streaming, write-only :class:`Sink` that commits
+  **atomically**: until :meth:`Sink.commit` nothing is visible at the
+  destination, and an aborted or failed write leaves the previous file there
+  untouched, with no partial object and no pending multipart upload. Used as a
+  context manager it commits on normal exit and aborts on an exception.
+
+How a sink commits, by destination:
+
+======================  ==========================================================
+local path, ``file://``  temp file ``.<name>.<random>.dtdr-tmp`` in the same
+                         directory; flush, fsync, :func:`os.replace`, fsync the
+                         directory.
+``memory://``            buffered in memory, stored in one step at commit.
+``s3://``, ``gs://``     the store's own buffered file object: parts go up as
+                         they fill (memory stays bounded by the block size) and
+                         the object appears only when the upload is completed at
+                         commit; abort calls ``discard()``, which aborts the
+                         multipart (S3) or resumable (GCS) upload.
+other fsspec stores      a temporary key beside the target, moved onto it at
+                         commit (opening an arbitrary store's target in ``"wb"``
+                         mode may truncate the old file at once, e.g. SFTP).
+file object              written straight through; ``commit`` only flushes. No
+                         atomicity is possible and ``abort`` cannot undo what was
+                         written. The object is never closed by the sink.
+======================  ==========================================================
+
+A process killed mid-write can leave a ``*.dtdr-tmp`` file (local) or an
+incomplete multipart upload (S3; use a bucket lifecycle rule) behind, never a
+partial file at the destination.
+
+Errors are typed: a missing path is a
+:class:`~torch_dtdr.errors.CheckpointNotFoundError` (also a
+``FileNotFoundError``); a back-end failure is a
+:class:`~torch_dtdr.errors.StorageError` (also an ``OSError``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO, Iterable, Sequence, Union
+
+from .errors import CheckpointNotFoundError, DTDRError, StorageError
+
+__all__ = [
+    "Source",
+    "Sink",
+    "open_source",
+    "open_sink",
+    "exists",
+    "remove",
+    "read_bytes",
+    "write_bytes_atomic",
+    "DEFAULT_MAX_WORKERS",
+    "DEFAULT_PART_SIZE",
+    "TEMP_SUFFIX",
+]
+
+PathOrURL = Union[str, "os.PathLike[str]"]
+FileLike = Union[PathOrURL, BinaryIO]
+
+#: Concurrent range requests issued by :meth:`Source.read_ranges` on remote stores.
+DEFAULT_MAX_WORKERS = 16
+#: Remote ranges longer than this are split into parts fetched concurrently.
+DEFAULT_PART_SIZE = 16 * 2**20
+#: Suffix of the temporary files a local sink writes before its atomic rename.
+TEMP_SUFFIX = ".dtdr-tmp"
+
+# Stores whose fsspec file objects buffer writes, upload parts that stay invisible
+# until the upload is completed on close, and implement a real ``discard()``.
+_DISCARD_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
+
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_MAX_PREAD = 0x7FFFF000  # Linux caps a single read at this many bytes
+_LOCAL_WRITE_BUFFER = 1 << 20
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def _fspath(f) -> str:
+    p = os.fspath(f)
+    return os.fsdecode(p) if isinstance(p, bytes) else p
+
+
+def _resolve(f, storage_options, *, allow_fileobj: bool):
+    """Return ("local", path) | ("fsspec", fs, path) | ("fileobj", f)."""
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            "expected a path, a URL or a binary file object, got bytes; "
+            "wrap in-memory data in io.BytesIO"
+        )
+    if isinstance(f, (str, os.PathLike)):
+        s = _fspath(f)
+        if not s:
+            raise ValueError("empty path")
+        if _is_url(s):
+            import fsspec
+            from fsspec.implementations.local import LocalFileSystem
+
+            fs, path = fsspec.core.url_to_fs(s, **(storage_options or {}))
+            if isinstance(fs, LocalFileSystem):
+                return ("local", path)
+            return ("fsspec", fs, path)
+        return ("local", s)
+    if allow_fileobj and (hasattr(f, "read") or hasattr(f, "write")):
+        return ("fileobj", f)
+    kind = "a path, a URL or a binary file object" if allow_fileobj else "a path or a URL"
+    raise TypeError(f"expected {kind}, got {type(f).__name__}")
+
+
+def _protocols(fs) -> set:
+    p = fs.protocol
+    return {p} if isinstance(p, str) else set(p)
+
+
+def _is_memory_fs(fs) -> bool:
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    return isinstance(fs, MemoryFileSystem)
+
+
+def _fileobj_name(f) -> str:
+    name = getattr(f, "name", None)
+    if isinstance(name, (str, bytes, os.PathLike)):
+        return _fspath(name)
+    path = getattr(f, "path", None)  # fsspec file objects
+    if isinstance(path, str):
+        return path
+    return f"<{type(f).__name__}>"
+
+
+def _byte_view(b) -> memoryview:
+    mv = b if isinstance(b, memoryview) else memoryview(b)
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        mv = mv.cast("B")  # raises for non-contiguous buffers
+    return mv
+
+
+def _storage_error(msg: str, exc: BaseException, *, file, byte_range=None) -> DTDRError:
+    if isinstance(exc, DTDRError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointNotFoundError(f"no such file: {exc}", file=file, byte_range=byte_range)
+    return StorageError(f"{msg}: {type(exc).__name__}: {exc}", file=file, byte_range=byte_range)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class Source:
+    """Random-access, read-only bytes of one stored file. Thread-safe.
+
+    ``read(offset, length)`` returns exactly ``length`` bytes, or fewer only when
+    the range passes the end of the file (then it returns what exists, ``b""``
+    past the end). A store that returns fewer bytes than the file holds raises
+    :class:`~torch_dtdr.errors.StorageError`.
+    """
+
+    name: str
+    size: int
+
+    def __init__(self, name: str, size: int):
+        self.name = name
+        self.size = int(size)
+        self.bytes_read = 0
+        self.closed = False
+        self._count_lock = threading.Lock()
+
+    # -- subclass hooks -----------------------------------------------------
+    def _read_exact(self, offset: int, length: int) -> bytes:  # pragma: no cover
+        """Read ``length`` bytes at ``offset``; the range lies inside the file."""
+        raise NotImplementedError
+
+    _concurrent = False  # whether read_ranges should use threads
+
+    # -- public API ---------------------------------------------------------
+    def _clamp(self, offset, length) -> tuple:
+        offset, length = int(offset), int(length)
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length: ({offset}, {length})")
+        return offset, max(0, min(length, self.size - offset))
+
+    def _count(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_read += n
+
+    def _checked_read(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        try:
+            data = self._read_exact(offset, length)
+        except Exception as e:
+            raise _storage_error("read failed", e, file=self.name, byte_range=(offset, offset + length)) from e
+        if len(data) != length:
+            raise StorageError(
+                f"short read: got {len(data)} of {length} bytes (file changed or store failed?)",
+                file=self.name,
+                byte_range=(offset, offset + length),
+            )
+        self._count(length)
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)``, cut short only at end of file."""
+        self._check_open()
+        offset, length = self._clamp(offset, length)
+        return self._checked_read(offset, length)
+
+    def read_ranges(
+        self,
+        ranges: Iterable[Sequence[int]],
+        max_workers: int | None = None,
+        part_size: int | None = None,
+    ) -> list:
+        """Read many ``(offset, length)`` ranges; results come back in order.
+
+        Remote stores issue the requests concurrently on up to ``max_workers``
+        threads (default :data:`DEFAULT_MAX_WORKERS`), splitting ranges longer than
+        ``part_size`` (default :data:`DEFAULT_PART_SIZE`) into parts. Local files
+        and file objects are read sequentially. EOF rules are those of :meth:`read`.
+        """
+        self._check_open()
+        clamped = [self._clamp(o, n) for o, n in ranges]
+        workers = DEFAULT_MAX_WORKERS if max_workers is None else int(max_workers)
+        if not self._concurrent or workers <= 1 or not clamped:
+            return [self._checked_read(o, n) for o, n in clamped]
+        part = DEFAULT_PART_SIZE if part_size is None else int(part_size)
+        if part <= 0:
+            raise ValueError("part_size must be positive")
+        parts = []  # (range index, offset, length)
+        for i, (o, n) in enumerate(clamped):
+            if n == 0:
+                parts.append((i, o, 0))
+            for p in range(o, o + n, part):
+                parts.append((i, p, min(part, o + n - p)))
+        if len(parts) == 1:
+            return [self._checked_read(o, n) for o, n in clamped]
+        pool = ThreadPoolExecutor(max_workers=min(workers, len(parts)), thread_name_prefix="dtdr-read")
+        try:
+            datas = list(pool.map(lambda p: self._checked_read(p[1], p[2]), parts))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        out: list = [[] for _ in clamped]
+        for (i, _, _), d in zip(parts, datas):
+            out[i].append(d)
+        return [pieces[0] if len(pieces) == 1 else b"".join(pieces) for pieces in out]
+
+    def head(self, n: int) -> bytes:
+        """The first ``n`` bytes (fewer if the file is shorter)."""
+        return self.read(0, n)
+
+    def tail(self, n: int) -> bytes:
+        """The last ``n`` bytes (the whole file if it is shorter)."""
+        n = min(int(n), self.size)
+        return self.read(self.size - n, n)
+
+    def _check_open(self):
+        if self.closed:
+            raise ValueError(f"read from a closed source: {self.name}")
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r} size={self.size}>"
+
+
+class _LocalSource(Source):
+    def __init__(self, path: str):
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError("no such file", file=path) from e
+        except IsADirectoryError as e:  # Windows
+            raise CheckpointNotFoundError("is a directory, not a file", file=path) from e
+        except OSError as e:
+            raise _storage_error("cannot open", e, file=path) from e
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise CheckpointNotFoundError("is a directory, not a file", file=path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._lock = None if hasattr(os, "pread") else threading.Lock()
+        super().__init__(path, st.st_size)
+
+    def _read_exact(self, offset, length):
+        if self._lock is not None:  # no pread (Windows): seek + read under a lock
+            with self._lock:
+                os.lseek(self._fd, offset, os.SEEK_SET)
+                first = os.read(self._fd, min(length, _MAX_PREAD))
+        else:
+            first = os.pread(self._fd, min(length, _MAX_PREAD), offset)
+        if len(first) == length or not first:
+            return first
+        chunks, got = [first], len(first)
+        while got < length:
+            if self._lock is not None:
+                with self._lock:
+                    os.lseek(self._fd, offset + got, os.SEEK_SET)
+                    b = os.read(self._fd, min(length - got, _MAX_PREAD))
+            else:
+                b = os.pread(self._fd, min(length - got, _MAX_PREAD), offset + got)
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        return b"".join(chunks)
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _FileObjSource(Source):
+    def __init__(self, f):
+        name = _fileobj_name(f)
+        seekable = getattr(f, "seekable", None)
+        if not callable(getattr(f, "read", None)) or (callable(seekable) and not seekable()):
+            raise TypeError(f"a source file object must be readable and seekable: {name}")
+        if isinstance(f, io.TextIOBase):
+            raise TypeError(f"a source file object must be binary, not text: {name}")
+        self._f = f
+        self._lock = threading.Lock()
+        with self._lock:
+            size = f.seek(0, os.SEEK_END)
+            if size is None:  # some file objects return None from seek
+                size = f.tell()
+        super().__init__(name, size)
+
+    def _read_exact(self, offset, length):
+        with self._lock:
+            self._f.seek(offset)
+            first = self._f.read(length)
+            if first is None:
+                raise StorageError("non-blocking file object returned no data", file=self.name)
+            if len(first) == length or not first:
+                return bytes(first)
+            chunks, got = [first], len(first)
+            while got < length:
+                b = self._f.read(length - got)
+                if not b:
+                    break
+                chunks.append(b)
+                got += len(b)
+            return b"".join(chunks)
+
+    def close(self):
+        self.closed = True  # the caller owns the file object
+
+
+class _FsspecSource(Source):
+    def __init__(self, fs, path: str, name: str):
+        self._fs = fs
+        self._path = path
+        try:
+            fs.invalidate_cache(path)  # a stale listing must not fake the size
+        except Exception:
+            pass
+        try:
+            info = fs.info(path)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError("no such file", file=name) from e
+        except Exception as e:
+            raise _storage_error("cannot stat", e, file=name) from e
+        if info.get("type") == "directory":
+            raise CheckpointNotFoundError("is a directory, not a file", file=name)
+        size = info.get("size")
+        if size is None:
+            raise StorageError("the store reports no size for this file", file=name)
+        self._concurrent = not _is_memory_fs(fs)
+        super().__init__(name, size)
+
+    def _read_exact(self, offset, length):
+        # keywords: s3fs takes a positional third argument as the VersionId
+        return self._fs.cat_file(self._path, start=offset, end=offset + length)
+
+
+def open_source(f: FileLike, storage_options: dict | None = None) -> Source:
+    """Open ``f`` for random-access reading.
+
+    ``f`` is a local path (``str`` or ``os.PathLike``), an fsspec URL or a
+    readable, seekable binary file object (which stays open after ``close``).
+    ``storage_options`` go to the fsspec filesystem of a URL.
+
+    Raises :class:`~torch_dtdr.errors.CheckpointNotFoundError` when the path
+    names no file.
+    """
+    r = _resolve(f, storage_options, allow_fileobj=True)
+    if r[0] == "local":
+        return _LocalSource(r[1])
+    if r[0] == "fileobj":
+        return _FileObjSource(r[1])
+    return _FsspecSource(r[1], r[2], _fspath(f))
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+class Sink:
+    """A write-only destination that appears at its path only on :meth:`commit`.
+
+    Use as a context manager: it commits on normal exit and aborts when an
+    exception escapes. A sink dropped without either is aborted, never committed.
+    """
+
+    name: str
+
+    def __init__(self, name: str):
+        self.name = name
+        self._written = 0
+        self._state = "open"  # -> "committed" | "aborted"
+
+    # -- subclass hooks -----------------------------------------------------
+    def _write(self, mv: memoryview) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _commit(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _abort(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- public API ---------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._state != "open"
+
+    @property
+    def committed(self) -> bool:
+        return self._state == "committed"
+
+    def write(self, b) -> int:
+        """Append the bytes-like ``b``; returns the number of bytes written."""
+        if self._state != "open":
+            raise ValueError(f"write to a {self._state} sink: {self.name}")
+        mv = _byte_view(b)
+        n = mv.nbytes
+        if n:
+            try:
+                self._write(mv)
+            except Exception as e:
+                raise _storage_error("write failed", e, file=self.name) from e
+            self._written += n
+        return n
+
+    def tell(self) -> int:
+        """Bytes written so far."""
+        return self._written
+
+    def commit(self) -> None:
+        """Make the written bytes visible at the destination, atomically.
+
+        On failure the sink is aborted and :class:`StorageError` raised; the
+        previous file at the destination, if any, is left as it was.
+        """
+        if self._state == "committed":
+            return
+        if self._state == "aborted":
+            raise StorageError("cannot commit an aborted sink", file=self.name)
+        try:
+            self._commit()
+        except BaseException as e:
+            self._state = "aborted"
+            try:
+                self._abort()
+            except Exception:
+                pass
+            if isinstance(e, Exception):
+                raise _storage_error("commit failed", e, file=self.name) from e
+            raise
+        self._state = "committed"
+
+    def abort(self) -> None:
+        """Throw the written bytes away; the destination is left untouched.
+
+        A no-op after :meth:`commit` or a previous abort.
+        """
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        try:
+            self._abort()
+        except Exception as e:
+            raise _storage_error("abort failed", e, file=self.name) from e
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            try:
+                self.abort()
+            except Exception:
+                pass  # never mask the original exception
+
+    def __del__(self):
+        # Never commit implicitly (fsspec's buffered files would on garbage
+        # collection): an unfinished sink is thrown away.
+        try:
+            if getattr(self, "_state", None) == "open":
+                self.abort()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r} {self._state} written={self._written}>"
+
+
+def _fsync_dir(d: str) -> None:
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse to fsync a directory
+    finally:
+        os.close(fd)
+
+
+class _LocalSink(Sink):
+    def __init__(self, path: str, fsync: bool = True):
+        # write through symlinks, as open(path, "wb") would
+        path = os.path.realpath(path)
+        super().__init__(path)
+        self._fsync = fsync
+        self._dest = path
+        d, base = os.path.split(path)
+        self._dir = d
+        if os.path.isdir(path):
+            raise StorageError("destination is a directory", file=path)
+        try:
+            dest_mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            dest_mode = None
+        for _ in range(64):
+            tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o666)
+                break
+            except FileExistsError:
+                continue
+            except FileNotFoundError as e:
+                raise StorageError("the destination's directory does not exist", file=path) from e
+            except OSError as e:
+                raise _storage_error("cannot create a temporary file", e, file=path) from e
+        else:  # pragma: no cover
+            raise StorageError("cannot pick a free temporary file name", file=path)
+        self._tmp = tmp
+        try:
+            if dest_mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(fd, dest_mode)  # replacing a file keeps its permissions
+            self._f = os.fdopen(fd, "wb", buffering=_LOCAL_WRITE_BUFFER)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+
+    def _write(self, mv):
+        self._f.write(mv)
+
+    def _commit(self):
+        self._f.flush()
+        if self._fsync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self._dest)
+        self._tmp = None
+        if self._fsync:
+            _fsync_dir(self._dir)
+
+    def _abort(self):
+        try:
+            self._f.close()
+        except Exception:
+            pass
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+
+class _BufferedFsspecSink(Sink):
+    """Buffers in memory and stores the object in one call at commit (memory://)."""
+
+    def __init__(self, fs, path, name):
+        super().__init__(name)
+        self._fs, self._path = fs, path
+        self._buf = io.BytesIO()
+
+    def _write(self, mv):
+        self._buf.write(mv)
+
+    def _commit(self):
+        data = self._buf.getvalue()
+        self._buf = None
+        self._fs.pipe_file(self._path, data)
+
+    def _abort(self):
+        self._buf = None
+
+
+def _real_discard(fobj) -> bool:
+    from fsspec.spec import AbstractBufferedFile
+
+    d = getattr(type(fobj), "discard", None)
+    return callable(d) and d is not AbstractBufferedFile.discard
+
+
+def _drop_file(fobj) -> None:
+    """Abort an fsspec write-mode file without committing it."""
+    try:
+        if _real_discard(fobj):
+            fobj.discard()
+    finally:
+        # AbstractBufferedFile.close()/__del__ would upload what is buffered
+        try:
+            fobj.closed = True
+        except Exception:
+            pass
+
+
+class _DiscardFsspecSink(Sink):
+    """Streams to the store's buffered file object; ``discard()`` aborts (S3, GCS)."""
+
+    def __init__(self, fs, path, name, open_kwargs):
+        super().__init__(name)
+        self._fs, self._path = fs, path
+        try:
+            self._fobj = fs.open(path, "wb", **open_kwargs)
+        except Exception as e:
+            raise _storage_error("cannot open for writing", e, file=name) from e
+
+    def _write(self, mv):
+        self._fobj.write(mv)
+
+    def _commit(self):
+        self._fobj.close()  # completes the multipart / resumable upload
+
+    def _abort(self):
+        _drop_file(self._fobj)
+
+
+class _TempKeyFsspecSink(Sink):
+    """Writes a temporary key beside the target and moves it there at commit."""
+
+    def __init__(self, fs, path, name, open_kwargs):
+        super().__init__(name)
+        self._fs, self._path = fs, path
+        parent = fs._parent(path)
+        base = path.rstrip("/").rsplit("/", 1)[-1]
+        tmp = f".{base}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        self._tmp = f"{parent.rstrip('/')}/{tmp}" if parent else tmp
+        try:
+            self._fobj = fs.open(self._tmp, "wb", **open_kwargs)
+        except Exception as e:
+            raise _storage_error("cannot open a temporary object for writing", e, file=name) from e
+
+    def _write(self, mv):
+        self._fobj.write(mv)
+
+    def _commit(self):
+        self._fobj.close()
+        self._fs.mv(self._tmp, self._path)
+
+    def _abort(self):
+        try:
+            _drop_file(self._fobj)
+        finally:
+            try:
+                self._fs.rm_file(self._tmp)
+            except FileNotFoundError:
+                pass
+            except Exception:
+                if self._fs.exists(self._tmp):
+                    raise
+
+
+class _FileObjSink(Sink):
+    """Writes straight through to a caller's file object: not atomic."""
+
+    def __init__(self, f):
+        if not callable(getattr(f, "write", None)):
+            raise TypeError(f"a sink file object must be writable: {_fileobj_name(f)}")
+        if isinstance(f, io.TextIOBase):
+            raise TypeError(f"a sink file object must be binary, not text: {_fileobj_name(f)}")
+        super().__init__(_fileobj_name(f))
+        self._f = f
+
+    def _write(self, mv):
+        n = self._f.write(mv)
+        if n is not None and n != mv.nbytes:  # raw files may write partially
+            rest = mv[n:]
+            while rest.nbytes:
+                k = self._f.write(rest)
+                if not k:
+                    raise StorageError("file object accepted no bytes", file=self.name)
+                rest = rest[k:]
+
+    def _commit(self):
+        flush = getattr(self._f, "flush", None)
+        if callable(flush):
+            flush()
+
+    def _abort(self):
+        pass  # written bytes cannot be taken back
+
+
+def open_sink(
+    f: FileLike,
+    storage_options: dict | None = None,
+    *,
+    block_size: int | None = None,
+    fsync: bool = True,
+) -> Sink:
+    """Open ``f`` for an atomic, streaming write (see the module docs).
+
+    ``block_size`` sets the upload part size of remote stores (it bounds the
+    memory a remote write holds; S3 needs at least 5 MiB). ``fsync=False`` skips
+    the fsyncs of a local write (faster, not durable across a power loss).
+    """
+    r = _resolve(f, storage_options, allow_fileobj=True)
+    if r[0] == "local":
+        return _LocalSink(r[1], fsync=fsync)
+    if r[0] == "fileobj":
+        return _FileObjSink(r[1])
+    fs, path, name = r[1], r[2], _fspath(f)
+    if _is_memory_fs(fs):
+        return _BufferedFsspecSink(fs, path, name)
+    open_kwargs = {} if block_size is None else {"block_size": int(block_size)}
+    if _protocols(fs) & _DISCARD_PROTOCOLS:
+        return _DiscardFsspecSink(fs, path, name, open_kwargs)
+    return _TempKeyFsspecSink(fs, path, name, open_kwargs)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def exists(f: PathOrURL, storage_options: dict | None = None) -> bool:
+    """Whether the path or URL names an existing file or directory."""
+    r = _resolve(f, storage_options, allow_fileobj=False)
+    if r[0] == "local":
+        return os.path.exists(r[1])
+    fs, path = r[1], r[2]
+    try:
+        fs.invalidate_cache(path)
+    except Exception:
+        pass
+    try:
+        return bool(fs.exists(path))
+    except Exception as e:
+        raise _storage_error("exists failed", e, file=_fspath(f)) from e
+
+
+def remove(f: PathOrURL, storage_options: dict | None = None, *, missing_ok: bool = False) -> None:
+    """Delete one file. A missing file raises CheckpointNotFoundError unless ``missing_ok``."""
+    r = _resolve(f, storage_options, allow_fileobj=False)
+    name = _fspath(f)
+    try:
+        if r[0] == "local":
+            os.unlink(r[1])
+        else:
+            fs, path = r[1], r[2]
+            fs.invalidate_cache(path)
+            if not fs.isfile(path):
+                raise FileNotFoundError(path)
+            fs.rm_file(path)
+    except FileNotFoundError as e:
+        if not missing_ok:
+            raise CheckpointNotFoundError("no such file", file=name) from e
+    except Exception as e:
+        raise _storage_error("remove failed", e, file=name) from e
+
+
+def read_bytes(f: FileLike, storage_options: dict | None = None) -> bytes:
+    """The whole content of ``f``."""
+    with open_source(f, storage_options) as src:
+        return src.read(0, src.size)
+
+
+def write_bytes_atomic(f: FileLike, data, storage_options: dict | None = None, **sink_kwargs: Any) -> int:
+    """Write ``data`` to ``f`` atomically; returns the number of bytes written."""
+    with open_sink(f, storage_options, **sink_kwargs) as sink:
+        sink.write(data)
+    return sink.tell()
