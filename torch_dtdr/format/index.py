@@ -1,0 +1,215 @@
+"""The index: what the file holds and where.
+
+Stored as UTF-8 JSON (a manifest at the head of the stream, the full index in
+the footer). This module turns the untrusted JSON into checked dataclasses:
+every field is type- and range-checked before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+import zstandard
+
+from ..errors import FormatError
+from . import constants as C
+from .records import SectionEntry
+
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in [
+        "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+    ]
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"tensors of dtype {dtype} cannot be stored") from None
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    offset: int
+    header_size: int
+    elem_start: int
+    elem_count: int
+    sections: tuple[SectionEntry, ...]
+
+    @property
+    def body_start(self) -> int:
+        return self.offset + self.header_size
+
+    @property
+    def end(self) -> int:
+        return self.body_start + sum(s.stored_length for s in self.sections)
+
+    def to_json(self) -> list:
+        return [self.offset, self.header_size, self.elem_start, self.elem_count,
+                [[s.name, s.copies, s.length, s.digest] for s in self.sections]]
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    codec: dict
+    segment_elems: int
+    records: list[RecordInfo] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_json(self, with_records: bool = True) -> dict:
+        d = {"name": self.name, "dtype": DTYPE_NAMES[self.dtype], "shape": list(self.shape),
+             "codec": self.codec, "segment_elems": self.segment_elems}
+        if with_records:
+            d["records"] = [r.to_json() for r in self.records]
+        return d
+
+
+@dataclass
+class Index:
+    tree: dict
+    tensors: list[TensorInfo]
+    metadata: dict[str, str]
+    geometry: dict
+    stream_length: int | None = None
+
+    def to_json(self, with_records: bool = True) -> dict:
+        d = {"format": [C.FORMAT_MAJOR, C.FORMAT_MINOR], "geometry": self.geometry, "tree": self.tree,
+             "tensors": [t.to_json(with_records) for t in self.tensors], "metadata": self.metadata}
+        return d
+
+
+def encode_index(index: dict) -> bytes:
+    """The canonical UTF-8 JSON encoding of an index or manifest."""
+    return json.dumps(index, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def compress_index(raw: bytes) -> bytes:
+    """Footer index payload: one zstd frame (with its content size) of the JSON.
+    Smaller copies vote better: fewer bits must survive."""
+    return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(raw)
+
+
+def decompress_index(payload: bytes, file=None) -> bytes:
+    """Inverse of :func:`compress_index`, refusing frames that would expand past the limit."""
+    try:
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"index is not a zstd frame: {e}", file=file, field="index") from None
+    if size < 0 or size > C.MAX_INDEX_BYTES:
+        raise FormatError(f"index declares {size} decompressed bytes", file=file, field="index")
+    try:
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"index does not decompress: {e}", file=file, field="index") from None
+
+
+def _int(v, what, lo=0, hi=(1 << 63) - 1, file=None) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise FormatError(f"index field {what} must be an integer in [{lo}, {hi}], got {v!r}", file=file, field=what)
+    return v
+
+
+def _str(v, what, file=None, max_len=1 << 16) -> str:
+    if type(v) is not str or len(v) > max_len:
+        raise FormatError(f"index field {what} must be a string", file=file, field=what)
+    return v
+
+
+def _dict(v, what, file=None) -> dict:
+    if type(v) is not dict:
+        raise FormatError(f"index field {what} must be an object", file=file, field=what)
+    return v
+
+
+def _list(v, what, file=None, max_len=None) -> list:
+    if type(v) is not list or (max_len is not None and len(v) > max_len):
+        raise FormatError(f"index field {what} must be a list", file=file, field=what)
+    return v
+
+
+def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
+    """Decode and check an index (or, with ``require_records=False``, a manifest)."""
+    if len(raw) > C.MAX_INDEX_BYTES:
+        raise FormatError(f"index of {len(raw)} bytes exceeds the limit", file=file, field="index")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"index is not valid JSON: {e}", file=file, field="index") from None
+    doc = _dict(doc, "index", file)
+    fmt = _list(doc.get("format"), "format", file, 2)
+    if len(fmt) != 2 or _int(fmt[0], "format.major", file=file) != C.FORMAT_MAJOR:
+        from .records import check_version
+
+        check_version(fmt[0] if fmt and type(fmt[0]) is int else -1, file)
+    geometry = _dict(doc.get("geometry"), "geometry", file)
+    metadata = _dict(doc.get("metadata", {}), "metadata", file)
+    for k, v in metadata.items():
+        _str(v, f"metadata[{k!r}]", file)
+    tree = _dict(doc.get("tree"), "tree", file)
+    tensors = []
+    for i, t in enumerate(_list(doc.get("tensors"), "tensors", file, C.MAX_TENSORS)):
+        t = _dict(t, f"tensors[{i}]", file)
+        name = _str(t.get("name"), f"tensors[{i}].name", file)
+        dname = _str(t.get("dtype"), f"tensors[{i}].dtype", file)
+        if dname not in DTYPES:
+            raise FormatError(f"unknown dtype {dname!r}", file=file, tensor=name, field="dtype")
+        shape = tuple(_int(d, f"{name}.shape", file=file) for d in _list(t.get("shape"), "shape", file, C.MAX_DIMS))
+        numel = 1
+        for d in shape:
+            numel *= d
+            if numel > 1 << 62:
+                raise FormatError("tensor declares more than 2^62 elements", file=file, tensor=name, field="shape")
+        codec = _dict(t.get("codec"), f"{name}.codec", file)
+        seg = _int(t.get("segment_elems"), f"{name}.segment_elems", lo=1, file=file)
+        info = TensorInfo(name, DTYPES[dname], shape, codec, seg)
+        if require_records:
+            expected = 0
+            for r in _list(t.get("records"), f"{name}.records", file):
+                r = _list(r, f"{name}.records[]", file, 5)
+                if len(r) != 5:
+                    raise FormatError("record entry must have 5 fields", file=file, tensor=name, field="records")
+                off = _int(r[0], "record.offset", file=file)
+                hsize = _int(r[1], "record.header_size", lo=1, hi=1 << 16, file=file)
+                start = _int(r[2], "record.elem_start", file=file)
+                count = _int(r[3], "record.elem_count", file=file)
+                if start != expected or count > seg:
+                    raise FormatError("records do not tile the tensor", file=file, tensor=name, field="records")
+                expected += count
+                secs = []
+                for s in _list(r[4], "record.sections", file, C.MAX_SECTIONS):
+                    s = _list(s, "section", file, 4)
+                    if len(s) != 4:
+                        raise FormatError("section entry must have 4 fields", file=file, tensor=name, field="sections")
+                    secs.append(SectionEntry(_str(s[0], "section.name", file, 8), _int(s[1], "section.copies", 1, C.MAX_COPIES, file),
+                                             _int(s[2], "section.length", file=file), _int(s[3], "section.digest", 0, (1 << 64) - 1, file)))
+                info.records.append(RecordInfo(off, hsize, start, count, tuple(secs)))
+            if expected != numel and not (numel == 0 and expected == 0):
+                raise FormatError(f"records cover {expected} of {numel} elements", file=file, tensor=name, field="records")
+        tensors.append(info)
+    stream_length = doc.get("stream_length")
+    if stream_length is not None:
+        _int(stream_length, "stream_length", file=file)
+        for t in tensors:
+            for r in t.records:
+                if r.end > stream_length:
+                    raise FormatError("record reaches past the end of the stream", file=file, tensor=t.name,
+                                      byte_range=(r.offset, r.end), field="records")
+    return Index(tree, tensors, metadata, geometry, stream_length)

@@ -1,0 +1,520 @@
+"""The container reader: finds the index, reads byte ranges of the logical
+stream, verifies every chunk, repairs with parity, and hands codecs their
+sections together with what could not be restored.
+
+Locating the index, most trusted first:
+1. the trailer in the last page, pointing at the footer blobs;
+2. without a valid trailer, a backward scan of page-aligned footer blobs;
+3. without any footer (a truncated file), the superblock, the head manifest
+   and a forward scan of the self-describing records.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..codecs.base import Damage
+from ..errors import FormatError, TruncatedError
+from ..integrity.checksum import chunk_hashes, hash64
+from ..integrity.inner import InnerCode
+from ..integrity.parity import ErasureCode
+from ..integrity.vote import bitwise_majority
+from . import constants as C
+from .index import Index, RecordInfo, TensorInfo, decompress_index, parse_index
+from .layout import Geometry
+from .records import BlobHeader, RecordHeader, Superblock, Trailer, check_flags, check_geometry, padded
+
+_SCAN_STEP = 1 << 20
+_MAX_TAIL_SCAN = 1 << 28
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+@dataclass
+class ReadResult:
+    """Bytes of a logical range and what happened to them."""
+
+    data: bytearray
+    bad: list[tuple[int, int]] = field(default_factory=list)  # logical ranges left damaged
+    repaired: list[tuple[int, int]] = field(default_factory=list)  # logical ranges restored by parity
+    missing_from: int | None = None  # logical offset where the file ends, if inside the range
+
+
+@dataclass
+class SegmentData:
+    """The sections of one record, ready for a codec."""
+
+    sections: dict[str, bytes]
+    damage: Damage
+    repaired: list[tuple[int, int]]
+    bad: list[tuple[int, int]]
+
+
+class ContainerReader:
+    """Random access to a DTDR container held by a storage ``Source``."""
+
+    def __init__(self, source, *, max_workers: int = 8):
+        self.source = source
+        self.name = source.name
+        self.size = source.size
+        self.max_workers = max_workers
+        self.events: list[str] = []  # container-level damage found while opening
+        self.truncated = False
+        self._stripe_cache: OrderedDict[int, list[bytes | None]] = OrderedDict()
+        self._sums: list[np.ndarray] | None = None
+        self._footer_blobs: list[tuple[int, int, int]] = []
+        if self.size == 0:
+            raise TruncatedError("file is empty", file=self.name, byte_range=(0, 0))
+        self._open()
+
+    # ------------------------------------------------------------------ opening
+    def _open(self) -> None:
+        tail_len = min(self.size, C.PAGE)
+        tail = self.source.read(self.size - tail_len, tail_len)
+        trailer = Trailer.parse(tail, file=self.name)
+        if trailer is not None and self._open_from_trailer(trailer):
+            return
+        if trailer is None:
+            self.events.append("trailer damaged or missing")
+        if self._open_from_blob_scan():
+            return
+        self._open_from_scan()
+
+    def _set_geometry(self, chunk_size, k, m, algorithm, n_data_chunks, inner_nsym=0) -> None:
+        check_geometry(chunk_size, k, m, self.name)
+        check_flags(inner_nsym, self.name)
+        self.geometry = Geometry(chunk_size, k, m, n_data_chunks, inner_nsym)
+        self.algorithm = algorithm
+        self._code = None
+        self._inner = InnerCode(chunk_size, inner_nsym) if inner_nsym else None
+
+    @property
+    def code(self) -> ErasureCode:
+        if self._code is None:
+            self._code = ErasureCode(self.geometry.k, self.geometry.m, self.algorithm)
+        return self._code
+
+    def _read_blob_copies(self, plan, kind, length, digest) -> tuple[bytes | None, list[bytes]]:
+        """Return (verified payload or None, all copies read)."""
+        offsets = [off for k, _copy, off in plan if k == kind and off + C.BLOB_HEAD_SIZE + length <= self.size]
+        copies = []
+        for i, off in enumerate(offsets):
+            raw = self.source.read(off + C.BLOB_HEAD_SIZE, length)
+            copies.append(raw)
+            if len(raw) == length and hash64(raw) == digest:
+                if i:
+                    self.events.append(f"{_KIND_NAMES[kind]} copies 0..{i - 1} damaged; copy {i} used")
+                return bytes(raw), copies
+        full = [c for c in copies if len(c) == length]
+        if len(full) >= 2:
+            voted = bitwise_majority(full)
+            if hash64(voted) == digest:
+                self.events.append(f"every {_KIND_NAMES[kind]} copy damaged; restored by bitwise vote")
+                return voted, copies
+        return None, copies
+
+    def _open_from_trailer(self, t: Trailer) -> bool:
+        self._set_geometry(t.chunk_size, t.k, t.m, t.parity_algorithm, t.n_data_chunks, t.flags & 0xFF)
+        if self.geometry.physical_end != t.footer_offset or t.stream_length > t.n_data_chunks * t.chunk_size:
+            self.events.append("trailer inconsistent with its geometry")
+            return False
+        if t.index_length > C.MAX_INDEX_BYTES or t.chunksums_length != 8 * self.geometry.n_chunks_total:
+            self.events.append("trailer declares impossible footer sizes")
+            return False
+        plan = t.blob_offsets()
+        self._footer_blobs = [(kind, off, off + padded(C.BLOB_HEAD_SIZE + (t.index_length if kind == C.BLOB_KIND_INDEX
+                                                                         else t.chunksums_length)))
+                              for kind, _copy, off in plan]
+        raw, _ = self._read_blob_copies(plan, C.BLOB_KIND_INDEX, t.index_length, t.index_digest)
+        if raw is None:
+            self.events.append("every index copy damaged beyond voting")
+            return False
+        sums, sum_copies = self._read_blob_copies(plan, C.BLOB_KIND_CHUNKSUMS, t.chunksums_length, t.chunksums_digest)
+        self._install_index(parse_index(decompress_index(raw, self.name), file=self.name))
+        self._install_sums(sums, sum_copies, t.chunksums_length)
+        self.stream_length = t.stream_length
+        return True
+
+    def _install_sums(self, verified, copies, length) -> None:
+        if verified is not None:
+            self._sums = [np.frombuffer(verified, dtype="<u8")]
+        else:
+            self.events.append("every chunk-checksum copy damaged; chunks match against any copy")
+            self._sums = [np.frombuffer(c, dtype="<u8") for c in copies if len(c) == length] or None
+            if self._sums is None:
+                self.events.append("no chunk checksums: only section checksums are checked")
+
+    def _install_index(self, index: Index) -> None:
+        self.index = index
+        self.tensors = index.tensors
+        self.by_name = {t.name: i for i, t in enumerate(index.tensors)}
+
+    def _open_from_blob_scan(self) -> bool:
+        """Find the footer by its self-checking blob headers, scanning back from
+        the end. One valid index header locates every copy (they are laid out
+        back to back), so copies whose own header is damaged still vote."""
+        end = self.size - self.size % C.PAGE
+        scanned = 0
+        tried: set[tuple[int, int, int]] = set()
+        while end > 0 and scanned < _MAX_TAIL_SCAN:
+            start = max(0, end - _SCAN_STEP)
+            buf = self.source.read(start, end - start)
+            for off in range(len(buf) - len(buf) % C.PAGE - C.PAGE, -1, -C.PAGE):
+                if buf[off:off + 8] != C.BLOB_MAGIC:
+                    continue
+                head = BlobHeader.parse(buf, off)
+                if head is None or head.kind != C.BLOB_KIND_INDEX or head.length > C.MAX_INDEX_BYTES:
+                    continue
+                span = padded(C.BLOB_HEAD_SIZE + head.length)
+                first = start + off - head.copy * span
+                if (first, head.length, head.digest) in tried or first < 0:
+                    continue
+                tried.add((first, head.length, head.digest))
+                if self._try_index_at(first, head, span):
+                    return True
+            scanned += end - start
+            end = start
+        return False
+
+    def _try_index_at(self, first: int, head: BlobHeader, span: int) -> bool:
+        plan = [(C.BLOB_KIND_INDEX, i, first + i * span) for i in range(max(head.ncopies, head.copy + 1))]
+        raw, _ = self._read_blob_copies(plan, C.BLOB_KIND_INDEX, head.length, head.digest)
+        if raw is None:
+            return False
+        try:
+            index = parse_index(decompress_index(raw, self.name), file=self.name)
+            g = index.geometry
+            self._set_geometry(_gi(g, "chunk_size"), _gi(g, "k"), _gi(g, "m"), str(g.get("algorithm")),
+                               _gi(g, "n_data_chunks"), g.get("inner_nsym", 0))
+        except FormatError:
+            return False
+        self.events.append("footer located by scanning for its blobs")
+        self._install_index(index)
+        self.stream_length = index.stream_length
+        length = 8 * self.geometry.n_chunks_total
+        sums_first = first + len(plan) * span
+        sums_span = padded(C.BLOB_HEAD_SIZE + length)
+        digest = None
+        for i in range(8):
+            h = BlobHeader.parse(self.source.read(sums_first + i * sums_span, C.BLOB_HEAD_SIZE))
+            if h is None:
+                continue
+            if h.kind == C.BLOB_KIND_CHUNKSUMS and h.length == length:
+                digest = h.digest
+                n = h.ncopies
+                break
+        if digest is None:
+            self._install_sums(None, [], length)
+            return True
+        expected_end = sums_first + n * sums_span + C.PAGE
+        if self.size < expected_end:
+            self.truncated = True
+            self.events.append(f"file ends {expected_end - self.size} bytes early, inside its footer")
+        plan = [(C.BLOB_KIND_CHUNKSUMS, i, sums_first + i * sums_span) for i in range(n)]
+        verified, copies = self._read_blob_copies(plan, C.BLOB_KIND_CHUNKSUMS, length, digest)
+        self._install_sums(verified, copies, length)
+        return True
+
+    def _open_from_scan(self) -> None:
+        """No usable footer: rebuild the index from the head manifest and the records."""
+        head = self.source.read(0, min(self.size, C.PAGE))
+        sb = Superblock.parse(head, file=self.name)
+        self.truncated = True
+        self.events.append("no usable footer: the file is truncated or its end is destroyed; records scanned")
+        c, k, m = sb.chunk_size, sb.k, sb.m
+        stripe_span = Geometry(c, k, m, k, sb.flags & 0xFF).stripe_span
+        full, rest = divmod(self.size, stripe_span)
+        n_data = full * k + min(k, -(-rest // c))
+        self._set_geometry(c, k, m, sb.parity_algorithm, n_data, sb.flags & 0xFF)
+        self.stream_length = min(n_data * c, full * k * c + min(rest, k * c))
+        stream = self.read_logical(0, self.stream_length, verify=False).data
+        pos = C.SUPERBLOCK.size
+        header = RecordHeader.parse(stream, pos, file=self.name)
+        if header.kind != C.RECORD_KIND_MANIFEST or len(header.sections) != 1:
+            raise FormatError("the first record is not the manifest", file=self.name, byte_range=(pos, pos + header.size))
+        body = bytes(stream[pos + header.size: pos + header.size + header.sections[0].length])
+        if len(body) != header.sections[0].length or hash64(body) != header.sections[0].digest:
+            raise TruncatedError("the file ends inside its manifest", file=self.name,
+                                 byte_range=(pos, pos + header.size + header.sections[0].length))
+        index = parse_index(body, file=self.name, require_records=False)
+        pos += header.size + header.body_length
+        while pos < len(stream):
+            try:
+                rec = RecordHeader.parse(stream, pos, file=self.name)
+            except FormatError:
+                nxt = stream.find(C.RECORD_MAGIC, pos + 1)
+                if nxt < 0:
+                    break
+                pos = nxt
+                continue
+            if rec.kind == C.RECORD_KIND_SEGMENT and rec.tensor_id < len(index.tensors):
+                t = index.tensors[rec.tensor_id]
+                if rec.elem_start == sum(r.elem_count for r in t.records) and rec.elem_count <= t.segment_elems:
+                    t.records.append(RecordInfo(pos, rec.size, rec.elem_start, rec.elem_count, rec.sections))
+            pos += rec.size + rec.body_length
+        self._install_index(index)
+        self._sums = None
+
+    # ------------------------------------------------------------------ reading
+    def _chunk_ok(self, table_index: int, data) -> bool:
+        digest = hash64(data)
+        return any(table_index < len(s) and int(s[table_index]) == digest for s in self._sums)
+
+    def _chunks_ok(self, first_chunk: int, buf: memoryview) -> np.ndarray:
+        g = self.geometry
+        c = g.chunk_size
+        hashes = chunk_hashes(buf, c)
+        n = len(hashes)
+        j = np.arange(first_chunk, first_chunk + n)
+        idx = (j // g.k) * (g.k + g.m) + j % g.k
+        ok = np.zeros(n, dtype=bool)
+        for s in self._sums:
+            valid = idx < len(s)
+            ok[valid] |= s[idx[valid]] == hashes[valid]
+        return ok
+
+    def read_logical(self, start: int, end: int, verify: bool = True) -> ReadResult:
+        """Bytes of logical ``[start, end)``, checked chunk by chunk and repaired
+        by parity where possible. Damaged bytes that cannot be repaired are left
+        in place and reported in ``bad``; bytes past the end of the file are zero
+        and reported in ``bad`` and ``missing_from``."""
+        g = self.geometry
+        c = g.chunk_size
+        if end <= start:
+            return ReadResult(bytearray())
+        a = start // c * c
+        b = -(-end // c) * c
+        pieces = g.physical_ranges(a, b)
+        raws = self.source.read_ranges([(p, n) for _l, p, n in pieces], max_workers=self.max_workers)
+        buf = bytearray(b - a)
+        missing_from = None
+        for (lstart, _p, n), raw in zip(pieces, raws):
+            buf[lstart - a: lstart - a + len(raw)] = raw
+            if len(raw) < n and missing_from is None:
+                missing_from = lstart + len(raw)
+        result = ReadResult(buf)
+        if missing_from is not None:
+            self.truncated = True
+            result.missing_from = max(missing_from, start)
+        if verify and self._sums is not None:
+            avail = b if missing_from is None else missing_from // c * c
+            if avail > a:
+                ok = self._chunks_ok(a // c, memoryview(buf)[: avail - a])
+                for i in np.flatnonzero(~ok):
+                    j = a // c + int(i)
+                    fixed = self._repair_chunk(j)
+                    lo, hi = j * c, (j + 1) * c
+                    if fixed is not None:
+                        buf[lo - a: hi - a] = fixed
+                        result.repaired.append((max(lo, start), min(hi, end)))
+                    else:
+                        result.bad.append((max(lo, start), min(hi, end)))
+        if missing_from is not None:
+            result.bad.append((max(missing_from, start), end))
+        result.bad = merge_ranges(result.bad)
+        result.repaired = merge_ranges(result.repaired)
+        result.data = buf[start - a: end - a] if (start != a or end != b) else buf
+        return result
+
+    def _repair_chunk(self, j: int) -> bytes | None:
+        g = self.geometry
+        if not g.m:
+            return None
+        stripe, slot = divmod(j, g.k)
+        if stripe not in self._stripe_cache:
+            self._stripe_cache[stripe] = self._repair_stripe(stripe)
+            while len(self._stripe_cache) > 64:
+                self._stripe_cache.popitem(last=False)
+        chunks = self._stripe_cache[stripe]
+        return None if chunks is None else chunks[slot]
+
+    def _repair_stripe(self, stripe: int) -> list[bytes] | None:
+        """Restore a stripe's data chunks: first each damaged chunk through its
+        inner code (archive level), then the erasure code across the stripe."""
+        g = self.geometry
+        c = g.chunk_size
+        d = g.data_chunks_in(stripe)
+        n = d + g.m
+        base = stripe * g.stripe_span
+        raw = self.source.read(base, n * c + n * g.inner_size)
+        if len(raw) < n * c:
+            return None
+        slots: list[bytes | None] = []
+        for s in range(n):
+            piece = raw[s * c:(s + 1) * c]
+            if not self._chunk_ok(g.chunk_index(stripe, s), piece):
+                piece = self._inner_fix(piece, raw, n * c + s * g.inner_size)
+                if piece is not None and not self._chunk_ok(g.chunk_index(stripe, s), piece):
+                    piece = None
+            slots.append(piece)
+        if sum(x is None for x in slots) > g.m:
+            return None
+        full = slots[:d] + [bytes(c)] * (g.k - d) + slots[d:]
+        try:
+            rebuilt = self.code.rebuild(full)
+        except Exception:  # noqa: BLE001 - a failed repair is reported as damage, never raised
+            return None
+        out = [rebuilt.get(s, slots[s]) for s in range(d)]
+        if not all(self._chunk_ok(g.chunk_index(stripe, s), out[s]) for s in rebuilt):
+            return None
+        return [bytes(x) for x in out]
+
+    def _inner_fix(self, chunk: bytes, raw: bytes, offset: int) -> bytes | None:
+        if self._inner is None:
+            return None
+        parity = raw[offset:offset + self.geometry.inner_size]
+        if len(parity) < self.geometry.inner_size:
+            return None
+        data, _status = self._inner.decode(chunk, parity)
+        return data.tobytes()
+
+    def read_record(self, rec: RecordInfo) -> SegmentData:
+        """Read and check the sections of one record (copies voted)."""
+        res = self.read_logical(rec.body_start, rec.end)
+        data = memoryview(res.data)
+        sections: dict[str, bytes] = {}
+        damage = Damage()
+        missing = set()
+        pos = 0
+        base = rec.body_start
+        verified = self._sums is not None
+        for s in rec.sections:
+            copies = []
+            for i in range(s.copies):
+                lo = pos + i * s.length
+                copy_bad = [(0, s.length)] if not verified else [(max(x, base + lo) - base - lo, min(y, base + lo + s.length) - base - lo)
+                            for x, y in res.bad if x < base + lo + s.length and y > base + lo]
+                copies.append((data[lo: lo + s.length], copy_bad))
+            pos += s.stored_length
+            value, bad = _combine_copies(copies, s.digest)
+            sections[s.name] = value
+            if bad:
+                damage.ranges[s.name] = bad
+                if res.missing_from is not None and res.missing_from <= base + pos - s.stored_length:
+                    missing.add(s.name)
+        damage.missing = frozenset(missing)
+        return SegmentData(sections, damage, res.repaired, res.bad)
+
+    # ------------------------------------------------------------------ mapping
+    def physical(self, logical_ranges) -> list[tuple[int, int]]:
+        """Physical byte ranges of logical ranges (for reports and errors)."""
+        out = []
+        for s, e in logical_ranges:
+            for _l, p, n in self.geometry.physical_ranges(s, e):
+                out.append((p, p + n))
+        return merge_ranges(out)
+
+    def regions(self) -> dict[str, list[tuple[int, int]]]:
+        """Named physical regions of the file, for targeted fault injection."""
+        g = self.geometry
+        out: dict[str, list[tuple[int, int]]] = {"superblock": self.physical([(0, C.SUPERBLOCK.size)])}
+        parity = [(g.parity_chunk_offset(s, 0), g.parity_chunk_offset(s, 0) + g.m * g.chunk_size)
+                  for s in range(g.n_stripes)] if g.m else []
+        out["parity"] = merge_ranges(parity)
+        for t in self.tensors:
+            key = f"tensor:{t.name}"
+            out[key] = self.physical([(r.offset, r.end) for r in t.records])
+            spans: dict[str, list] = {}
+            for r in t.records:
+                pos = r.body_start
+                for s in r.sections:
+                    spans.setdefault(s.name, []).append((pos, pos + s.stored_length))
+                    pos += s.stored_length
+            for name, rs in spans.items():
+                out[f"{key}:{name}"] = self.physical(rs)
+        if not self.truncated:
+            footer = g.physical_end
+            out["footer"] = [(footer, self.size)]
+            out["trailer"] = [(self.size - C.TRAILER.size, self.size)]
+        for kind, s, e in self._footer_blobs:
+            out.setdefault("index" if kind == C.BLOB_KIND_INDEX else "chunksums", []).append((s, e))
+        return out
+
+
+_KIND_NAMES = {C.BLOB_KIND_INDEX: "index", C.BLOB_KIND_CHUNKSUMS: "chunk-checksum table"}
+
+
+def _gi(d: dict, key: str) -> int:
+    v = d.get(key)
+    if type(v) is not int or v < 0:
+        raise FormatError(f"geometry field {key} is missing or invalid", field=f"geometry.{key}")
+    return v
+
+
+def _combine_copies(copies, digest) -> tuple[bytes, list[tuple[int, int]]]:
+    """Pick or vote the content of a section stored in one or more copies.
+
+    Returns the bytes and the byte ranges that remain unreliable (empty when
+    the result matches the section's checksum)."""
+    for mv, _bad in copies:
+        if hash64(mv) == digest:
+            return bytes(mv), []
+    if len(copies) == 1:
+        mv, bad = copies[0]
+        value = bytes(mv)
+        if hash64(value) == digest:
+            return value, []
+        return value, bad or [(0, len(value))]
+    n = len(copies[0][0])
+    arrays = [np.frombuffer(mv, dtype=np.uint8) for mv, _ in copies]
+    voted = np.frombuffer(bitwise_majority([a.tobytes() for a in arrays]), dtype=np.uint8).copy()
+    trusted = np.zeros(n, dtype=bool)
+    for a, (_mv, bad) in zip(arrays, copies):
+        good = np.ones(n, dtype=bool)
+        for s, e in bad:
+            good[s:e] = False
+        take = good & ~trusted
+        voted[take] = a[take]
+        trusted |= good
+    value = voted.tobytes()
+    if hash64(value) == digest:
+        return value, []
+    agree = np.ones(n, dtype=bool)
+    for a in arrays[1:]:
+        agree &= a == arrays[0]
+    uncertain = ~trusted & ~agree
+    if not uncertain.any():
+        uncertain[:] = ~trusted
+        if not uncertain.any():
+            uncertain[:] = True
+    idx = np.flatnonzero(np.diff(np.concatenate(([0], uncertain.view(np.int8), [0]))))
+    return value, [(int(s), int(e)) for s, e in zip(idx[::2], idx[1::2])]
+
+
+def regions(path, storage_options=None) -> dict[str, list[tuple[int, int]]]:
+    """Named physical byte ranges of a DTDR file (``index``, ``trailer``,
+    ``parity``, ``tensor:<name>``, ``tensor:<name>:<section>``, ...)."""
+    from ..storage import open_source
+
+    with open_source(path, storage_options) as src:
+        reader = ContainerReader(src)
+        return reader.regions()
+
+
+def looks_like_dtdr(source) -> bool:
+    """Whether a storage ``Source`` holds a DTDR file, judged by its superblock
+    magic, its trailer magic, or a footer blob header in its last pages (so a
+    file whose first page is destroyed is still recognised)."""
+    if source.size < 8:
+        return False
+    if source.read(0, 8) == C.MAGIC:
+        return True
+    tail_len = min(source.size, 16 * C.PAGE)
+    tail = source.read(source.size - tail_len, tail_len)
+    if tail[-C.TRAILER.size:][:8] == C.TRAILER_MAGIC:
+        return True
+    start = len(tail) % C.PAGE
+    return any(tail[off:off + 8] == C.BLOB_MAGIC for off in range(start, len(tail), C.PAGE))

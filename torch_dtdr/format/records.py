@@ -1,0 +1,234 @@
+"""Packing and parsing of the fixed binary structures: superblock, record
+headers, footer blob headers and the trailer. Every structure ends in an
+xxh3_64 of its own bytes, so a parser can tell a damaged header from a valid one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FormatError, UnsupportedVersionError
+from ..integrity.checksum import hash64
+from . import constants as C
+
+
+def _ascii(field: bytes) -> str:
+    return field.rstrip(b"\0").decode("ascii", "replace")
+
+
+def _pad_ascii(text: str, n: int, what: str) -> bytes:
+    raw = text.encode("ascii")
+    if len(raw) > n:
+        raise FormatError(f"{what} {text!r} is longer than {n} bytes")
+    return raw.ljust(n, b"\0")
+
+
+@dataclass(frozen=True)
+class Superblock:
+    chunk_size: int
+    k: int
+    m: int
+    parity_algorithm: str
+    major: int = C.FORMAT_MAJOR
+    minor: int = C.FORMAT_MINOR
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        body = C.SUPERBLOCK.pack(
+            C.MAGIC, self.major, self.minor, self.flags, self.chunk_size, self.k, self.m,
+            _pad_ascii(self.parity_algorithm, 16, "parity algorithm"), b"\0" * 16, 0,
+        )[:-8]
+        return body + hash64(body).to_bytes(8, "little")
+
+    @classmethod
+    def parse(cls, raw: bytes, file=None) -> "Superblock":
+        if len(raw) < C.SUPERBLOCK.size:
+            raise FormatError("file is shorter than the superblock", file=file, byte_range=(0, len(raw)))
+        magic, major, minor, flags, chunk, k, m, algo, _res, digest = C.SUPERBLOCK.unpack_from(raw)
+        if magic != C.MAGIC:
+            raise FormatError("not a DTDR file (bad magic)", file=file, byte_range=(0, 8))
+        if digest != hash64(raw[: C.SUPERBLOCK.size - 8]):
+            raise FormatError("superblock checksum mismatch", file=file, byte_range=(0, C.SUPERBLOCK.size))
+        check_version(major, file)
+        sb = cls(chunk, k, m, _ascii(algo), major, minor, flags)
+        check_geometry(chunk, k, m, file)
+        check_flags(flags, file)
+        return sb
+
+
+def check_version(major: int, file=None) -> None:
+    if major != C.FORMAT_MAJOR:
+        raise UnsupportedVersionError(
+            f"format major version {major} is not supported (this reader reads {C.FORMAT_MAJOR})",
+            file=file, field="major",
+        )
+
+
+def check_flags(flags: int, file=None) -> int:
+    """The inner-code symbol count carried in the low byte of ``flags``; other bits must be zero."""
+    if flags >> 8:
+        raise FormatError(f"unknown flags {flags:#x}", file=file, field="flags")
+    nsym = flags & 0xFF
+    if nsym and (nsym % 2 or not 2 <= nsym <= 128):
+        raise FormatError(f"inner code with {nsym} parity symbols is not valid", file=file, field="flags")
+    return nsym
+
+
+def check_geometry(chunk_size: int, k: int, m: int, file=None) -> None:
+    if chunk_size <= 0 or chunk_size % C.PAGE or chunk_size > C.MAX_CHUNK_SIZE:
+        raise FormatError(f"chunk size {chunk_size} is not a positive multiple of {C.PAGE}", file=file, field="chunk_size")
+    if not 1 <= k <= C.MAX_K or not 0 <= m <= C.MAX_M:
+        raise FormatError(f"stripe geometry k={k}, m={m} out of range", file=file, field="k/m")
+
+
+@dataclass(frozen=True)
+class SectionEntry:
+    name: str
+    copies: int
+    length: int
+    digest: int
+
+    @property
+    def stored_length(self) -> int:
+        return self.copies * self.length
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    kind: int
+    tensor_id: int
+    segment: int
+    elem_start: int
+    elem_count: int
+    sections: tuple[SectionEntry, ...]
+
+    @property
+    def size(self) -> int:
+        return C.RECORD_HEAD.size + len(self.sections) * C.RECORD_SECTION.size + C.RECORD_HASH.size
+
+    @property
+    def body_length(self) -> int:
+        return sum(s.stored_length for s in self.sections)
+
+    def pack(self) -> bytes:
+        parts = [C.RECORD_HEAD.pack(C.RECORD_MAGIC, self.kind, len(self.sections), 0, self.tensor_id,
+                                    self.segment, self.elem_start, self.elem_count)]
+        for s in self.sections:
+            parts.append(C.RECORD_SECTION.pack(_pad_ascii(s.name, 8, "section name"), s.copies, s.length, s.digest))
+        body = b"".join(parts)
+        return body + C.RECORD_HASH.pack(hash64(body))
+
+    @classmethod
+    def parse(cls, raw: bytes, offset: int = 0, file=None) -> "RecordHeader":
+        """Parse a header at ``raw[offset:]``; FormatError when it is not a valid header."""
+        head = C.RECORD_HEAD
+        if len(raw) - offset < head.size:
+            raise FormatError("record header cut short", file=file, byte_range=(offset, len(raw)))
+        magic, kind, nsec, _res, tid, seg, start, count = head.unpack_from(raw, offset)
+        if magic != C.RECORD_MAGIC:
+            raise FormatError("no record header here", file=file, byte_range=(offset, offset + 4))
+        if nsec > C.MAX_SECTIONS:
+            raise FormatError(f"record declares {nsec} sections", file=file, field="nsections")
+        size = head.size + nsec * C.RECORD_SECTION.size + C.RECORD_HASH.size
+        if len(raw) - offset < size:
+            raise FormatError("record header cut short", file=file, byte_range=(offset, len(raw)))
+        (digest,) = C.RECORD_HASH.unpack_from(raw, offset + size - 8)
+        if digest != hash64(raw[offset: offset + size - 8]):
+            raise FormatError("record header checksum mismatch", file=file, byte_range=(offset, offset + size))
+        sections = []
+        for i in range(nsec):
+            name, copies, length, sdig = C.RECORD_SECTION.unpack_from(raw, offset + head.size + i * C.RECORD_SECTION.size)
+            if not 1 <= copies <= C.MAX_COPIES:
+                raise FormatError(f"section declares {copies} copies", file=file, field="copies")
+            sections.append(SectionEntry(_ascii(name), copies, length, sdig))
+        return cls(kind, tid, seg, start, count, tuple(sections))
+
+
+@dataclass(frozen=True)
+class BlobHeader:
+    kind: int
+    copy: int
+    ncopies: int
+    length: int
+    digest: int
+
+    def pack(self) -> bytes:
+        body = C.BLOB_HEAD.pack(C.BLOB_MAGIC, self.kind, self.copy, self.ncopies, 0, self.length, self.digest, 0)[:-8]
+        raw = body + hash64(body).to_bytes(8, "little")
+        return raw.ljust(C.BLOB_HEAD_SIZE, b"\0")
+
+    @classmethod
+    def parse(cls, raw: bytes, offset: int = 0) -> "BlobHeader | None":
+        """The header at ``raw[offset:]``, or None if there is no valid one."""
+        if len(raw) - offset < C.BLOB_HEAD.size:
+            return None
+        magic, kind, copy, ncopies, _res, length, digest, hdig = C.BLOB_HEAD.unpack_from(raw, offset)
+        if magic != C.BLOB_MAGIC or hdig != hash64(raw[offset: offset + C.BLOB_HEAD.size - 8]):
+            return None
+        return cls(kind, copy, ncopies, length, digest)
+
+
+def padded(n: int) -> int:
+    """``n`` rounded up to a whole number of pages."""
+    return -(-n // C.PAGE) * C.PAGE
+
+
+@dataclass(frozen=True)
+class Trailer:
+    chunk_size: int
+    k: int
+    m: int
+    parity_algorithm: str
+    stream_length: int
+    n_data_chunks: int
+    footer_offset: int
+    index_length: int
+    index_digest: int
+    chunksums_length: int
+    chunksums_digest: int
+    n_index_copies: int
+    n_chunksum_copies: int
+    major: int = C.FORMAT_MAJOR
+    minor: int = C.FORMAT_MINOR
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        body = C.TRAILER.pack(
+            C.TRAILER_MAGIC, self.major, self.minor, self.flags, self.chunk_size, self.k, self.m,
+            _pad_ascii(self.parity_algorithm, 16, "parity algorithm"), self.stream_length, self.n_data_chunks,
+            self.footer_offset, self.index_length, self.index_digest, self.chunksums_length,
+            self.chunksums_digest, self.n_index_copies, self.n_chunksum_copies, 0, 0, 0,
+        )[:-8]
+        return body + hash64(body).to_bytes(8, "little")
+
+    @classmethod
+    def parse(cls, raw: bytes, file=None, file_size: int | None = None) -> "Trailer | None":
+        """The trailer in the last bytes of ``raw``, or None if it is damaged."""
+        if len(raw) < C.TRAILER.size:
+            return None
+        raw = raw[-C.TRAILER.size:]
+        f = C.TRAILER.unpack(raw)
+        if f[0] != C.TRAILER_MAGIC or f[-1] != hash64(raw[:-8]):
+            return None
+        check_version(f[1], file)
+        t = cls(f[4], f[5], f[6], _ascii(f[7]), f[8], f[9], f[10], f[11], f[12], f[13], f[14], f[15], f[16],
+                f[1], f[2], f[3])
+        check_geometry(t.chunk_size, t.k, t.m, file)
+        check_flags(t.flags, file)
+        return t
+
+    def blob_offsets(self) -> list[tuple[int, int, int]]:
+        """``(kind, copy, physical offset)`` of every footer blob, in file order."""
+        return footer_plan(self.footer_offset, self.index_length, self.chunksums_length,
+                           self.n_index_copies, self.n_chunksum_copies)
+
+
+def footer_plan(footer_offset: int, index_len: int, sums_len: int, n_index: int, n_sums: int):
+    """Blob placement: the index copies, then the chunk-sum copies, each copy
+    on its own pages so that a damaged sector touches at most one copy."""
+    out = []
+    pos = footer_offset
+    for kind, n, length in ((C.BLOB_KIND_INDEX, n_index, index_len), (C.BLOB_KIND_CHUNKSUMS, n_sums, sums_len)):
+        for copy in range(n):
+            out.append((kind, copy, pos))
+            pos += padded(C.BLOB_HEAD_SIZE + length)
+    return out

@@ -1,0 +1,171 @@
+"""The one-pass container writer.
+
+It never seeks back: records are appended to the logical stream, full stripes
+are hashed, parity-encoded and written as soon as they fill, and the index
+goes into the footer at the end. Memory held is one stripe plus the record
+being written, whatever the size of the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..integrity.checksum import chunk_hashes, hash64
+from ..integrity.inner import InnerCode
+from ..integrity.parity import ErasureCode
+from . import constants as C
+from .index import compress_index, encode_index
+from .records import BlobHeader, RecordHeader, SectionEntry, Superblock, Trailer, check_geometry, footer_plan, padded
+
+
+class ContainerWriter:
+    """Streams a DTDR container into ``sink`` (anything with ``write(bytes)``)."""
+
+    def __init__(self, sink, *, chunk_size: int = C.DEFAULT_CHUNK_SIZE, k: int = 32, m: int = 2,
+                 index_copies: int = 7, chunksum_copies: int = 2, algorithm: str | None = None,
+                 inner_nsym: int = 0):
+        check_geometry(chunk_size, k, m)
+        self.sink = sink
+        self.chunk_size = chunk_size
+        self.k = k
+        self.m = m
+        self.code = ErasureCode(k, m, algorithm) if algorithm else ErasureCode(k, m)
+        self.inner_nsym = inner_nsym
+        self.inner = InnerCode(chunk_size, inner_nsym) if inner_nsym else None
+        self.index_copies = index_copies
+        self.chunksum_copies = chunksum_copies
+        self._buf = bytearray()
+        self._logical = 0
+        self._hashes: list[np.ndarray] = []
+        self._physical = 0
+        self._finished = False
+        self.append(Superblock(chunk_size, k, m, self.code.algorithm, flags=inner_nsym).pack())
+
+    @property
+    def logical_offset(self) -> int:
+        return self._logical
+
+    @property
+    def bytes_written(self) -> int:
+        """Physical bytes handed to the sink so far."""
+        return self._physical
+
+    def append(self, data) -> int:
+        """Append bytes to the logical stream; returns their logical offset."""
+        start = self._logical
+        mv = memoryview(data).cast("B")
+        self._logical += len(mv)
+        stripe = self.k * self.chunk_size
+        if self._buf:
+            take = min(len(mv), stripe - len(self._buf))
+            self._buf += mv[:take]
+            mv = mv[take:]
+            if len(self._buf) == stripe:
+                self._emit_stripes(memoryview(self._buf))
+                self._buf = bytearray()
+        full = len(mv) // stripe * stripe
+        if full:
+            self._emit_stripes(mv[:full])
+            mv = mv[full:]
+        if len(mv):
+            self._buf += mv
+        return start
+
+    def _write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        self.sink.write(mv)
+        self._physical += mv.nbytes
+
+    def _emit_stripes(self, mv: memoryview) -> None:
+        """Write whole stripes (``len(mv)`` a multiple of k * chunk_size) with their parity."""
+        c, k, m = self.chunk_size, self.k, self.m
+        span = k * c
+        data_hashes = chunk_hashes(mv, c).reshape(-1, k)
+        if not m:
+            for s in range(len(mv) // span):
+                self._write(mv[s * span:(s + 1) * span])
+                if self.inner is not None:
+                    self._write_inner([mv[s * span:(s + 1) * span]])
+            self._hashes.append(data_hashes.reshape(-1))
+            return
+        parity = self.code.encode_stripes(mv, c)
+        parity_hashes = chunk_hashes(parity.reshape(-1), c).reshape(-1, m)
+        for s in range(parity.shape[0]):
+            self._write(mv[s * span:(s + 1) * span])
+            self._write(parity[s].reshape(-1).data)
+            if self.inner is not None:
+                self._write_inner([mv[s * span:(s + 1) * span], parity[s].data])
+        self._hashes.append(np.concatenate([data_hashes, parity_hashes], axis=1).reshape(-1))
+
+    def _emit_last_stripe(self, mv: memoryview) -> None:
+        """The final, possibly short stripe: parity as if the missing data chunks were zeros."""
+        c = self.chunk_size
+        n_chunks = len(mv) // c
+        self._hashes.append(chunk_hashes(mv, c))
+        self._write(mv)
+        parity = []
+        if self.m:
+            chunks = [mv[i * c:(i + 1) * c] for i in range(n_chunks)]
+            parity = self.code.encode(chunks + [bytes(c)] * (self.k - n_chunks))
+            for p in parity:
+                self._write(p)
+            self._hashes.append(np.array([hash64(p) for p in parity], dtype=np.uint64))
+        if self.inner is not None:
+            self._write_inner([mv, *parity])
+
+    def _write_inner(self, pieces) -> None:
+        """The inner block of one stripe: RS parity of each of its chunks, page-padded."""
+        raw = self.inner.encode(b"".join(bytes(p) for p in pieces)).tobytes()
+        self._write(raw)
+        self._write(bytes(-len(raw) % C.PAGE))
+
+    def write_record(self, kind: int, tensor_id: int, segment: int, elem_start: int, elem_count: int,
+                     sections: Sequence[tuple[str, int, bytes]]) -> tuple[int, RecordHeader]:
+        """Append a record; ``sections`` are ``(name, copies, data)``. Returns the
+        record's logical offset and its header."""
+        entries = tuple(SectionEntry(name, copies, len(data), hash64(data)) for name, copies, data in sections)
+        header = RecordHeader(kind, tensor_id, segment, elem_start, elem_count, entries)
+        offset = self.append(header.pack())
+        for name, copies, data in sections:
+            for _ in range(copies):
+                self.append(data)
+        return offset, header
+
+    def finish(self, index: dict, index_copies: int | None = None) -> int:
+        """Flush the last stripe, write the footer (index and chunk-sum copies)
+        and the trailer. ``index`` gets ``stream_length`` added. Returns the file size."""
+        if self._finished:
+            raise RuntimeError("writer already finished")
+        self._finished = True
+        c = self.chunk_size
+        stream_length = self._logical
+        if self._buf:
+            n = -(-len(self._buf) // c)
+            self._buf += bytes(n * c - len(self._buf))
+            self._emit_last_stripe(memoryview(self._buf))
+            self._buf = bytearray()
+        n_data_chunks = -(-stream_length // c)
+        footer_offset = self._physical
+
+        index = dict(index, stream_length=stream_length)
+        index_raw = compress_index(encode_index(index))
+        sums_raw = np.concatenate(self._hashes).astype("<u8").tobytes()
+        n_index = index_copies or self.index_copies
+        blobs = {C.BLOB_KIND_INDEX: index_raw, C.BLOB_KIND_CHUNKSUMS: sums_raw}
+        ncopies = {C.BLOB_KIND_INDEX: n_index, C.BLOB_KIND_CHUNKSUMS: self.chunksum_copies}
+        for kind, copy, offset in footer_plan(footer_offset, len(index_raw), len(sums_raw), n_index,
+                                              self.chunksum_copies):
+            payload = blobs[kind]
+            assert offset == self._physical
+            head = BlobHeader(kind, copy, ncopies[kind], len(payload), hash64(payload)).pack()
+            self._write(head)
+            self._write(payload)
+            self._write(bytes(padded(len(head) + len(payload)) - len(head) - len(payload)))
+        trailer = Trailer(c, self.k, self.m, self.code.algorithm, stream_length, n_data_chunks, footer_offset,
+                          len(index_raw), hash64(index_raw), len(sums_raw), hash64(sums_raw),
+                          n_index, self.chunksum_copies, flags=self.inner_nsym).pack()
+        self._write(bytes(C.PAGE - len(trailer)))
+        self._write(trailer)
+        return self._physical
