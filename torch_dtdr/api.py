@@ -1,0 +1,362 @@
+"""The public entry points: save, load, open, verify, repair.
+
+Data flows one way: objects go through :mod:`torch_dtdr.tree` (no pickle),
+tensors through a codec, sections into the container writer, bytes into a
+storage sink; loading runs the same path backwards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import codecs, tree
+from .codecs.base import Codec
+from .errors import CodecError, DamageWarning, IntegrityError, TruncatedError
+from .format import constants as C
+from .format.index import Index, RecordInfo, TensorInfo, dtype_name, encode_index
+from .format.reader import ContainerReader, merge_ranges
+from .format.writer import ContainerWriter
+from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
+from .storage import open_sink, open_source
+
+#: Parity levels: (data chunks k, parity chunks m, inner RS symbols) per stripe.
+PARITY_LEVELS: dict[str, tuple[int, int, int]] = {
+    "off": (32, 0, 0),
+    "default": (32, 2, 0),  # 6.25 %: any 2 damaged chunks of a 34-chunk stripe are repaired
+    "strong": (16, 4, 0),  # 25 %: any 4 of 20
+    # ~25 %: every 4 KiB chunk also carries RS(255,223) parity (16 byte errors per
+    # 223-byte codeword), so scattered byte errors are fixed inside each chunk.
+    "archive": (32, 2, 32),
+}
+
+CodecSpec = str | Codec | Mapping[str, "str | Codec"] | Callable[[str, torch.Tensor], "str | Codec | None"]
+
+
+def _make_codec(spec, block_size) -> Codec:
+    if isinstance(spec, Codec):
+        return spec
+    if not isinstance(spec, str):
+        raise CodecError(f"a codec is a name or a Codec instance, got {spec!r}")
+    params = {}
+    if block_size is not None and spec != "raw":
+        params["block_size"] = block_size
+    return codecs.get(spec, **params)
+
+
+def _choose_codec(codec: CodecSpec, name: str, tensor: torch.Tensor, block_size, cache: dict) -> Codec:
+    if callable(codec) and not isinstance(codec, Codec):
+        spec = codec(name, tensor)
+        spec = "dtdr" if spec is None else spec
+    elif isinstance(codec, Mapping):
+        spec = next((v for pat, v in codec.items() if fnmatch.fnmatchcase(name, pat)), "dtdr")
+    else:
+        spec = codec
+    key = spec if isinstance(spec, str) else id(spec)
+    if key not in cache:
+        cache[key] = _make_codec(spec, block_size)
+    chosen = cache[key]
+    if not chosen.accepts(tensor.dtype):
+        if "raw" not in cache:
+            cache["raw"] = codecs.get("raw")
+        chosen = cache["raw"]
+    return chosen
+
+
+def _parity(parity) -> tuple[int, int, int]:
+    if parity is None or parity is False:
+        return PARITY_LEVELS["off"]
+    if isinstance(parity, str):
+        try:
+            return PARITY_LEVELS[parity]
+        except KeyError:
+            raise ValueError(f"unknown parity level {parity!r}; known: {sorted(PARITY_LEVELS)} or (k, m)") from None
+    k, m, *inner = parity
+    return int(k), int(m), int(inner[0]) if inner else 0
+
+
+def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = None, parity="default",
+         metadata: Mapping[str, str] | None = None, storage_options: Mapping | None = None,
+         chunk_size: int = C.DEFAULT_CHUNK_SIZE, segment_elems: int = C.DEFAULT_SEGMENT_ELEMS) -> None:
+    """Save ``obj`` (a tensor, or dicts/lists/tuples around tensors and plain
+    values) to ``f``: a local path, an fsspec URL or a writable binary file.
+
+    ``codec`` is a codec name (``"dtdr"`` lossless, ``"dtdr8"``, ``"dtdr16"``,
+    ``"raw"``), a :class:`~torch_dtdr.codecs.Codec`, a dict of name patterns
+    (fnmatch) to codecs, or a callable ``(name, tensor) -> codec``. Tensors the
+    chosen codec cannot hold (integers, bool, fp8, complex) are stored raw.
+    ``parity`` is ``"default"``, ``"strong"``, ``"off"`` or ``(k, m)``.
+    The destination is written atomically: a failed save leaves nothing there.
+    """
+    skeleton, entries = tree.flatten(obj)
+    k, m, inner = _parity(parity)
+    meta = {str(a): str(b) for a, b in (metadata or {}).items()}
+    cache: dict = {}
+    infos = []
+    chosen = []
+    for e in entries:
+        c = _choose_codec(codec, e.name, e.tensor, block_size, cache)
+        chosen.append(c)
+        infos.append(TensorInfo(e.name, e.tensor.dtype, tuple(e.tensor.shape), c.to_dict(), segment_elems))
+    for t in infos:
+        dtype_name(t.dtype)
+    index = Index(skeleton, infos, meta, {"chunk_size": chunk_size, "k": k, "m": m, "inner_nsym": inner})
+    with open_sink(f, storage_options) as sink:
+        w = ContainerWriter(sink, chunk_size=chunk_size, k=k, m=m, inner_nsym=inner)
+        index.geometry["algorithm"] = w.code.algorithm
+        w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
+                       [("manifest", 1, encode_index(index.to_json(with_records=False)))])
+        for tid, (e, info, c) in enumerate(zip(entries, infos, chosen)):
+            flat = e.tensor.reshape(-1)
+            specs = c.sections(flat.dtype)
+            for seg, start in enumerate(range(0, max(flat.numel(), 1), segment_elems)):
+                part = flat[start:start + segment_elems]
+                if part.numel() == 0 and flat.numel() != 0:
+                    break
+                encoded = c.encode(part.contiguous())
+                offset, header = w.write_record(
+                    C.RECORD_KIND_SEGMENT, tid, seg, start, part.numel(),
+                    [(s.name, s.copies, encoded[s.name]) for s in specs])
+                info.records.append(RecordInfo(offset, header.size, start, part.numel(), header.sections))
+        stream_end = w.logical_offset
+        index.geometry["n_data_chunks"] = -(-stream_end // chunk_size)
+        w.finish(index.to_json())
+
+
+class _Decoder:
+    """Decodes tensors from a reader and accumulates the report."""
+
+    def __init__(self, reader: ContainerReader, errors: str):
+        if errors not in ("recover", "strict"):
+            raise ValueError(f"errors must be 'recover' or 'strict', got {errors!r}")
+        self.reader = reader
+        self.errors = errors
+        self.report = Report(reader.name, f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", list(reader.events), reader.truncated)
+        self._reports: dict[int, TensorReport] = {}
+
+    def tensor(self, i: int) -> torch.Tensor | None:
+        """The stored tensor ``i`` on CPU, or None when it is lost."""
+        r = self.reader
+        info: TensorInfo = r.tensors[i]
+        codec = codecs.from_dict(info.codec)
+        rep = TensorReport(info.name, dtype_name(info.dtype), list(info.shape), codec.name)
+        self._reports[i] = rep
+        covered = sum(rec.elem_count for rec in info.records)
+        numel = info.numel
+        if covered < numel or (numel == 0 and not info.records and r.truncated):
+            rep.status = LOST
+            rep.error_bound = None
+            self._fail(rep, TruncatedError, "the file ends before this tensor's data", None)
+            return None
+        out = None
+        bound = 0.0
+        for rec in info.records:
+            seg = r.read_record(rec)
+            rep.damaged_bytes += r.physical(seg.bad)
+            rep.repaired_bytes += r.physical(seg.repaired)
+            if seg.repaired:
+                rep.status = worst(rep.status, REPAIRED)
+            result = codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
+            if not result.exact:
+                floating = info.dtype.is_floating_point or info.dtype.is_complex
+                # Only the residual layer is optional: without anything else a segment has no bounded value.
+                if not floating or (seg.damage.missing - {"residual"}):
+                    rep.status = LOST
+                else:
+                    rep.status = worst(rep.status, DEGRADED)
+                rep.degraded_elements += result.degraded_elements
+                bound = None if (bound is None or result.error_bound is None) else max(bound, result.error_bound)
+            values = result.values
+            if len(info.records) == 1:
+                out = values
+            else:
+                if out is None:
+                    out = torch.empty(numel, dtype=info.dtype)
+                out[rec.elem_start: rec.elem_start + rec.elem_count] = values
+        if out is None:
+            out = torch.empty(0, dtype=info.dtype)
+        rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
+        rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
+        if rep.status in (DEGRADED, LOST):
+            rep.error_bound = bound
+        if rep.status != EXACT and rep.status != REPAIRED:
+            self._fail(rep, TruncatedError if r.truncated else IntegrityError,
+                       f"tensor is {rep.status} ({rep.degraded_elements} elements affected)",
+                       rep.damaged_bytes[0] if rep.damaged_bytes else None)
+        if rep.status == LOST:
+            return None
+        return out.view(info.shape)
+
+    def _fail(self, rep: TensorReport, cls, message: str, byte_range) -> None:
+        if self.errors == "strict":
+            raise cls(message, file=self.reader.name, tensor=rep.name, byte_range=byte_range)
+
+    def finish(self) -> Report:
+        rep = self.report
+        rep.tensors = [self._reports[i] for i in sorted(self._reports)]
+        rep.truncated = self.reader.truncated
+        if rep.status != EXACT:
+            warnings.warn(DamageWarning(rep.summary()), stacklevel=3)
+        return rep
+
+
+def _map_device(map_location, saved_device: str) -> torch.device | str | None:
+    """The device a tensor saved on ``saved_device`` goes to, in torch.load's terms."""
+    if map_location is None:
+        return saved_device
+    if isinstance(map_location, (str, torch.device)):
+        return map_location
+    if isinstance(map_location, Mapping):
+        return map_location.get(saved_device, saved_device)
+    if callable(map_location):
+        probe = torch.empty(0, dtype=torch.uint8).untyped_storage()
+        result = map_location(probe, saved_device)
+        if result is None:
+            return saved_device
+        if isinstance(result, (torch.UntypedStorage, torch.TypedStorage)):
+            return result.device
+        if isinstance(result, (str, torch.device)):
+            return result
+        raise TypeError(f"map_location callable returned {type(result).__name__}, expected a storage or None")
+    raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
+
+
+def _load_from_reader(reader: ContainerReader, map_location, errors: str) -> tuple[Any, Report]:
+    dec = _Decoder(reader, errors)
+    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
+    loaded: dict[int, torch.Tensor | None] = {}
+
+    def get(i: int):
+        if i not in loaded:
+            t = dec.tensor(i)
+            if t is not None:
+                dev = _map_device(map_location, devices[i])
+                if dev is not None and torch.device(dev) != t.device:
+                    t = t.to(dev)
+            loaded[i] = t
+        return loaded[i]
+
+    obj = tree.unflatten(reader.index.tree, get)
+    for i in range(len(reader.tensors)):
+        get(i)
+    return obj, dec.finish()
+
+
+def load(f, map_location=None, *, errors: str = "recover", storage_options: Mapping | None = None,
+         report: bool = False):
+    """Load an object saved by :func:`save`.
+
+    ``map_location`` takes torch.load's forms (a device string or
+    ``torch.device``, a dict remapping saved device tags, or a callable
+    ``(storage, location)``). ``errors="recover"`` (the default) repairs what
+    parity can, degrades damaged float regions gracefully and warns with a
+    :class:`~torch_dtdr.errors.DamageWarning`; ``"strict"`` raises
+    :class:`~torch_dtdr.errors.IntegrityError` unless every tensor is bit-exact.
+    With ``report=True`` returns ``(obj, Report)``.
+    """
+    with open_source(f, storage_options) as src:
+        obj, rep = _load_from_reader(ContainerReader(src), map_location, errors)
+    return (obj, rep) if report else obj
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=None)
+
+
+def info(f, *, storage_options: Mapping | None = None) -> dict:
+    """What a DTDR file holds, from its index alone (no tensor data is read)."""
+    with open_source(f, storage_options) as src:
+        reader = ContainerReader(src)
+        g = reader.geometry
+        tensors = []
+        for t in reader.tensors:
+            stored = sum(r.end - r.offset for r in t.records)
+            raw = t.numel * torch.empty(0, dtype=t.dtype).element_size()
+            tensors.append({"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                            "codec": t.codec.get("name", "?"), "codec_params": t.codec,
+                            "stored_bytes": stored, "raw_bytes": raw, "segments": len(t.records)})
+        return {"file": reader.name, "format_version": f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", "file_size": reader.size,
+                "geometry": {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "algorithm": reader.algorithm,
+                             "n_data_chunks": g.n_data_chunks, "inner_nsym": g.inner_nsym},
+                "metadata": dict(reader.index.metadata), "events": list(reader.events),
+                "truncated": reader.truncated, "tensors": tensors}
+
+
+def verify(f, *, storage_options: Mapping | None = None, progress: bool = False) -> Report:
+    """Check every checksum of a DTDR file, try parity repair in memory and
+    report per tensor: exact / repaired / degraded / lost. Never raises for
+    damage; a file that cannot be opened at all gives a report with
+    ``unreadable`` set."""
+    from .errors import DTDRError
+
+    try:
+        with open_source(f, storage_options) as src:
+            reader = ContainerReader(src)
+            dec = _Decoder(reader, "recover")
+            for i in _progress(range(len(reader.tensors)), progress, "verify"):
+                dec.tensor(i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DamageWarning)
+                return dec.finish()
+    except DTDRError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        return Report(str(getattr(f, "name", f)), unreadable=str(e))
+
+
+def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
+           progress: bool = False) -> Report:
+    """Write a healed copy of ``f`` to ``out`` (default: replace ``f`` atomically).
+
+    Sections that verify, or that parity or voting restores, are copied bit for
+    bit; degraded segments are re-encoded from their best recovered values, so
+    the new file is self-consistent (the returned report says which tensors
+    were degraded). Lost tensors cannot be healed: IntegrityError, and the
+    destination is left untouched.
+    """
+    with open_source(f, storage_options) as src:
+        reader = ContainerReader(src)
+        dec = _Decoder(reader, "recover")
+        g = reader.geometry
+        index = Index(reader.index.tree, [], dict(reader.index.metadata),
+                      {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "inner_nsym": g.inner_nsym})
+        plans = []
+        for i, tinfo in enumerate(reader.tensors):
+            if dec.tensor(i) is None:
+                raise IntegrityError("tensor is lost and cannot be repaired", file=reader.name, tensor=tinfo.name,
+                                     byte_range=(dec._reports[i].damaged_bytes or [(0, 0)])[0])
+            index.tensors.append(TensorInfo(tinfo.name, tinfo.dtype, tinfo.shape, tinfo.codec, tinfo.segment_elems))
+            plans.append(tinfo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DamageWarning)
+            rep = dec.finish()
+        target = f if out is None else out
+        with open_sink(target, out_storage_options if out is not None else storage_options) as sink:
+            w = ContainerWriter(sink, chunk_size=g.chunk_size, k=g.k, m=g.m, algorithm=reader.algorithm,
+                                inner_nsym=g.inner_nsym)
+            index.geometry["algorithm"] = w.code.algorithm
+            w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
+                           [("manifest", 1, encode_index(index.to_json(with_records=False)))])
+            for tid, (tinfo, new) in _progress(list(enumerate(zip(plans, index.tensors))), progress, "repair"):
+                codec = codecs.from_dict(tinfo.codec)
+                for seg_no, rec in enumerate(tinfo.records):
+                    seg = reader.read_record(rec)
+                    sections = seg.sections
+                    if seg.damage:
+                        values = codec.decode(sections, tinfo.dtype, rec.elem_count, seg.damage).values
+                        sections = codec.encode(values.reshape(-1).contiguous())
+                    specs = {s.name: s.copies for s in codec.sections(tinfo.dtype)}
+                    offset, header = w.write_record(
+                        C.RECORD_KIND_SEGMENT, tid, seg_no, rec.elem_start, rec.elem_count,
+                        [(s.name, specs.get(s.name, s.copies), sections[s.name]) for s in rec.sections])
+                    new.records.append(RecordInfo(offset, header.size, rec.elem_start, rec.elem_count, header.sections))
+            index.geometry["n_data_chunks"] = -(-w.logical_offset // g.chunk_size)
+            w.finish(index.to_json())
+    return rep

@@ -1,0 +1,105 @@
+"""``torch_dtdr.open``: lazy, per-tensor access in the shape of safetensors' ``safe_open``."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import torch
+
+from . import tree
+from .api import _Decoder, _load_from_reader, _map_device
+from .errors import DamageWarning
+from .format.reader import ContainerReader
+from .report import Report
+from .storage import open_source
+
+
+class DTDRFile:
+    """An open DTDR file. Reads only the byte ranges a call needs.
+
+    Use as a context manager::
+
+        with torch_dtdr.open("model.dtdr") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+    """
+
+    def __init__(self, f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None):
+        self._source = open_source(f, storage_options)
+        try:
+            self._reader = ContainerReader(self._source)
+        except BaseException:
+            self._source.close()
+            raise
+        self._device = device
+        self._errors = errors
+        self._decoder = _Decoder(self._reader, errors)
+        skeleton = self._reader.index.tree
+        self._refs = tree.tensor_refs(skeleton, len(self._reader.tensors))
+        self._devices = tree.entry_devices(skeleton, len(self._reader.tensors))
+        self._builder = tree.Builder(skeleton, self._entry)
+
+    # context manager -------------------------------------------------------
+    def __enter__(self) -> "DTDRFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._source.close()
+
+    # safetensors-shaped API ---------------------------------------------------
+    def keys(self) -> list[str]:
+        """Names of the tensors, as paths in the saved object (``"model.layer.0.weight"``)."""
+        return list(self._refs)
+
+    def metadata(self) -> dict[str, str]:
+        """The ``metadata`` mapping given to :func:`torch_dtdr.save`."""
+        return dict(self._reader.index.metadata)
+
+    def get_tensor(self, name: str) -> torch.Tensor | None:
+        """Decode one tensor (reading only its byte ranges). None if it is lost."""
+        try:
+            i = self._refs[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in {self._reader.name}") from None
+        return self._builder.tensor_at(i)
+
+    def codec(self, name: str) -> str:
+        """Name of the codec that stored tensor ``name``."""
+        entry = self._builder.tables.records[self._refs[name]][0]
+        return self._reader.tensors[entry].codec.get("name", "?")
+
+    def load(self, map_location=None) -> Any:
+        """The whole saved object, like :func:`torch_dtdr.load`."""
+        obj, _rep = _load_from_reader(self._reader, map_location or self._device, self._errors)
+        return obj
+
+    def report(self) -> Report:
+        """What the tensors read so far looked like (see :func:`torch_dtdr.verify`)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DamageWarning)
+            return self._decoder.finish()
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched from storage so far (proof of laziness)."""
+        return self._source.bytes_read
+
+    def _entry(self, i: int) -> torch.Tensor | None:
+        t = self._decoder.tensor(i)
+        if t is None:
+            return None
+        dev = _map_device(self._device, self._devices[i])
+        if dev is not None and torch.device(dev) != t.device:
+            t = t.to(dev)
+        return t
+
+
+
+def open(f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None) -> DTDRFile:  # noqa: A001
+    """Open a DTDR file for lazy reading: ``keys()``, ``get_tensor(name)``, ``metadata()``."""
+    return DTDRFile(f, device=device, errors=errors, storage_options=storage_options)
+

@@ -1,0 +1,117 @@
+"""What a load or a verify found: per tensor, exact / repaired / degraded / lost."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+#: Tensor states, from best to worst.
+EXACT, REPAIRED, DEGRADED, LOST = "exact", "repaired", "degraded", "lost"
+_RANK = {EXACT: 0, REPAIRED: 1, DEGRADED: 2, LOST: 3}
+
+
+def worst(*statuses: str) -> str:
+    return max(statuses, key=_RANK.__getitem__, default=EXACT)
+
+
+@dataclass
+class TensorReport:
+    """The fate of one stored tensor.
+
+    ``damaged_bytes`` are physical byte ranges that failed their checksums and
+    could not be repaired; ``repaired_bytes`` failed and were restored exactly
+    by parity or by voting between copies. For ``degraded`` tensors,
+    ``degraded_elements`` counts affected elements and ``error_bound`` bounds
+    ``max |saved - loaded|`` (None when no bound is known).
+    """
+
+    name: str
+    dtype: str
+    shape: list[int]
+    codec: str
+    status: str = EXACT
+    damaged_bytes: list[tuple[int, int]] = field(default_factory=list)
+    repaired_bytes: list[tuple[int, int]] = field(default_factory=list)
+    degraded_elements: int = 0
+    error_bound: float | None = 0.0
+
+
+@dataclass
+class Report:
+    """Everything a load or :func:`torch_dtdr.verify` found in one file."""
+
+    file: str
+    format_version: str = ""
+    events: list[str] = field(default_factory=list)
+    truncated: bool = False
+    tensors: list[TensorReport] = field(default_factory=list)
+    unreadable: str | None = None
+
+    @property
+    def status(self) -> str:
+        """The worst tensor status; ``repaired`` also when only container
+        metadata (a trailer, an index copy) needed repair."""
+        if self.unreadable:
+            return LOST
+        s = worst(*(t.status for t in self.tensors))
+        if s == EXACT and (self.events or self.truncated):
+            s = REPAIRED
+        return s
+
+    @property
+    def clean(self) -> bool:
+        return self.status == EXACT
+
+    @property
+    def exact(self) -> bool:
+        """True when every tensor came back bit-exact (possibly after repair)."""
+        return not self.unreadable and all(t.status in (EXACT, REPAIRED) for t in self.tensors)
+
+    def counts(self) -> dict[str, int]:
+        out = {EXACT: 0, REPAIRED: 0, DEGRADED: 0, LOST: 0}
+        for t in self.tensors:
+            out[t.status] += 1
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean, 1 damaged but recovered exactly, 2 degraded or lost, 3 unreadable."""
+        if self.unreadable:
+            return 3
+        return {EXACT: 0, REPAIRED: 1, DEGRADED: 2, LOST: 2}[self.status]
+
+    def summary(self) -> str:
+        c = self.counts()
+        parts = [f"{n} {k}" for k, n in c.items() if n]
+        text = f"{self.file}: " + (", ".join(parts) if parts else "no tensors")
+        if self.truncated:
+            text += "; file truncated"
+        if self.events:
+            text += "; " + "; ".join(self.events)
+        return text
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["status"] = self.status
+        d["counts"] = self.counts()
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        lines = [f"DTDR report for {self.file} (format {self.format_version}): {self.status}"]
+        if self.unreadable:
+            lines.append(f"  unreadable: {self.unreadable}")
+        for e in self.events:
+            lines.append(f"  container: {e}")
+        if self.truncated:
+            lines.append("  container: file truncated")
+        w = max([len(t.name) for t in self.tensors] + [6])
+        lines.append(f"  {'tensor':<{w}}  {'status':<9}{'codec':<8}{'damaged bytes':>14}{'elements':>10}  bound")
+        for t in self.tensors:
+            dmg = sum(e - s for s, e in t.damaged_bytes) + sum(e - s for s, e in t.repaired_bytes)
+            bound = "-" if t.status in (EXACT, REPAIRED) else ("unknown" if t.error_bound is None else f"{t.error_bound:.3g}")
+            lines.append(f"  {t.name:<{w}}  {t.status:<9}{t.codec:<8}{dmg:>14}{t.degraded_elements:>10}  {bound}")
+        lines.append("  " + ", ".join(f"{n} {k}" for k, n in self.counts().items()))
+        return "\n".join(lines)
