@@ -1,0 +1,151 @@
+"""Save / load speed and peak memory of DTDR against safetensors and torch.save.
+
+Every figure is a median over --repeat runs, all measured in the same run, and
+reported as a ratio against safetensors (and torch.save). Loads are compared
+fully materialised (safetensors' ``load(bytes)`` of the whole file,
+``torch.load`` without mmap), since DTDR verifies every byte; safetensors'
+lazy ``load_file`` is shown for information. Peak memory is measured in a
+fresh subprocess per operation (ru_maxrss above the process's baseline).
+
+    python benchmarks/save_load.py                 # all-MiniLM-L6-v2 and a synthetic LLM-shaped dict
+    python benchmarks/save_load.py --model llm --dtype float16 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from tests.helpers import llm_state_dict, minilm_state_dict  # noqa: E402
+
+import torch_dtdr  # noqa: E402
+
+FORMATS = ["safetensors", "torch", "dtdr", "dtdr8", "dtdr16", "raw"]
+
+
+def state_dict(model: str, dtype: str) -> dict:
+    sd = minilm_state_dict() if model == "minilm" else llm_state_dict(8, 512)
+    dt = getattr(torch, dtype)
+    return {k: (v.to(dt) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def save(fmt: str, sd: dict, path: str) -> None:
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, path)
+    elif fmt == "torch":
+        torch.save(sd, path)
+    else:
+        torch_dtdr.save(sd, path, codec=fmt)
+
+
+def load(fmt: str, path: str, lazy: bool = False):
+    if fmt == "safetensors":
+        from safetensors.torch import load, load_file
+
+        if lazy:
+            return load_file(path)
+        with open(path, "rb") as f:
+            return load(f.read())
+    if fmt == "torch":
+        return torch.load(path, weights_only=True, mmap=lazy)
+    return torch_dtdr.load(path)
+
+
+def timed(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(op: str, fmt: str, model: str, dtype: str, path: str) -> float:
+    """Peak RSS (bytes) above the baseline of a fresh process doing one op
+    (Linux: the high-water mark is reset through /proc/self/clear_refs)."""
+    code = f"""
+import sys, os
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+from benchmarks.save_load import state_dict, save, load
+import torch_dtdr, safetensors.torch
+sd = state_dict({model!r}, {dtype!r}) if {op!r} == "save" else None
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import gc; gc.collect()
+base = status('VmRSS:')
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # reset the peak-RSS high-water mark (VmHWM) to the current RSS
+if {op!r} == "save":
+    save({fmt!r}, sd, {path!r})
+else:
+    out = load({fmt!r}, {path!r})
+print(status('VmHWM:') - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["minilm", "llm", "both"], default="both")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    results = []
+    for model in (["minilm", "llm"] if args.model == "both" else [args.model]):
+        sd = state_dict(model, args.dtype)
+        nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+        with tempfile.TemporaryDirectory() as d:
+            rows = {}
+            for fmt in FORMATS:
+                path = os.path.join(d, f"ckpt.{fmt}")
+                save(fmt, sd, path)
+                row = {
+                    "format": fmt,
+                    "size": os.path.getsize(path),
+                    "save_s": timed(lambda: save(fmt, sd, path), args.repeat),
+                    "load_s": timed(lambda: load(fmt, path), args.repeat),
+                }
+                if fmt in ("safetensors", "torch"):
+                    row["lazy_load_s"] = timed(lambda: load(fmt, path, lazy=True), args.repeat)
+                if not args.no_memory:
+                    row["save_peak"] = peak_memory("save", fmt, model, args.dtype, path)
+                    row["load_peak"] = peak_memory("load", fmt, model, args.dtype, path)
+                rows[fmt] = row
+            st, tt = rows["safetensors"], rows["torch"]
+            print(f"\n{model} ({args.dtype}): {len(sd)} tensors, {nbytes / 1e6:.1f} MB; medians of {args.repeat} runs")
+            print(f"{'format':<12}{'size':>8}{'save s':>9}{'load s':>9}{'save/st':>9}{'load/st':>9}"
+                  f"{'save/pt':>9}{'load/pt':>9}{'save mem':>10}{'load mem':>10}")
+            for fmt, r in rows.items():
+                mem = ("" if args.no_memory else
+                       f"{r['save_peak'] / nbytes:>9.2f}x{r['load_peak'] / nbytes:>9.2f}x")
+                print(f"{fmt:<12}{r['size'] / nbytes:>7.1%}{r['save_s']:>9.3f}{r['load_s']:>9.3f}"
+                      f"{r['save_s'] / st['save_s']:>9.2f}{r['load_s'] / st['load_s']:>9.2f}"
+                      f"{r['save_s'] / tt['save_s']:>9.2f}{r['load_s'] / tt['load_s']:>9.2f}{mem}")
+            print(f"(lazy, for information: safetensors load_file {st['lazy_load_s'] * 1e3:.1f} ms, "
+                  f"torch.load(mmap=True) {tt['lazy_load_s'] * 1e3:.1f} ms; "
+                  "memory columns are peak RSS above baseline / state-dict bytes)")
+            results.append({"model": model, "dtype": args.dtype, "bytes": nbytes, "rows": rows})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
