@@ -47,7 +47,7 @@ def merge_ranges(ranges) -> list[tuple[int, int]]:
 class ReadResult:
     """Bytes of a logical range and what happened to them."""
 
-    data: bytearray
+    data: memoryview
     bad: list[tuple[int, int]] = field(default_factory=list)  # logical ranges left damaged
     repaired: list[tuple[int, int]] = field(default_factory=list)  # logical ranges restored by parity
     missing_from: int | None = None  # logical offset where the file ends, if inside the range
@@ -57,7 +57,7 @@ class ReadResult:
 class SegmentData:
     """The sections of one record, ready for a codec."""
 
-    sections: dict[str, bytes]
+    sections: dict[str, bytes | memoryview]
     damage: Damage
     repaired: list[tuple[int, int]]
     bad: list[tuple[int, int]]
@@ -240,7 +240,7 @@ class ContainerReader:
         n_data = full * k + min(k, -(-rest // c))
         self._set_geometry(c, k, m, sb.parity_algorithm, n_data, sb.flags & 0xFF)
         self.stream_length = min(n_data * c, full * k * c + min(rest, k * c))
-        stream = self.read_logical(0, self.stream_length, verify=False).data
+        stream = bytes(self.read_logical(0, self.stream_length, verify=False).data)
         pos = C.SUPERBLOCK.size
         header = RecordHeader.parse(stream, pos, file=self.name)
         if header.kind != C.RECORD_KIND_MANIFEST or len(header.sections) != 1:
@@ -294,7 +294,7 @@ class ContainerReader:
         g = self.geometry
         c = g.chunk_size
         if end <= start:
-            return ReadResult(bytearray())
+            return ReadResult(memoryview(b""))
         a = start // c * c
         b = -(-end // c) * c
         pieces = g.physical_ranges(a, b)
@@ -326,7 +326,7 @@ class ContainerReader:
             result.bad.append((max(missing_from, start), end))
         result.bad = merge_ranges(result.bad)
         result.repaired = merge_ranges(result.repaired)
-        result.data = buf[start - a: end - a] if (start != a or end != b) else buf
+        result.data = memoryview(buf)[start - a: end - a]
         return result
 
     def _repair_chunk(self, j: int) -> bytes | None:
@@ -384,8 +384,8 @@ class ContainerReader:
     def read_record(self, rec: RecordInfo) -> SegmentData:
         """Read and check the sections of one record (copies voted)."""
         res = self.read_logical(rec.body_start, rec.end)
-        data = memoryview(res.data)
-        sections: dict[str, bytes] = {}
+        data = res.data
+        sections: dict[str, bytes | memoryview] = {}
         damage = Damage()
         missing = set()
         pos = 0
@@ -454,14 +454,14 @@ def _gi(d: dict, key: str) -> int:
     return v
 
 
-def _combine_copies(copies, digest) -> tuple[bytes, list[tuple[int, int]]]:
+def _combine_copies(copies, digest) -> tuple[bytes | memoryview, list[tuple[int, int]]]:
     """Pick or vote the content of a section stored in one or more copies.
 
     Returns the bytes and the byte ranges that remain unreliable (empty when
     the result matches the section's checksum)."""
     for mv, _bad in copies:
         if hash64(mv) == digest:
-            return bytes(mv), []
+            return mv, []
     if len(copies) == 1:
         mv, bad = copies[0]
         value = bytes(mv)
