@@ -8,6 +8,7 @@ storage sink; loading runs the same path backwards.
 from __future__ import annotations
 
 import fnmatch
+import os
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -296,6 +297,11 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False)
     ``unreadable`` set."""
     from .errors import DTDRError
 
+    if isinstance(f, (str, os.PathLike)):
+        from . import dcp
+
+        if dcp.is_checkpoint(f, storage_options):
+            return dcp.verify_checkpoint(f, storage_options=storage_options, progress=progress)
     try:
         with open_source(f, storage_options) as src:
             reader = ContainerReader(src)

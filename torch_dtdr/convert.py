@@ -475,7 +475,11 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
             storage_options: Mapping | None = None) -> dict:
     """Convert ``src`` to ``dst`` (local paths or fsspec URLs).
 
-    ``to`` is ``"dtdr"`` or ``"safetensors"``; by default it is ``"dtdr"``
+    A distributed (DCP) checkpoint folder as ``src`` is gathered into one DTDR
+    file; ``to="dcp"`` writes a DTDR file's state dict as a single-rank DCP
+    checkpoint folder (see :mod:`torch_dtdr.dcp`).
+
+    ``to`` is ``"dtdr"``, ``"safetensors"`` or ``"dcp"``; by default it is ``"dtdr"``
     for a non-DTDR source, and for a DTDR source ``"safetensors"`` when
     ``dst`` ends in ``.safetensors``, ends in ``/``, is an existing folder or
     a new name without an extension (a folder: the original shard files and index are rebuilt when the DTDR
@@ -495,10 +499,20 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
 
     Returns a summary: ``{"from", "to", "files", "tensors"}``.
     """
-    if to not in (None, "dtdr", "safetensors"):
-        raise ValueError(f"to must be 'dtdr' or 'safetensors', got {to!r}")
+    if to not in (None, "dtdr", "safetensors", "dcp"):
+        raise ValueError(f"to must be 'dtdr', 'safetensors' or 'dcp', got {to!r}")
     src_s = os.fsdecode(os.fspath(src))
     dst_s = os.fsdecode(os.fspath(dst))
+    from . import dcp
+
+    if dcp.dcp_kind(src_s, storage_options) in ("dtdr", "torch"):
+        dcp.dcp_to_dtdr(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
+                        storage_options=storage_options, out_storage_options=storage_options)
+        return {"from": "dcp", "to": "dtdr", "files": [dst_s]}
+    if to == "dcp":
+        dcp.dtdr_to_dcp(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
+                        storage_options=storage_options, out_storage_options=storage_options)
+        return {"from": "dtdr", "to": "dcp", "files": [dst_s]}
     kind, obj, layout = _read_source(src_s, storage_options)
     to = to or _infer_to(kind, dst_s, storage_options)
     if to == "dtdr":
@@ -558,7 +572,7 @@ def register_cli(subparsers, common) -> None:
         "convert", help="convert safetensors / HF folders / torch .pt,.bin to DTDR, and DTDR back to safetensors")
     common(sp)
     sp.add_argument("output", help="destination: *.dtdr, *.safetensors, or a folder (for safetensors)")
-    sp.add_argument("--to", choices=("dtdr", "safetensors"), help="output format (default: inferred)")
+    sp.add_argument("--to", choices=("dtdr", "safetensors", "dcp"), help="output format (default: inferred)")
     sp.add_argument("--codec", default="dtdr", help="DTDR codec: dtdr (lossless, default), dtdr16, dtdr8, raw")
     sp.add_argument("--parity", default="default", help="parity level: default, strong, off, or K,M")
     sp.add_argument("--block-size", type=int, default=None, help="codec block size (default: the codec's)")

@@ -15,6 +15,8 @@ __all__ = [
     "IntegrityError",
     "TruncatedError",
     "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "ArgumentError",
     "CodecError",
     "StorageError",
     "DTDRWarning",
@@ -79,6 +81,16 @@ class TruncatedError(IntegrityError):
 
 class CheckpointNotFoundError(DTDRError, FileNotFoundError):
     """The path or URL names no file."""
+
+
+class IncompleteCheckpointError(CheckpointNotFoundError):
+    """A distributed checkpoint folder holds no committed metadata: the save
+    that wrote it was interrupted (or it is not a DTDR DCP checkpoint)."""
+
+
+class ArgumentError(DTDRError, ValueError):
+    """Arguments that cannot describe the requested operation (e.g. fault
+    injection asked for both a fraction and a count)."""
 
 
 class CodecError(DTDRError, ValueError):

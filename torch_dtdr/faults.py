@@ -115,7 +115,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from .errors import CheckpointNotFoundError, DTDRError, IntegrityError, StorageError
+from .errors import ArgumentError, CheckpointNotFoundError, IntegrityError, StorageError
 
 __all__ = [
     "MODES",
@@ -132,9 +132,8 @@ _RECORD_FORMAT = "torch_dtdr.faults.FaultRecord"
 _RECORD_VERSION = 1
 
 
-class FaultArgumentError(DTDRError, ValueError):
-    """Bad arguments to :func:`corrupt` / :func:`undo`, or a malformed
-    :class:`FaultRecord` (the requested damage cannot be described)."""
+#: Bad arguments to :func:`corrupt` / :func:`undo`, or a malformed :class:`FaultRecord`.
+FaultArgumentError = ArgumentError
 
 
 # --------------------------------------------------------------------------- record
