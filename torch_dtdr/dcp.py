@@ -632,11 +632,7 @@ def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
 def _release(f) -> None:
     """Let a lazy DTDR file forget the tensors it decoded (keeps memory per
     read bounded by one item rather than the whole shard)."""
-    b = getattr(f, "_builder", None)
-    for attr in ("loaded", "built"):
-        d = getattr(b, attr, None)
-        if isinstance(d, dict):
-            d.clear()
+    f.release()
 
 
 def _check_bytes_safe(data: bytes, fqn: str, file: str) -> None:

@@ -67,6 +67,12 @@ class DTDRFile:
             raise KeyError(f"no tensor named {name!r} in {self._reader.name}") from None
         return self._builder.tensor_at(i)
 
+    def release(self) -> None:
+        """Forget the tensors decoded so far (they are cached so that tensors
+        sharing storage come back sharing it); frees memory between reads."""
+        self._builder.loaded.clear()
+        self._builder.built.clear()
+
     def codec(self, name: str) -> str:
         """Name of the codec that stored tensor ``name``."""
         entry = self._builder.tables.records[self._refs[name]][0]
