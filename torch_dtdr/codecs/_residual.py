@@ -1,0 +1,496 @@
+"""The exact residual layer of the lossless ``dtdr`` codec.
+
+The residual of element ``i`` is the difference, in *ordered integers*, between
+the saved value ``x_i`` and the base value ``b_i`` (the deterministic base-layer
+decode cast to the tensor's dtype), zigzag-coded to an unsigned integer ``r_i``.
+Each ``r_i`` is split at a per-element bit width ``k_i`` that both sides compute
+from ``b_i`` and the block factor: the low ``k_i`` bits (nearly uniform) are
+bit-packed raw, the high part (small) goes as one byte per element into a zstd
+frame. This is a Rice-style code whose parameter comes from the base layer.
+See ``docs/codecs.md`` for the normative definition.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+from . import _blocks as B
+
+# Format constants (part of the on-disk contract; see docs/codecs.md).
+DELTA = {torch.float16: -2, torch.bfloat16: 1, torch.float32: -2, torch.float64: -2}
+GAMMA = 0
+ESCAPE = 255
+FLAG_UNBOUNDED = 1  # the segment holds values the base layer cannot represent
+
+
+@dataclass(frozen=True)
+class DInfo:
+    w: int  # bits per element
+    mant: int  # explicit mantissa bits
+    ebits: int  # exponent bits
+    sint: type  # numpy signed int of width w
+    uint: type  # numpy unsigned int of width w
+    tint: torch.dtype  # torch signed int of width w
+
+    @property
+    def bias(self) -> int:
+        return (1 << (self.ebits - 1)) - 1
+
+    @property
+    def itemsize(self) -> int:
+        return self.w // 8
+
+    @property
+    def kmax(self) -> int:
+        """The largest split width: 15, 25 (so that k + 7 bits fit a 32-bit
+        read) and 56 (k + 7 bits fit a 64-bit read)."""
+        return {16: 15, 32: 25, 64: 56}[self.w]
+
+
+INFO = {
+    torch.float16: DInfo(16, 10, 5, np.int16, np.uint16, torch.int16),
+    torch.bfloat16: DInfo(16, 7, 8, np.int16, np.uint16, torch.int16),
+    torch.float32: DInfo(32, 23, 8, np.int32, np.uint32, torch.int32),
+    torch.float64: DInfo(64, 52, 11, np.int64, np.uint64, torch.int64),
+}
+
+
+def read_dtype(dtype: torch.dtype):
+    """Unsigned word read from the lo stream: wide enough for k + 7 bits."""
+    need = INFO[dtype].kmax + 7
+    return np.dtype("<u2") if need <= 16 else np.dtype("<u4") if need <= 32 else np.dtype("<u8")
+
+
+def c_of_m(m: np.ndarray) -> np.ndarray:
+    """c(m) = floor(log2(m) / 2) - 2 for a power of two m."""
+    lg = np.round(np.log2(m)).astype(np.int64)
+    return lg // 2 - 2
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    out = np.zeros(v.shape, np.int64)
+    v = v.copy()
+    while (v > 0).any():
+        out += v > 0
+        v >>= 1
+    return out
+
+
+def block_param(f: np.ndarray, m: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block integers ``(A, Z)`` (int32): ``k_i = clip(min(A - max(e_i, 1), Z), 0, kmax)``.
+
+    ``S = E(f) - 127 + c(m) + bias`` estimates the biased exponent (in the
+    target dtype) of the base layer's error; ``A = S + mant + DELTA`` and
+    ``Z = mant + bit_length(max(S, 1)) + GAMMA + DELTA``. When ``f`` is zero,
+    ``A = Z = 0`` (so ``k = 0``).
+    """
+    info = INFO[dtype]
+    fb = np.ascontiguousarray(f, dtype="<f4").view("<u4").astype(np.int64)
+    fe = (fb >> 23) & 0xFF
+    S = fe - 127 + c_of_m(m) + info.bias
+    A = S + info.mant + DELTA[dtype]
+    Z = info.mant + _bit_length(np.maximum(S, 1)) + GAMMA + DELTA[dtype]
+    zero = (fb & 0x7FFFFFFF) == 0
+    A = np.where(zero, 0, A)
+    Z = np.where(zero, 0, Z)
+    return A.astype(np.int32), Z.astype(np.int32)
+
+
+def k_of(pb: np.ndarray, A: np.ndarray, Z: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """k for base bit patterns ``pb`` (signed ints, shape (nb, m) or (m,)) and
+    block parameters broadcastable against it. Returns int32."""
+    info = INFO[dtype]
+    e = (pb >> info.mant) & ((1 << info.ebits) - 1)
+    e = e.astype(np.int32, copy=False)
+    np.maximum(e, 1, out=e)
+    np.subtract(A, e, out=e)
+    np.minimum(e, Z, out=e)
+    np.clip(e, 0, info.kmax, out=e)
+    return e
+
+
+def ordered(p: np.ndarray, info: DInfo) -> np.ndarray:
+    """Map float bit patterns (signed ints) to integers with the float order."""
+    return p ^ ((p >> (info.w - 1)) & info.sint((1 << (info.w - 1)) - 1))
+
+
+def zigzag(d: np.ndarray, info: DInfo) -> np.ndarray:
+    return ((d << 1) ^ (d >> (info.w - 1))).view(info.uint)
+
+
+def unzigzag(r: np.ndarray, info: DInfo) -> np.ndarray:
+    r = r.view(info.uint)
+    return ((r >> 1) ^ (0 - (r & 1)).astype(info.uint)).view(info.sint)
+
+
+def frame_blocks(frame_elements: int, block_size: int) -> int:
+    return frame_elements // block_size
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_bits(lo: np.ndarray, k: np.ndarray) -> bytes:
+    """Concatenate the low ``k[i]`` bits of ``lo[i]`` (LSB first; bit p of the
+    stream is bit p % 8 of byte p // 8), zero-padded to whole bytes."""
+    k = k.astype(np.int64, copy=False)
+    total = int(k.sum())
+    nbytes = (total + 7) // 8
+    if total == 0:
+        return b""
+    pos = np.cumsum(k)
+    pos -= k
+    if int(k.max()) <= 32:
+        # 32-bit words: every value touches at most two of them; the words are
+        # sums of disjoint bit patterns < 2**32, exact in float64 (bincount).
+        word = pos >> 5
+        v = lo.astype(np.uint64, copy=False) << (pos & 31).astype(np.uint64)
+        nwords = total // 32 + 2
+        w = np.bincount(word, weights=(v & np.uint64(0xFFFFFFFF)).astype(np.float64), minlength=nwords)
+        w[1:] += np.bincount(word, weights=(v >> np.uint64(32)).astype(np.float64), minlength=nwords)[: nwords - 1]
+        return w.astype("<u4").view(np.uint8)[:nbytes].tobytes()
+    word = pos >> 6
+    off = (pos & 63).astype(np.uint64)
+    lo = lo.astype(np.uint64, copy=False)
+    part0 = lo << off
+    part1 = (lo >> np.uint64(1)) >> (np.uint64(63) - off)
+    nwords = total // 64 + 2
+    words = np.zeros(nwords, np.uint64)
+    starts = np.flatnonzero(np.diff(word, prepend=-1))
+    uw = word[starts]
+    words[uw] |= np.bitwise_or.reduceat(part0, starts)
+    words[uw + 1] |= np.bitwise_or.reduceat(part1, starts)
+    return words.astype("<u8", copy=False).view(np.uint8)[:nbytes].tobytes()
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def encode_residual(x: torch.Tensor, b: torch.Tensor, f: np.ndarray, lay: B.Layout, fblocks: int, level: int):
+    """Returns ``(residual bytes, frame table uint32 (nframes, 2), flags)``."""
+    dtype = x.dtype
+    info = INFO[dtype]
+    px = x.view(info.tint).numpy()
+    pb = b.view(info.tint).numpy()
+    r = zigzag(ordered(px, info) - ordered(pb, info), info)
+
+    flags = 0
+    if not bool(torch.isfinite(x).all()):
+        flags |= FLAG_UNBOUNDED
+    elif dtype == torch.float64 and bool((x.abs() > float(torch.finfo(torch.float32).max)).any()):
+        flags |= FLAG_UNBOUNDED
+
+    m = B.block_sizes_m(lay)
+    A, Z = block_param(f, m, dtype)
+    k = np.empty(lay.numel, np.int32)
+    nf = lay.nfull * lay.block_size
+    if lay.nfull:
+        k[:nf] = k_of(pb[:nf].reshape(lay.nfull, lay.block_size), A[: lay.nfull, None], Z[: lay.nfull, None], dtype).reshape(-1)
+    if lay.tail:
+        k[nf:] = k_of(pb[nf:], A[-1], Z[-1], dtype)
+    ku = k.astype(info.uint)
+    hi = r >> ku
+    lo = r & ((np.ones(1, info.uint) << ku) - info.uint(1))  # k <= w - 1: no overflow
+
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    nframes = (lay.nblocks + fblocks - 1) // fblocks
+    table = np.zeros((nframes, 2), np.uint32)
+    parts = []
+    for j in range(nframes):
+        b0, b1 = j * fblocks, min((j + 1) * fblocks, lay.nblocks)
+        e0, e1 = b0 * lay.block_size, min(b1 * lay.block_size, lay.numel)
+        hij = hi[e0:e1]
+        kj = k[e0:e1]
+        exc = np.flatnonzero(hij >= ESCAPE)
+        plane = np.minimum(hij, ESCAPE).astype(np.uint8)
+        totals = np.add.reduceat(kj.astype(np.int64), np.arange(0, e1 - e0, lay.block_size)).astype("<u4")
+        payload = b"".join(
+            (
+                plane.tobytes(),
+                totals.tobytes(),
+                hij[exc].astype(np.dtype(info.uint).newbyteorder("<")).tobytes(),
+            )
+        )
+        z = cctx.compress(payload)
+        lob = pack_bits(lo[e0:e1], kj)
+        table[j] = (len(z), len(lob))
+        parts.append(z)
+        parts.append(lob)
+    parts.append(bytes(8))  # trailer: lets the decoder read 8 bytes at any stream position
+    return b"".join(parts), table, flags
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def locate_frames(table: np.ndarray, table_bad: np.ndarray, total_len: int):
+    """``(starts, ends)``: byte offsets of every frame in the section (``None``
+    where unknown).
+
+    Frames are located from the front up to the first damaged table entry and
+    from the back (the section ends with an 8-byte trailer) down to the last
+    one. A frame whose own entry is damaged but whose neighbours are located
+    still has a known start and end; frames between two damaged entries are lost.
+    """
+    n = len(table)
+    lens = table.astype(np.int64).sum(axis=1)
+    starts: list = [None] * n
+    ends: list = [None] * n
+    pos = 0
+    for j in range(n):
+        starts[j] = pos
+        if table_bad[j]:
+            break
+        pos += int(lens[j])
+        ends[j] = pos
+    end = total_len - 8
+    for j in range(n - 1, -1, -1):
+        if ends[j] is None:
+            ends[j] = end
+        if table_bad[j]:
+            break
+        if starts[j] is None:
+            starts[j] = end - int(lens[j])
+        end = starts[j]
+    return starts, ends
+
+
+class _FrameContext:
+    """Read-only state shared by the frame decoders of one segment."""
+
+    def __init__(self, pb, out_bits, f, block_ok, resid, table, table_bad, resid_damage, lay, dtype, fblocks):
+        self.info = INFO[dtype]
+        self.dtype = dtype
+        self.pb, self.out_bits = pb, out_bits
+        self.block_ok = block_ok
+        self.lay, self.fblocks = lay, fblocks
+        self.table = table
+        mv = B.as_bytes(resid)
+        self.total_len = len(mv)
+        self.starts, self.ends = locate_frames(table, table_bad, self.total_len)
+        self.table_bad = table_bad
+        self.bm = B.damaged_mask(resid_damage, self.total_len) if resid_damage else None
+        if self.total_len < int(table.astype(np.int64).sum()) + 8:
+            # No intact trailer (a short section): read from a zero-padded copy;
+            # the frames that do not fit are lost.
+            mv = memoryview(bytes(mv) + bytes(16))
+        self.mv = mv
+        self.rdt = read_dtype(dtype)
+        self.A, self.Z = block_param(f, B.block_sizes_m(lay), dtype)
+        info = self.info
+        # k = max(min(A - e, Zc), 0) with Zc = min(A - 1, Z, kmax): equivalent to
+        # clip(min(A - max(e, 1), Z), 0, kmax) and one operation cheaper.
+        self.A16 = self.A.astype(np.int16)
+        self.Zc16 = np.minimum(np.minimum(self.A - 1, self.Z), info.kmax).astype(np.int16)
+        self.cs_dtype = np.int32
+
+
+def _k_frame(ctx: _FrameContext, pbj: np.ndarray, b0: int, nb: int, n: int) -> np.ndarray:
+    """k (int16) for the n elements of a frame starting at block b0."""
+    info, bs = ctx.info, ctx.lay.block_size
+    e = pbj >> info.mant
+    e &= (1 << info.ebits) - 1
+    e = e.astype(np.int16, copy=False)
+    nfull = min(b0 + nb, ctx.lay.nfull) - b0
+    nf = nfull * bs
+    if nfull:
+        ev = e[:nf].reshape(nfull, bs)
+        np.subtract(ctx.A16[b0 : b0 + nfull, None], ev, out=ev)
+        np.minimum(ev, ctx.Zc16[b0 : b0 + nfull, None], out=ev)
+    if nf < n:
+        et = e[nf:]
+        np.subtract(ctx.A16[b0 + nb - 1], et, out=et)
+        np.minimum(et, ctx.Zc16[b0 + nb - 1], out=et)
+    np.clip(e, 0, info.kmax, out=e)  # (two-sided clip: much faster than maximum for int16)
+    return e
+
+
+def _decode_frame(ctx: _FrameContext, dctx, j: int):
+    """Decode frame j into ``ctx.out_bits``. Returns ``None`` when every element
+    was restored, else a boolean mask (over the frame) of the elements left at
+    their base value."""
+    info, lay, bs = ctx.info, ctx.lay, ctx.lay.block_size
+    b0, b1 = j * ctx.fblocks, min((j + 1) * ctx.fblocks, lay.nblocks)
+    e0, e1 = b0 * bs, min(b1 * bs, lay.numel)
+    n, nb = e1 - e0, b1 - b0
+    s, end = ctx.starts[j], ctx.ends[j]
+    all_lost = np.ones(n, bool)
+    if s is None or end is None or not (0 <= s <= end <= ctx.total_len):
+        return all_lost
+    bm = ctx.bm
+    mv = ctx.mv
+    cap = n + 4 * nb + n * info.itemsize
+    try:
+        if not ctx.table_bad[j]:
+            zlen, lolen = int(ctx.table[j, 0]), int(ctx.table[j, 1])
+            if zlen + lolen != end - s:
+                return all_lost
+            zframe = mv[s : s + zlen]
+            csize = zstandard.frame_content_size(zframe)
+            if csize < 0 or csize > cap:
+                return all_lost
+            payload = dctx.decompress(zframe, max_output_size=cap)
+        else:
+            # The table entry is damaged but the frame's extent is known: the
+            # zstd frame ends where its decoder stops.
+            region = mv[s:end]
+            csize = zstandard.frame_content_size(region)
+            if csize < 0 or csize > cap:
+                return all_lost
+            dobj = dctx.decompressobj()
+            payload = dobj.decompress(region)
+            zlen = (end - s) - len(dobj.unused_data)
+            lolen = (end - s) - zlen
+    except (zstandard.ZstdError, ValueError):
+        return all_lost
+    if bm is not None and bm[s : s + zlen].any():
+        return all_lost
+    fixed = n + 4 * nb
+    if len(payload) < fixed:
+        return all_lost
+    plane = np.frombuffer(payload, np.uint8, n)
+    exc_idx = np.flatnonzero(plane == ESCAPE)
+    nexc = len(exc_idx)
+    if len(payload) != fixed + nexc * info.itemsize:
+        return all_lost
+    totals = np.frombuffer(payload, "<u4", nb, n).astype(np.int64)
+    if (int(totals.sum()) + 7) // 8 != lolen:
+        return all_lost
+    lo0 = s + zlen  # byte offset of this frame's lo stream in the section
+
+    # ---- k and bit positions: an exclusive prefix sum of k inside every
+    # block plus the block's start (from the stored totals)
+    pbj = ctx.pb[e0:e1]
+    k = _k_frame(ctx, pbj, b0, nb, n)
+    nfull = min(b1, lay.nfull) - b0
+    nf = nfull * bs
+    pos = np.empty(n, np.int32)
+    csum = np.empty(nb, np.int64)
+    bstart = np.cumsum(totals) - totals
+    if nfull:
+        kv = k[:nf].reshape(nfull, bs)
+        cs = np.cumsum(kv, axis=1, dtype=ctx.cs_dtype)
+        csum[:nfull] = cs[:, -1]
+        pv = pos[:nf].reshape(nfull, bs)
+        np.subtract(cs, kv, out=pv)
+        pv += bstart[:nfull, None].astype(np.int32)
+    if nf < n:
+        ct = np.cumsum(k[nf:], dtype=np.int32)
+        csum[nfull] = ct[-1]
+        np.subtract(ct, k[nf:], out=pos[nf:])
+        pos[nf:] += np.int32(bstart[-1])
+    okb = ctx.block_ok[b0:b1] & (csum == totals)
+    elem_ok = None if okb.all() else np.repeat(okb, bs)[:n]
+
+    # ---- gather the low bits: a little-endian word read at every byte offset
+    rdt = ctx.rdt
+    rsz = rdt.itemsize
+    local = np.zeros(lolen + rsz + 8, np.uint8)
+    local[:lolen] = np.frombuffer(mv, np.uint8, lolen, lo0)
+    words = np.ndarray(shape=(lolen + 8,), dtype=rdt, buffer=local, strides=(1,))
+    if elem_ok is not None:
+        np.clip(pos, 0, 8 * lolen, out=pos)
+    upos = pos.view(np.uint32)
+    byte = upos >> 3
+    lo = words.take(byte)
+    ku = k.astype(rdt)
+    lo >>= (upos & 7).astype(rdt, copy=False)
+    lo &= (np.ones(1, rdt) << ku) - rdt.type(1)
+
+    # ---- hi part and exceptions
+    ku = ku.astype(info.uint, copy=False)
+    r = plane.astype(info.uint)
+    r <<= ku
+    r |= lo.astype(info.uint, copy=False)
+    if nexc:
+        exc_val = np.frombuffer(payload, np.dtype(info.uint).newbyteorder("<"), nexc, fixed)
+        r[exc_idx] = (exc_val.astype(info.uint) << ku[exc_idx]) | lo[exc_idx].astype(info.uint)
+
+    # ---- damage inside the lo stream: elements whose bits overlap it
+    if bm is not None and lolen and bm[lo0 : lo0 + lolen].any():
+        dmg = bm[lo0 : lo0 + lolen]
+        cum = np.concatenate(([0], np.cumsum(dmg, dtype=np.int64)))
+        first = byte.astype(np.int64)
+        last = (pos.astype(np.int64) + np.maximum(k, 1) - 1) >> 3
+        np.clip(first, 0, lolen, out=first)
+        np.clip(last + 1, 0, lolen, out=last)
+        hit = (cum[last] - cum[first]) != 0
+        elem_ok = ~hit if elem_ok is None else elem_ok & ~hit
+
+    # ---- apply: x = unordered(ordered(b) + unzigzag(r))
+    sint = info.sint
+    top = sint((1 << (info.w - 1)) - 1)
+    d = r >> 1
+    r &= 1
+    np.negative(r, out=r)
+    d ^= r
+    ob = pbj >> (info.w - 1)
+    ob &= top
+    ob ^= pbj
+    ob += d.view(sint)
+    t = ob >> (info.w - 1)
+    t &= top
+    ob ^= t
+    target = ctx.out_bits[e0:e1]
+    if elem_ok is None:
+        target[:] = ob
+        return None
+    np.copyto(target, ob, where=elem_ok)
+    return ~elem_ok
+
+
+#: Threads used to decode the residual frames of one segment (frames are
+#: independent; numpy and zstd release the GIL). Set to 1 to decode inline.
+DECODE_THREADS = min(2, os.cpu_count() or 1)
+
+
+def decode_residual(
+    out_bits: np.ndarray,
+    pb: np.ndarray,
+    f: np.ndarray,
+    block_ok: np.ndarray,
+    resid,
+    table: np.ndarray,
+    table_bad: np.ndarray,
+    resid_damage,
+    lay: B.Layout,
+    dtype: torch.dtype,
+    fblocks: int,
+) -> np.ndarray:
+    """Apply the residual: write exact bit patterns into ``out_bits`` (signed
+    ints, initialised with the base ``pb``; may be the same array) for the
+    elements it can restore.
+
+    ``block_ok`` marks blocks whose base and factor are intact. Returns a
+    boolean mask of the elements left at their base value (lost residual).
+    """
+    ctx = _FrameContext(pb, out_bits, f, block_ok, resid, table, table_bad, resid_damage, lay, dtype, fblocks)
+    nframes = len(table)
+    lost = np.zeros(lay.numel, bool)
+    bs = lay.block_size
+
+    def run(frames):
+        dctx = zstandard.ZstdDecompressor()
+        out = []
+        for j in frames:
+            out.append((j, _decode_frame(ctx, dctx, j)))
+        return out
+
+    if DECODE_THREADS > 1 and nframes >= 4:
+        from concurrent.futures import ThreadPoolExecutor
+
+        nt = min(DECODE_THREADS, nframes)
+        with ThreadPoolExecutor(nt) as ex:
+            results = [r for part in ex.map(run, [range(t, nframes, nt) for t in range(nt)]) for r in part]
+    else:
+        results = run(range(nframes))
+    for j, lm in results:
+        if lm is not None:
+            e0 = j * fblocks * bs
+            lost[e0 : e0 + len(lm)] = lm
+    return lost

@@ -1,0 +1,173 @@
+"""Shared implementation of the lossy transform codecs ``dtdr8`` and ``dtdr16``.
+
+Sections (see ``docs/codecs.md``):
+
+* ``meta`` (3 copies): ``nblocks`` float32 little-endian block factors ``f``.
+* ``base``: ``ncoef`` int8 (dtdr8) or int16 little-endian (dtdr16) coefficients,
+  block after block, the tail block stored padded to its transform size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import CodecError
+from . import _blocks as B
+from .base import Codec, Damage, SectionSpec, SegmentResult
+
+_QDT_NP = {8: np.dtype("<i1"), 16: np.dtype("<i2")}
+_QDT_T = {8: torch.int8, 16: torch.int16}
+_QRANGE = {8: 254.0, 16: 65534.0}  # the largest possible change of a damaged coefficient
+
+
+def tensor_view(arr: np.ndarray) -> torch.Tensor:
+    """torch view of a (possibly read-only) numpy array; never written to."""
+    if arr.size == 0:
+        return torch.from_numpy(np.array(arr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def check_input(codec: Codec, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise CodecError(f"codec {codec.name!r} encodes torch tensors, got {type(x).__name__}")
+    if not codec.accepts(x.dtype):
+        raise CodecError(f"codec {codec.name!r} cannot store dtype {x.dtype}")
+    x = x.detach()
+    if x.device.type != "cpu":
+        x = x.cpu()
+    return x.reshape(-1).contiguous()
+
+
+def read_factors(data: Mapping, lay: B.Layout, damage: Damage | None, offset: int = 0):
+    """Block factors from ``meta`` (at ``offset``). Returns ``(f, bad)`` where
+    ``bad`` marks factors that are damaged, missing or implausible (replaced)."""
+    nb = lay.nblocks
+    if damage is not None and "meta" in damage.missing or "meta" not in data:
+        return np.zeros(nb, np.float32), np.ones(nb, bool)
+    meta = B.as_bytes(data["meta"])
+    avail = max(0, min(nb, (len(meta) - offset) // 4))
+    f = np.zeros(nb, np.float32)
+    if avail:
+        f[:avail] = B.np_view(meta, np.float32, avail, offset)
+    bad = np.zeros(nb, bool)
+    bad[avail:] = True
+    if damage is not None and damage.ranges.get("meta"):
+        bm = B.damaged_mask(damage.ranges["meta"], len(meta))
+        if bm is not None:
+            part = bm[offset : offset + 4 * nb]
+            im = B.item_mask(np.pad(part, (0, 4 * nb - len(part)), constant_values=True), 4, nb)
+            bad |= im
+    f, replaced = B.fix_factors(f, bad)
+    return f, replaced
+
+
+def read_coefs(data: Mapping, lay: B.Layout, qbits: int, damage: Damage | None):
+    """Coefficients from ``base``. Returns ``(q tensor, damaged_per_block counts or
+    None, missing)``; missing or short bytes read as zero coefficients."""
+    isz = qbits // 8
+    nbytes = lay.ncoef * isz
+    if (damage is not None and "base" in damage.missing) or "base" not in data:
+        return torch.zeros(lay.ncoef, dtype=_QDT_T[qbits]), None, True
+    raw = B.as_bytes(data["base"])
+    if len(raw) >= nbytes:
+        arr = B.np_view(raw, _QDT_NP[qbits], lay.ncoef)
+        short = 0
+    else:
+        arr = np.zeros(lay.ncoef, _QDT_NP[qbits])
+        have = len(raw) // isz
+        arr[:have] = B.np_view(raw, _QDT_NP[qbits], have)
+        short = lay.ncoef - have
+    counts = None
+    bm = B.damaged_mask(damage.ranges.get("base"), nbytes) if damage is not None else None
+    if bm is not None or short:
+        cm = B.item_mask(bm, isz, lay.ncoef) if bm is not None else np.zeros(lay.ncoef, bool)
+        if short:
+            cm[lay.ncoef - short :] = True
+        blk = lay.block_of_coef(np.flatnonzero(cm))
+        counts = np.bincount(blk, minlength=lay.nblocks).astype(np.float64)
+        if not counts.any():
+            counts = None
+    q = tensor_view(arr) if arr.flags.writeable is False or short == 0 else torch.from_numpy(arr)
+    return q, counts, False
+
+
+def rounding_allowance(maxabs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Allowance for float32 arithmetic and the cast to ``dtype`` at magnitude ``maxabs``."""
+    return maxabs * (2.0**-22 + 2.0 ** -B.mant_bits(dtype)) + B.tiny_abs(dtype)
+
+
+@dataclass(frozen=True)
+class TransformCodec(Codec):
+    """Random-sign Hadamard blocks quantised to ``qbits``-bit integers (lossy)."""
+
+    block_size: int = 1024
+    seed: int = 0
+
+    qbits: ClassVar[int] = 8
+    lossless: ClassVar[bool] = False
+
+    def __post_init__(self):
+        B.check_block_size(self.block_size)
+        B.check_seed(self.seed)
+
+    def accepts(self, dtype: torch.dtype) -> bool:
+        return dtype in B.FLOAT_DTYPES
+
+    def sections(self, dtype: torch.dtype) -> tuple[SectionSpec, ...]:
+        return (SectionSpec("meta", copies=3), SectionSpec("base", copies=1))
+
+    def encode(self, x: torch.Tensor) -> dict[str, bytes]:
+        x = check_input(self, x)
+        q, f = B.encode_base(x, self.block_size, self.seed, self.qbits)
+        return {
+            "meta": f.numpy().astype("<f4", copy=False).tobytes(),
+            "base": q.numpy().astype(_QDT_NP[self.qbits], copy=False).tobytes(),
+        }
+
+    def decode(
+        self,
+        data: Mapping[str, bytes | memoryview],
+        dtype: torch.dtype,
+        numel: int,
+        damage: Damage | None = None,
+        device: torch.device | str | None = None,
+    ) -> SegmentResult:
+        if not self.accepts(dtype):
+            raise CodecError(f"codec {self.name!r} cannot decode dtype {dtype}")
+        lay = B.layout(numel, self.block_size)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if numel == 0:
+            return SegmentResult(torch.empty(0, dtype=dtype, device=dev))
+        f, bad_f = read_factors(data, lay, damage)
+        q, counts, missing = read_coefs(data, lay, self.qbits, damage)
+        ft = torch.from_numpy(f)
+        if dev.type != "cpu":
+            q, ft = q.to(dev), ft.to(dev)
+        values = B.decode_base(q, ft, dtype, numel, self.block_size, self.seed, self.qbits)
+        bad_base = np.ones(lay.nblocks, bool) if missing else (counts > 0 if counts is not None else np.zeros(lay.nblocks, bool))
+        degraded = bad_f | bad_base
+        if not degraded.any():
+            return SegmentResult(values)
+        n_deg = B.elements_of_blocks(degraded, lay)
+        if bad_f.any() or missing:
+            bound = None
+        else:
+            # Relative to the undamaged decode: the coefficient error vector of a
+            # block has L2 norm <= range * sqrt(#damaged coefficients), the
+            # transform is orthonormal (max element error <= L2 norm), and the
+            # step in the orthonormal domain is f * sqrt(m).
+            m = B.block_sizes_m(lay)
+            step = f.astype(np.float64) * np.sqrt(m)
+            c = counts
+            err = 1.01 * step * _QRANGE[self.qbits] * np.sqrt(c)
+            A = B.block_maxabs(values, lay) + err
+            per = err + 2 * rounding_allowance(A, dtype)
+            bound = float(per[degraded].max())
+        return SegmentResult(values, exact=False, degraded_elements=n_deg, error_bound=bound)

@@ -1,0 +1,116 @@
+"""The codec interface: how one segment of one tensor becomes named byte sections.
+
+A codec never sees the container. The writer hands it a 1-D, contiguous CPU
+tensor (one *segment* of a tensor) and stores the sections it returns; the
+reader hands the sections back, together with the byte ranges that failed
+their checksums and could not be repaired, and the codec decides how to
+degrade gracefully.
+
+Codecs are frozen dataclasses: their parameters are serialised into the index
+with :meth:`Codec.to_dict` and restored with :func:`torch_dtdr.codecs.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """A named byte section a codec produces for every segment.
+
+    ``copies`` > 1 asks the container to store the section that many times and
+    vote bitwise between the copies when all of them are damaged: for small,
+    critical data (per-block scales, frame tables, integer tensors).
+    """
+
+    name: str
+    copies: int = 1
+
+
+@dataclass
+class Damage:
+    """What the container could not restore for one segment.
+
+    ``ranges`` maps a section name to sorted, disjoint ``(start, end)`` byte
+    ranges (relative to the section) whose content is unreliable; the bytes are
+    still passed to :meth:`Codec.decode` (damaged, not zeroed). ``missing``
+    names sections that are absent altogether (a truncated file).
+    """
+
+    ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    missing: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.missing) or any(self.ranges.values())
+
+
+@dataclass
+class SegmentResult:
+    """A decoded segment and how faithful it is.
+
+    ``exact`` is True only when the values are the saved values bit for bit
+    (for lossy codecs: the values the codec was meant to return).
+    ``degraded_elements`` counts elements affected by damage; ``error_bound`` is
+    an upper bound on ``max |saved - returned|`` over those elements, or None
+    when the codec cannot bound it.
+    """
+
+    values: torch.Tensor
+    exact: bool = True
+    degraded_elements: int = 0
+    error_bound: float | None = 0.0
+
+
+class Codec(ABC):
+    """A way to turn tensor segments into byte sections and back."""
+
+    name: ClassVar[str]
+    #: True when decode returns the saved bits exactly (absent damage).
+    lossless: ClassVar[bool]
+
+    @abstractmethod
+    def accepts(self, dtype: torch.dtype) -> bool:
+        """Whether this codec can store tensors of ``dtype``."""
+
+    @abstractmethod
+    def sections(self, dtype: torch.dtype) -> tuple[SectionSpec, ...]:
+        """The sections :meth:`encode` returns for ``dtype``, in storage order."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> dict[str, bytes]:
+        """Encode a 1-D contiguous CPU tensor; keys are the section names."""
+
+    @abstractmethod
+    def decode(
+        self,
+        data: Mapping[str, bytes | memoryview],
+        dtype: torch.dtype,
+        numel: int,
+        damage: Damage | None = None,
+    ) -> SegmentResult:
+        """Decode one segment of ``numel`` elements of ``dtype``.
+
+        Must never raise on damaged data that passed the container's structural
+        checks, and must never return a NaN or Inf that was not saved.
+        """
+
+    def to_dict(self) -> dict:
+        """The codec's name and parameters, JSON-serialisable."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "Codec":
+        """Rebuild from :meth:`to_dict` output (``name`` already removed)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - names
+        if unknown:
+            from ..errors import CodecError
+
+            raise CodecError(f"codec {cls.name!r} got unknown parameters {sorted(unknown)}")
+        return cls(**params)
