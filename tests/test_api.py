@@ -362,3 +362,14 @@ def test_archive_parity_repairs_scattered_byte_errors(tmp_path):
     assert rep.exact and rep.status == "repaired"
     torch_dtdr.save(sd, p, parity="default")
     assert 1.10 < len(raw) / os.path.getsize(p) < 1.25  # the inner code costs 608 bytes per 4 KiB chunk
+
+
+def test_verify_scrubs_chunks_a_load_never_reads(saved, tmp_path):
+    sd, p = saved
+    zero_range(p, 0, 4096)  # superblock and manifest: a normal load does not read them
+    rep = torch_dtdr.verify(p)
+    assert rep.exit_code == 1 and any("scrub" in e for e in rep.events), str(rep)
+    out = tmp_path / "healed.dtdr"
+    torch_dtdr.repair(p, out)
+    assert torch_dtdr.verify(out).exit_code == 0
+    check_exact(sd, torch_dtdr.load(out, errors="strict"))

@@ -291,8 +291,9 @@ def info(f, *, storage_options: Mapping | None = None) -> dict:
 
 
 def verify(f, *, storage_options: Mapping | None = None, progress: bool = False) -> Report:
-    """Check every checksum of a DTDR file, try parity repair in memory and
-    report per tensor: exact / repaired / degraded / lost. Never raises for
+    """Check every checksum of a DTDR file (every chunk, parity and metadata
+    included), try parity repair in memory and report per tensor: exact /
+    repaired / degraded / lost. Never raises for
     damage; a file that cannot be opened at all gives a report with
     ``unreadable`` set."""
     from .errors import DTDRError
@@ -308,6 +309,7 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False)
             dec = _Decoder(reader, "recover")
             for i in _progress(range(len(reader.tensors)), progress, "verify"):
                 dec.tensor(i)
+            dec.report.events += reader.scrub()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DamageWarning)
                 return dec.finish()

@@ -23,12 +23,16 @@ from ..integrity.inner import InnerCode
 from ..integrity.parity import ErasureCode
 from ..integrity.vote import bitwise_majority
 from . import constants as C
-from .index import Index, RecordInfo, TensorInfo, decompress_index, parse_index
+from .index import Index, RecordInfo, TensorInfo, check_record_size, decompress_index, parse_index
 from .layout import Geometry
 from .records import BlobHeader, RecordHeader, Superblock, Trailer, check_flags, check_geometry, padded
 
 _SCAN_STEP = 1 << 20
 _MAX_TAIL_SCAN = 1 << 28
+#: Index candidates found by the blob scan are read and hashed until this many
+#: bytes plus twice the file size have been spent (linear time on hostile files
+#: that are full of valid-looking blob headers).
+_MAX_TRY_BYTES = 1 << 26
 
 
 def merge_ranges(ranges) -> list[tuple[int, int]]:
@@ -76,6 +80,7 @@ class ContainerReader:
         self._stripe_cache: OrderedDict[int, list[bytes | None]] = OrderedDict()
         self._sums: list[np.ndarray] | None = None
         self._footer_blobs: list[tuple[int, int, int]] = []
+        self._try_budget = 2 * self.size + _MAX_TRY_BYTES
         if self.size == 0:
             raise TruncatedError("file is empty", file=self.name, byte_range=(0, 0))
         self._open()
@@ -143,7 +148,11 @@ class ContainerReader:
             self.events.append("every index copy damaged beyond voting")
             return False
         sums, sum_copies = self._read_blob_copies(plan, C.BLOB_KIND_CHUNKSUMS, t.chunksums_length, t.chunksums_digest)
-        self._install_index(parse_index(decompress_index(raw, self.name), file=self.name))
+        index = parse_index(decompress_index(raw, self.name), file=self.name)
+        if index.stream_length != t.stream_length:
+            raise FormatError(f"the index says the stream has {index.stream_length} bytes, the trailer "
+                              f"{t.stream_length}", file=self.name, field="stream_length")
+        self._install_index(index)
         self._install_sums(sums, sum_copies, t.chunksums_length)
         self.stream_length = t.stream_length
         return True
@@ -183,6 +192,9 @@ class ContainerReader:
                 if (first, head.length, head.digest) in tried or first < 0:
                     continue
                 tried.add((first, head.length, head.digest))
+                if self._try_budget <= 0:
+                    self.events.append("blob scan gave up: too many candidate index headers")
+                    return False
                 if self._try_index_at(first, head, span):
                     return True
             scanned += end - start
@@ -191,6 +203,8 @@ class ContainerReader:
 
     def _try_index_at(self, first: int, head: BlobHeader, span: int) -> bool:
         plan = [(C.BLOB_KIND_INDEX, i, first + i * span) for i in range(max(head.ncopies, head.copy + 1))]
+        self._try_budget -= 2 * head.length * sum(1 for _k, _c, off in plan
+                                                  if off + C.BLOB_HEAD_SIZE + head.length <= self.size)
         raw, _ = self._read_blob_copies(plan, C.BLOB_KIND_INDEX, head.length, head.digest)
         if raw is None:
             return False
@@ -198,7 +212,11 @@ class ContainerReader:
             index = parse_index(decompress_index(raw, self.name), file=self.name)
             g = index.geometry
             self._set_geometry(_gi(g, "chunk_size"), _gi(g, "k"), _gi(g, "m"), str(g.get("algorithm")),
-                               _gi(g, "n_data_chunks"), g.get("inner_nsym", 0))
+                               _gi(g, "n_data_chunks"), _gi(g, "inner_nsym", 0))
+            geo = self.geometry
+            # the footer starts right after the striped region, which holds the whole stream
+            if geo.physical_end > first or index.stream_length > geo.n_data_chunks * geo.chunk_size:
+                raise FormatError("index geometry does not fit the file", file=self.name, field="geometry")
         except FormatError:
             return False
         self.events.append("footer located by scanning for its blobs")
@@ -250,23 +268,47 @@ class ContainerReader:
             raise TruncatedError("the file ends inside its manifest", file=self.name,
                                  byte_range=(pos, pos + header.size + header.sections[0].length))
         index = parse_index(body, file=self.name, require_records=False)
+        covered = [0] * len(index.tensors)
         pos += header.size + header.body_length
         while pos < len(stream):
-            try:
-                rec = RecordHeader.parse(stream, pos, file=self.name)
-            except FormatError:
-                nxt = stream.find(C.RECORD_MAGIC, pos + 1)
-                if nxt < 0:
+            rec = None
+            if _header_hash_ok(stream, pos):  # cheap test first: a hostile stream may be all magic
+                try:
+                    rec = RecordHeader.parse(stream, pos, file=self.name)
+                except FormatError:
+                    pass
+            if rec is None:
+                pos = stream.find(C.RECORD_MAGIC, pos + 1)
+                if pos < 0:
                     break
-                pos = nxt
                 continue
             if rec.kind == C.RECORD_KIND_SEGMENT and rec.tensor_id < len(index.tensors):
                 t = index.tensors[rec.tensor_id]
-                if rec.elem_start == sum(r.elem_count for r in t.records) and rec.elem_count <= t.segment_elems:
-                    t.records.append(RecordInfo(pos, rec.size, rec.elem_start, rec.elem_count, rec.sections))
+                info = RecordInfo(pos, rec.size, rec.elem_start, rec.elem_count, rec.sections)
+                if (rec.elem_start == covered[rec.tensor_id] and rec.elem_count <= t.segment_elems
+                        and rec.elem_start + rec.elem_count <= t.numel and (rec.elem_count or not t.numel)
+                        and len({x.name for x in rec.sections}) == len(rec.sections)
+                        and self._plausible(info, t.dtype.itemsize)):
+                    t.records.append(info)
+                    covered[rec.tensor_id] += rec.elem_count
             pos += rec.size + rec.body_length
         self._install_index(index)
         self._sums = None
+
+    def _plausible(self, rec: RecordInfo, itemsize: int) -> bool:
+        """Whether a record header found by the scan has sizes a writer could
+        produce; one cut by the end of the file must decode to at most
+        MAX_DECODE_RATIO bytes per byte present, plus MAX_TRUNCATED_RECORD."""
+        try:
+            check_record_size(rec, itemsize)
+        except FormatError:
+            return False
+        if rec.end > self.stream_length:
+            present = max(0, self.stream_length - rec.body_start)
+            if rec.elem_count * itemsize > C.MAX_DECODE_RATIO * present + C.MAX_TRUNCATED_RECORD:
+                self.events.append(f"record at {rec.offset} is cut by the end of the file and too large to decode")
+                return False
+        return True
 
     # ------------------------------------------------------------------ reading
     def _chunk_ok(self, table_index: int, data) -> bool:
@@ -382,14 +424,24 @@ class ContainerReader:
         return data.tobytes()
 
     def read_record(self, rec: RecordInfo) -> SegmentData:
-        """Read and check the sections of one record (copies voted)."""
-        res = self.read_logical(rec.body_start, rec.end)
+        """Read and check the sections of one record (copies voted).
+
+        Only bytes of the stream are read: a record cut by the end of a
+        truncated file gets short sections, damaged past the cut (so a hostile
+        record header cannot make the reader allocate what the file lacks)."""
+        base = rec.body_start
+        end = max(base, min(rec.end, self.stream_length))
+        res = self.read_logical(base, end)
+        if end < rec.end:
+            self.truncated = True
+            res.bad = merge_ranges(res.bad + [(end, rec.end)])
+            if res.missing_from is None:
+                res.missing_from = end
         data = res.data
         sections: dict[str, bytes | memoryview] = {}
         damage = Damage()
         missing = set()
         pos = 0
-        base = rec.body_start
         verified = self._sums is not None
         for s in rec.sections:
             copies = []
@@ -398,6 +450,10 @@ class ContainerReader:
                 copy_bad = [(0, s.length)] if not verified else [(max(x, base + lo) - base - lo, min(y, base + lo + s.length) - base - lo)
                             for x, y in res.bad if x < base + lo + s.length and y > base + lo]
                 copies.append((data[lo: lo + s.length], copy_bad))
+            if any(len(mv) < s.length for mv, _bad in copies):
+                # the stream ends inside this section; copies lie back to back, so at most one is partial
+                whole = [c for c in copies if len(c[0]) == s.length]
+                copies = whole or [max(copies, key=lambda c: len(c[0]))]
             pos += s.stored_length
             value, bad = _combine_copies(copies, s.digest)
             sections[s.name] = value
@@ -407,6 +463,44 @@ class ContainerReader:
                     missing.add(s.name)
         damage.missing = frozenset(missing)
         return SegmentData(sections, damage, res.repaired, res.bad)
+
+    def scrub(self, batch_stripes: int = 64) -> list[str]:
+        """Check every chunk of the striped region (data and parity, including
+        the superblock and manifest, which a load never reads) and try parity
+        on damaged stripes. Returns findings as readable lines (empty: clean)."""
+        g = self.geometry
+        if self._sums is None or not g.n_stripes:
+            return []
+        c = g.chunk_size
+        damaged = unrepairable = 0
+        for first in range(0, g.n_stripes, batch_stripes):
+            last = min(g.n_stripes, first + batch_stripes)
+            start = first * g.stripe_span
+            end = g.physical_end if last == g.n_stripes else last * g.stripe_span
+            raw = self.source.read(start, end - start)
+            for stripe in range(first, last):
+                n = g.data_chunks_in(stripe) + g.m
+                off = stripe * g.stripe_span - start
+                piece = memoryview(raw)[off: off + n * c]
+                if len(piece) < n * c:
+                    damaged += 1
+                    unrepairable += 1
+                    continue
+                hashes = chunk_hashes(piece, c)
+                idx = stripe * (g.k + g.m) + np.arange(n)
+                ok = np.zeros(n, dtype=bool)
+                for sums in self._sums:
+                    ok |= sums[idx] == hashes
+                bad = int((~ok).sum())
+                if bad:
+                    damaged += bad
+                    if self._repair_stripe(stripe) is None:
+                        unrepairable += 1
+        if not damaged:
+            return []
+        line = f"scrub: {damaged} damaged chunks"
+        line += f", {unrepairable} stripes beyond repair" if unrepairable else ", all repairable by parity"
+        return [line]
 
     # ------------------------------------------------------------------ mapping
     def physical(self, logical_ranges) -> list[tuple[int, int]]:
@@ -447,9 +541,23 @@ class ContainerReader:
 _KIND_NAMES = {C.BLOB_KIND_INDEX: "index", C.BLOB_KIND_CHUNKSUMS: "chunk-checksum table"}
 
 
-def _gi(d: dict, key: str) -> int:
-    v = d.get(key)
-    if type(v) is not int or v < 0:
+_HEAD_FIXED = C.RECORD_HEAD.size + C.RECORD_HASH.size
+
+
+def _header_hash_ok(stream: bytes, pos: int) -> bool:
+    """Whether a self-consistent record header (magic, section count, hash) starts at ``pos``."""
+    if stream[pos:pos + 4] != C.RECORD_MAGIC or len(stream) < pos + _HEAD_FIXED:
+        return False
+    nsec = stream[pos + 5]
+    size = _HEAD_FIXED + nsec * C.RECORD_SECTION.size
+    if nsec > C.MAX_SECTIONS or len(stream) < pos + size:
+        return False
+    return int.from_bytes(stream[pos + size - 8:pos + size], "little") == hash64(stream[pos:pos + size - 8])
+
+
+def _gi(d: dict, key: str, default=None) -> int:
+    v = d.get(key, default)
+    if type(v) is not int or not 0 <= v < 1 << 63:
         raise FormatError(f"geometry field {key} is missing or invalid", field=f"geometry.{key}")
     return v
 
