@@ -8,6 +8,8 @@ storage sink; loading runs the same path backwards.
 from __future__ import annotations
 
 import fnmatch
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 import os
 import warnings
 from typing import Any, Callable, Mapping
@@ -33,6 +35,10 @@ PARITY_LEVELS: dict[str, tuple[int, int, int]] = {
     # 223-byte codeword), so scattered byte errors are fixed inside each chunk.
     "archive": (32, 2, 32),
 }
+
+#: Tensors decoded at once by load (reads, checks and decodes overlap; the
+#: heavy work releases the GIL).
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 CodecSpec = str | Codec | Mapping[str, "str | Codec"] | Callable[[str, torch.Tensor], "str | Codec | None"]
 
@@ -81,7 +87,8 @@ def _parity(parity) -> tuple[int, int, int]:
 
 def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = None, parity="default",
          metadata: Mapping[str, str] | None = None, storage_options: Mapping | None = None,
-         chunk_size: int = C.DEFAULT_CHUNK_SIZE, segment_elems: int = C.DEFAULT_SEGMENT_ELEMS) -> None:
+         chunk_size: int = C.DEFAULT_CHUNK_SIZE, segment_elems: int = C.DEFAULT_SEGMENT_ELEMS,
+         workers: int | None = None) -> None:
     """Save ``obj`` (a tensor, or dicts/lists/tuples around tensors and plain
     values) to ``f``: a local path, an fsspec URL or a writable binary file.
 
@@ -91,6 +98,8 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
     chosen codec cannot hold (integers, bool, fp8, complex) are stored raw.
     ``parity`` is ``"default"``, ``"strong"``, ``"off"`` or ``(k, m)``.
     The destination is written atomically: a failed save leaves nothing there.
+    ``workers`` threads encode segments ahead of the writer (default
+    ``DEFAULT_WORKERS``); memory stays bounded by a few segments.
     """
     skeleton, entries = tree.flatten(obj)
     k, m, inner = _parity(parity)
@@ -110,21 +119,47 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
         index.geometry["algorithm"] = w.code.algorithm
         w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
                        [("manifest", 1, encode_index(index.to_json(with_records=False)))])
-        for tid, (e, info, c) in enumerate(zip(entries, infos, chosen)):
-            flat = e.tensor.reshape(-1)
-            specs = c.sections(flat.dtype)
-            for seg, start in enumerate(range(0, max(flat.numel(), 1), segment_elems)):
-                part = flat[start:start + segment_elems]
-                if part.numel() == 0 and flat.numel() != 0:
-                    break
-                encoded = c.encode(part.contiguous())
-                offset, header = w.write_record(
-                    C.RECORD_KIND_SEGMENT, tid, seg, start, part.numel(),
-                    [(s.name, s.copies, encoded[s.name]) for s in specs])
-                info.records.append(RecordInfo(offset, header.size, start, part.numel(), header.sections))
+        jobs = ((tid, seg, start, part, c, info)
+                for tid, (e, info, c) in enumerate(zip(entries, infos, chosen))
+                for seg, (start, part) in enumerate(_segments(e.tensor, segment_elems)))
+        for (tid, seg, start, part, c, info), encoded in _encode_in_order(jobs, workers or DEFAULT_WORKERS):
+            offset, header = w.write_record(
+                C.RECORD_KIND_SEGMENT, tid, seg, start, part.numel(),
+                [(s.name, s.copies, encoded[s.name]) for s in c.sections(part.dtype)])
+            info.records.append(RecordInfo(offset, header.size, start, part.numel(), header.sections))
         stream_end = w.logical_offset
         index.geometry["n_data_chunks"] = -(-stream_end // chunk_size)
         w.finish(index.to_json())
+
+
+def _segments(tensor: torch.Tensor, segment_elems: int):
+    """``(first element, 1-D contiguous part)`` of each segment (one for an empty tensor)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        yield 0, flat
+        return
+    for start in range(0, flat.numel(), segment_elems):
+        yield start, flat[start:start + segment_elems].contiguous()
+
+
+def _encode_in_order(jobs, workers: int):
+    """Encode segments on ``workers`` threads, yielding ``(job, sections)`` in
+    job order; at most ``2 * workers`` encoded segments wait in memory."""
+    if workers <= 1:
+        for job in jobs:
+            yield job, job[4].encode(job[3])
+        return
+    window = 2 * workers
+    with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-encode") as pool:
+        pending = deque()
+        for job in jobs:
+            pending.append((job, pool.submit(job[4].encode, job[3])))
+            if len(pending) >= window:
+                job0, fut = pending.popleft()
+                yield job0, fut.result()
+        while pending:
+            job0, fut = pending.popleft()
+            yield job0, fut.result()
 
 
 class _Decoder:
@@ -225,24 +260,29 @@ def _map_device(map_location, saved_device: str) -> torch.device | str | None:
     raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
 
 
-def _load_from_reader(reader: ContainerReader, map_location, errors: str) -> tuple[Any, Report]:
+def _load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None
+                      ) -> tuple[Any, Report]:
+    """Decode every tensor (``workers`` at a time, so reading, checking and
+    decoding overlap), then rebuild the object around them."""
     dec = _Decoder(reader, errors)
     devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
-    loaded: dict[int, torch.Tensor | None] = {}
+    n = len(reader.tensors)
+    workers = workers or DEFAULT_WORKERS
 
-    def get(i: int):
-        if i not in loaded:
-            t = dec.tensor(i)
-            if t is not None:
-                dev = _map_device(map_location, devices[i])
-                if dev is not None and torch.device(dev) != t.device:
-                    t = t.to(dev)
-            loaded[i] = t
-        return loaded[i]
+    def decode(i: int):
+        t = dec.tensor(i)
+        if t is not None:
+            dev = _map_device(map_location, devices[i])
+            if dev is not None and torch.device(dev) != t.device:
+                t = t.to(dev)
+        return t
 
-    obj = tree.unflatten(reader.index.tree, get)
-    for i in range(len(reader.tensors)):
-        get(i)
+    if workers > 1 and n > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
+            loaded = list(pool.map(decode, range(n)))
+    else:
+        loaded = [decode(i) for i in range(n)]
+    obj = tree.unflatten(reader.index.tree, loaded.__getitem__)
     return obj, dec.finish()
 
 

@@ -11,6 +11,7 @@ Locating the index, most trusted first:
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -77,7 +78,8 @@ class ContainerReader:
         self.max_workers = max_workers
         self.events: list[str] = []  # container-level damage found while opening
         self.truncated = False
-        self._stripe_cache: OrderedDict[int, list[bytes | None]] = OrderedDict()
+        self._stripe_cache: OrderedDict[int, list[bytes] | None] = OrderedDict()
+        self._lock = threading.Lock()
         self._sums: list[np.ndarray] | None = None
         self._footer_blobs: list[tuple[int, int, int]] = []
         self._try_budget = 2 * self.size + _MAX_TRY_BYTES
@@ -376,11 +378,14 @@ class ContainerReader:
         if not g.m:
             return None
         stripe, slot = divmod(j, g.k)
-        if stripe not in self._stripe_cache:
-            self._stripe_cache[stripe] = self._repair_stripe(stripe)
-            while len(self._stripe_cache) > 64:
-                self._stripe_cache.popitem(last=False)
-        chunks = self._stripe_cache[stripe]
+        with self._lock:
+            chunks = self._stripe_cache.get(stripe, False)
+        if chunks is False:
+            chunks = self._repair_stripe(stripe)
+            with self._lock:
+                self._stripe_cache[stripe] = chunks
+                while len(self._stripe_cache) > 64:
+                    self._stripe_cache.popitem(last=False)
         return None if chunks is None else chunks[slot]
 
     def _repair_stripe(self, stripe: int) -> list[bytes] | None:
