@@ -18,7 +18,7 @@ import torch
 
 from . import codecs, tree
 from .codecs.base import Codec
-from .errors import CodecError, DamageWarning, IntegrityError, TruncatedError
+from .errors import CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
 from .format import constants as C
 from .format.index import Index, RecordInfo, TensorInfo, dtype_name, encode_index
 from .format.reader import ContainerReader, merge_ranges
@@ -260,6 +260,19 @@ def _map_device(map_location, saved_device: str) -> torch.device | str | None:
     raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
 
 
+def _place(t: torch.Tensor, map_location, saved_device: str, file, name: str) -> torch.Tensor:
+    """Move a decoded CPU tensor where ``map_location`` (torch.load's forms) sends it."""
+    dev = _map_device(map_location, saved_device)
+    if dev is None:
+        return t
+    try:
+        dev = torch.device(dev)
+        return t if dev == t.device else t.to(dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise DeviceError(f"cannot place the tensor on device {str(dev)!r} (saved on {saved_device!r}): {e}; "
+                          "pass map_location", file=file, tensor=name) from None
+
+
 def _load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None
                       ) -> tuple[Any, Report]:
     """Decode every tensor (``workers`` at a time, so reading, checking and
@@ -271,11 +284,7 @@ def _load_from_reader(reader: ContainerReader, map_location, errors: str, worker
 
     def decode(i: int):
         t = dec.tensor(i)
-        if t is not None:
-            dev = _map_device(map_location, devices[i])
-            if dev is not None and torch.device(dev) != t.device:
-                t = t.to(dev)
-        return t
+        return None if t is None else _place(t, map_location, devices[i], reader.name, reader.tensors[i].name)
 
     if workers > 1 and n > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:

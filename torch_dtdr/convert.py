@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import DamageWarning, FormatError, IntegrityError
+from .errors import CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError
 from .format.constants import MAGIC
 
 __all__ = ["convert", "METADATA_KEY"]
@@ -126,6 +126,16 @@ def _st_header(raw: bytes) -> tuple[list[str], dict | None]:
 
 
 def _read_safetensors(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors and ``__metadata__`` of a safetensors file; a malformed file is a FormatError."""
+    try:
+        return _read_safetensors_unchecked(fsx, path)
+    except DTDRError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors and json raise many types for hostile headers
+        raise FormatError(f"not a valid safetensors file: {type(e).__name__}: {e}", file=path) from None
+
+
+def _read_safetensors_unchecked(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     if fsx.local:
         from safetensors import safe_open
 
@@ -147,12 +157,20 @@ def _read_safetensors(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dic
 
 
 def _read_torch(fsx: _FS, path: str) -> Any:
+    """A torch file, unpickled with ``weights_only=True`` only; anything that
+    restricted unpickler refuses (or cannot parse) is a FormatError."""
     from .shim import original_load
 
-    if fsx.local:
-        return original_load()(path, map_location="cpu", weights_only=True)
-    with fsx.fs.open(path, "rb") as fh:
-        return original_load()(fh, map_location="cpu", weights_only=True)
+    try:
+        if fsx.local:
+            return original_load()(path, map_location="cpu", weights_only=True)
+        with fsx.fs.open(path, "rb") as fh:
+            return original_load()(fh, map_location="cpu", weights_only=True)
+    except (CheckpointNotFoundError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the restricted unpickler's refusals come in many types
+        raise FormatError(f"not a torch file that loads with weights_only=True: {type(e).__name__}: {e}",
+                          file=path) from None
 
 
 def _read_source(src, storage_options) -> tuple[str, Any, dict]:

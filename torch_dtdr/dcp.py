@@ -424,7 +424,10 @@ def _plain_to_metadata(doc):
         TensorStorageMetadata,
     )
 
+    from .format import constants as C
+
     sd = {}
+    declared = 0
     for fqn, item in doc["state_dict"]:
         if item["type"] == "bytes":
             sd[fqn] = BytesStorageMetadata()
@@ -435,6 +438,13 @@ def _plain_to_metadata(doc):
                             ("requires_grad", item["requires_grad"]), ("pin_memory", item["pin_memory"])):
             if hasattr(props, name):
                 setattr(props, name, value)
+        numel = 1
+        for d in item["size"]:
+            numel *= d
+        declared += numel * props.dtype.itemsize
+        if declared > C.MAX_TENSOR_BYTES:
+            _fail(f"the checkpoint declares more than {C.MAX_TENSOR_BYTES} tensor bytes (TORCH_DTDR_MAX_BYTES)",
+                  f"state_dict[{fqn!r}].size")
         chunks = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in item["chunks"]]
         sd[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(item["size"]), chunks=chunks)
     files = doc["files"]

@@ -18,6 +18,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "ArgumentError",
     "CodecError",
+    "DeviceError",
     "StorageError",
     "DTDRWarning",
     "DamageWarning",
@@ -95,6 +96,12 @@ class ArgumentError(DTDRError, ValueError):
 
 class CodecError(DTDRError, ValueError):
     """An unknown codec, or codec parameters that cannot apply to a tensor."""
+
+
+class DeviceError(DTDRError, RuntimeError):
+    """A tensor cannot be placed on the device it was saved from (or that
+    ``map_location`` names): an unknown device string, or one this machine
+    lacks. Pass ``map_location`` to load elsewhere."""
 
 
 class StorageError(DTDRError, OSError):

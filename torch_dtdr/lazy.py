@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from . import tree
-from .api import _Decoder, _load_from_reader, _map_device
+from .api import _Decoder, _load_from_reader, _place
 from .errors import DamageWarning
 from .format.reader import ContainerReader
 from .report import Report
@@ -98,10 +98,7 @@ class DTDRFile:
         t = self._decoder.tensor(i)
         if t is None:
             return None
-        dev = _map_device(self._device, self._devices[i])
-        if dev is not None and torch.device(dev) != t.device:
-            t = t.to(dev)
-        return t
+        return _place(t, self._device, self._devices[i], self._reader.name, self._reader.tensors[i].name)
 
 
 
