@@ -70,7 +70,10 @@ def _cmd_verify(args) -> int:
 def _cmd_repair(args) -> int:
     from .api import repair
 
-    rep = repair(args.path, args.output, storage_options=_storage_options(args.storage_option), progress=not args.json)
+    so = _storage_options(args.storage_option)
+    # the output takes --output-storage-option, else the options of PATH (as `dtdr dcp`)
+    out_so = _storage_options(args.output_storage_option) if args.output_storage_option else so
+    rep = repair(args.path, args.output, storage_options=so, out_storage_options=out_so, progress=not args.json)
     if args.json:
         print(rep.to_json(indent=2))
     else:
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("repair", help="write a healed file")
     common(sp)
     sp.add_argument("-o", "--output", help="destination (default: replace the file atomically)")
+    sp.add_argument("--output-storage-option", action="append", metavar="KEY=VALUE",
+                    help="fsspec storage option for --output (repeatable; default: those of PATH)")
     sp.set_defaults(func=_cmd_repair)
     for name in _PLUGINS:
         importlib.import_module(f"{__package__}.{name}").register_cli(sub, common)
