@@ -67,10 +67,24 @@ def _choose_codec(codec: CodecSpec, name: str, tensor: torch.Tensor, block_size,
         cache[key] = _make_codec(spec, block_size)
     chosen = cache[key]
     if not chosen.accepts(tensor.dtype):
-        if "raw" not in cache:
-            cache["raw"] = codecs.get("raw")
-        chosen = cache["raw"]
+        chosen = _raw_for(tensor, cache)
+    elif chosen.name == "raw" and not (tensor.is_floating_point() or tensor.is_complex()):
+        chosen = _raw_for(tensor, cache)
     return chosen
+
+
+#: Integer and bool tensors up to this size get 5 copies instead of 3: they are
+#: small in real checkpoints (steps, position ids, RNG states) and cannot degrade.
+SMALL_EXACT_BYTES = 1 << 20
+
+
+def _raw_for(tensor: torch.Tensor, cache: dict) -> Codec:
+    small = tensor.numel() * tensor.element_size() <= SMALL_EXACT_BYTES
+    copies = 5 if small and not (tensor.is_floating_point() or tensor.is_complex()) else 3
+    key = ("raw", copies)
+    if key not in cache:
+        cache[key] = codecs.get("raw", copies=copies)
+    return cache[key]
 
 
 def _parity(parity) -> tuple[int, int, int]:

@@ -47,16 +47,21 @@ def is_floating(dtype: torch.dtype) -> bool:
 @register
 @dataclass(frozen=True)
 class Raw(Codec):
-    """Stores the bytes verbatim; accepts every dtype of a fixed size."""
+    """Stores the bytes verbatim; accepts every dtype of a fixed size.
+
+    Non-floating data cannot degrade gracefully, so it is stored in
+    ``copies`` copies (voted bitwise when all are damaged); floating data once.
+    """
 
     name: ClassVar[str] = "raw"
     lossless: ClassVar[bool] = True
+    copies: int = 3
 
     def accepts(self, dtype: torch.dtype) -> bool:
         return dtype in RAW_DTYPES
 
     def sections(self, dtype: torch.dtype) -> tuple[SectionSpec, ...]:
-        return (SectionSpec("data", copies=1 if is_floating(dtype) else 3),)
+        return (SectionSpec("data", copies=1 if is_floating(dtype) else self.copies),)
 
     def encode(self, x: torch.Tensor) -> dict[str, bytes]:
         if not isinstance(x, torch.Tensor):
