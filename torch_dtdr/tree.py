@@ -972,6 +972,8 @@ def _check_tables(skeleton, n_tensors) -> _Tables:
         isz = dtype.itemsize
         if offset * isz > enbytes:
             raise _err("offset lies outside the entry", where + ".offset")
+        if kind == "ndarray" and math.prod(shape) * isz > _MAX_INDEX:  # numpy refuses such a broadcast view
+            raise _err("ndarray view of more than 2**62 bytes", where + ".shape")
         if math.prod(shape) > 0:
             reach = (offset + sum((s - 1) * st for s, st in zip(shape, stride)) + 1) * isz
             if reach > enbytes:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import warnings
 
 #: First 8 bytes of every DTDR file (the superblock) and of its trailer's copy.
 MAGIC = b"\x89DTDR\r\n\x1a"
@@ -43,9 +45,43 @@ BLOB_KIND_CHUNKSUMS = 2
 TRAILER = struct.Struct("<8sHHIIHH16sQQQQQQQBB6xQQQ")
 assert TRAILER.size == 128
 
-#: Limits a reader enforces before allocating (see docs/security.md).
+def _env_bytes(name: str, default: int) -> int:
+    """A positive byte count from the environment (``int()`` syntax, ``0x`` allowed), else ``default``."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        warnings.warn(f"ignoring {name}={text!r}: not a positive integer number of bytes", stacklevel=2)
+        return default
+    return value
+
+
+#: Limits a reader enforces before allocating (see docs/security.md). They are
+#: read at call time, so a program may also assign them (``constants.MAX_TENSOR_BYTES = ...``).
 MAX_SECTIONS = 16
 MAX_INDEX_BYTES = 1 << 30
+#: The user-settable memory cap: the most tensor bytes (sum of numel * itemsize
+#: over the tensors) a file may declare. Environment: ``TORCH_DTDR_MAX_BYTES``.
+MAX_TENSOR_BYTES = _env_bytes("TORCH_DTDR_MAX_BYTES", 1 << 40)
+#: A segment record decodes to at most this many bytes per stored byte of its
+#: sections (every v1 codec stores at least one byte per element of <= 8 bytes,
+#: or the element itself), so a small file cannot declare a huge tensor.
+MAX_DECODE_RATIO = 8
+#: A record cut by the end of a truncated file is decoded only when its elements
+#: take at most MAX_DECODE_RATIO bytes per byte present plus this many bytes
+#: (the default segment of 2**20 elements of up to 16 bytes always is).
+MAX_TRUNCATED_RECORD = 16 << 20
+#: The footer index (a zstd frame) may expand to at most
+#: max(MAX_INDEX_FLOOR, MAX_INDEX_RATIO * compressed size) bytes: a zstd bomb is refused
+#: before it is decompressed, and the JSON parser's memory stays a multiple of the file size.
+MAX_INDEX_RATIO = 1024
+MAX_INDEX_FLOOR = 4 << 20
+#: Characters in one metadata value or tensor name of the index.
+MAX_INDEX_STR = 1 << 26
 MAX_COPIES = 15
 MAX_DIMS = 64
 MAX_TENSORS = 1 << 24

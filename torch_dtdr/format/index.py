@@ -108,13 +108,16 @@ def compress_index(raw: bytes) -> bytes:
 
 
 def decompress_index(payload: bytes, file=None) -> bytes:
-    """Inverse of :func:`compress_index`, refusing frames that would expand past the limit."""
+    """Inverse of :func:`compress_index`, refusing frames that would expand past
+    the limits (a zstd bomb) before anything is decompressed."""
     try:
         size = zstandard.frame_content_size(payload)
     except zstandard.ZstdError as e:
         raise FormatError(f"index is not a zstd frame: {e}", file=file, field="index") from None
-    if size < 0 or size > C.MAX_INDEX_BYTES:
-        raise FormatError(f"index declares {size} decompressed bytes", file=file, field="index")
+    limit = min(C.MAX_INDEX_BYTES, max(C.MAX_INDEX_FLOOR, C.MAX_INDEX_RATIO * len(payload)))
+    if size < 0 or size > limit:
+        raise FormatError(f"index declares {size} decompressed bytes from {len(payload)} (limit {limit})",
+                          file=file, field="index")
     try:
         return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
     except zstandard.ZstdError as e:
@@ -129,8 +132,17 @@ def _int(v, what, lo=0, hi=(1 << 63) - 1, file=None) -> int:
 
 def _str(v, what, file=None, max_len=1 << 16) -> str:
     if type(v) is not str or len(v) > max_len:
-        raise FormatError(f"index field {what} must be a string", file=file, field=what)
+        raise FormatError(f"index field {what} must be a string of at most {max_len} characters",
+                          file=file, field=what)
     return v
+
+
+def _short(v, n=60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+_RECORD_FIXED = C.RECORD_HEAD.size + C.RECORD_HASH.size
 
 
 def _dict(v, what, file=None) -> dict:
@@ -145,14 +157,27 @@ def _list(v, what, file=None, max_len=None) -> list:
     return v
 
 
+def _no_constant(name):
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def _no_duplicates(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate member name in a JSON object")
+    return d
+
+
 def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
     """Decode and check an index (or, with ``require_records=False``, a manifest)."""
     if len(raw) > C.MAX_INDEX_BYTES:
         raise FormatError(f"index of {len(raw)} bytes exceeds the limit", file=file, field="index")
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"index is not valid JSON: {e}", file=file, field="index") from None
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise FormatError("index JSON is nested too deeply", file=file, field="index") from None
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, the int digit limit, our hooks
+        raise FormatError(f"index is not valid JSON: {str(e)[:200]}", file=file, field="index") from None
     doc = _dict(doc, "index", file)
     fmt = _list(doc.get("format"), "format", file, 2)
     if len(fmt) != 2 or _int(fmt[0], "format.major", file=file) != C.FORMAT_MAJOR:
@@ -162,35 +187,46 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
     geometry = _dict(doc.get("geometry"), "geometry", file)
     metadata = _dict(doc.get("metadata", {}), "metadata", file)
     for k, v in metadata.items():
-        _str(v, f"metadata[{k!r}]", file)
+        _str(v, f"metadata[{_short(k)}]", file, C.MAX_INDEX_STR)
     tree = _dict(doc.get("tree"), "tree", file)
     tensors = []
+    names: set[str] = set()
+    total_bytes = 0
     for i, t in enumerate(_list(doc.get("tensors"), "tensors", file, C.MAX_TENSORS)):
         t = _dict(t, f"tensors[{i}]", file)
         name = _str(t.get("name"), f"tensors[{i}].name", file)
+        if name in names:
+            raise FormatError(f"duplicate tensor name {_short(name)}", file=file, tensor=name, field=f"tensors[{i}].name")
+        names.add(name)
         dname = _str(t.get("dtype"), f"tensors[{i}].dtype", file)
         if dname not in DTYPES:
-            raise FormatError(f"unknown dtype {dname!r}", file=file, tensor=name, field="dtype")
+            raise FormatError(f"unknown dtype {_short(dname)}", file=file, tensor=name, field="dtype")
+        dtype = DTYPES[dname]
         shape = tuple(_int(d, f"{name}.shape", file=file) for d in _list(t.get("shape"), "shape", file, C.MAX_DIMS))
         numel = 1
         for d in shape:
             numel *= d
             if numel > 1 << 62:
                 raise FormatError("tensor declares more than 2^62 elements", file=file, tensor=name, field="shape")
+        itemsize = dtype.itemsize
+        total_bytes += numel * itemsize
+        if total_bytes > C.MAX_TENSOR_BYTES:
+            raise FormatError(f"the tensors declare more than {C.MAX_TENSOR_BYTES} bytes (TORCH_DTDR_MAX_BYTES)",
+                              file=file, tensor=name, field="shape")
         codec = _dict(t.get("codec"), f"{name}.codec", file)
         seg = _int(t.get("segment_elems"), f"{name}.segment_elems", lo=1, file=file)
-        info = TensorInfo(name, DTYPES[dname], shape, codec, seg)
+        info = TensorInfo(name, dtype, shape, codec, seg)
         if require_records:
             expected = 0
             for r in _list(t.get("records"), f"{name}.records", file):
                 r = _list(r, f"{name}.records[]", file, 5)
                 if len(r) != 5:
                     raise FormatError("record entry must have 5 fields", file=file, tensor=name, field="records")
-                off = _int(r[0], "record.offset", file=file)
+                off = _int(r[0], "record.offset", lo=C.SUPERBLOCK.size, file=file)
                 hsize = _int(r[1], "record.header_size", lo=1, hi=1 << 16, file=file)
                 start = _int(r[2], "record.elem_start", file=file)
                 count = _int(r[3], "record.elem_count", file=file)
-                if start != expected or count > seg:
+                if start != expected or count > seg or (count == 0 and numel != 0) or start + count > numel:
                     raise FormatError("records do not tile the tensor", file=file, tensor=name, field="records")
                 expected += count
                 secs = []
@@ -200,16 +236,41 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
                         raise FormatError("section entry must have 4 fields", file=file, tensor=name, field="sections")
                     secs.append(SectionEntry(_str(s[0], "section.name", file, 8), _int(s[1], "section.copies", 1, C.MAX_COPIES, file),
                                              _int(s[2], "section.length", file=file), _int(s[3], "section.digest", 0, (1 << 64) - 1, file)))
-                info.records.append(RecordInfo(off, hsize, start, count, tuple(secs)))
+                if len({s.name for s in secs}) != len(secs):
+                    raise FormatError("duplicate section name in a record", file=file, tensor=name, field="record.sections")
+                if hsize != _RECORD_FIXED + len(secs) * C.RECORD_SECTION.size:
+                    raise FormatError(f"record header size {hsize} does not match its {len(secs)} sections",
+                                      file=file, tensor=name, field="record.header_size")
+                rec = RecordInfo(off, hsize, start, count, tuple(secs))
+                check_record_size(rec, itemsize, file=file, tensor=name)
+                info.records.append(rec)
             if expected != numel and not (numel == 0 and expected == 0):
                 raise FormatError(f"records cover {expected} of {numel} elements", file=file, tensor=name, field="records")
         tensors.append(info)
     stream_length = doc.get("stream_length")
+    if stream_length is None and require_records:
+        raise FormatError("index field stream_length is missing", file=file, field="stream_length")
     if stream_length is not None:
         _int(stream_length, "stream_length", file=file)
-        for t in tensors:
+        prev_end = C.SUPERBLOCK.size
+        for t in tensors:  # the writer appends records in index order: they never overlap
             for r in t.records:
+                if r.offset < prev_end:
+                    raise FormatError("record overlaps the record before it", file=file, tensor=t.name,
+                                      byte_range=(r.offset, r.end), field="records")
                 if r.end > stream_length:
                     raise FormatError("record reaches past the end of the stream", file=file, tensor=t.name,
                                       byte_range=(r.offset, r.end), field="records")
+                prev_end = r.end
     return Index(tree, tensors, metadata, geometry, stream_length)
+
+
+def check_record_size(rec: "RecordInfo", itemsize: int, *, file=None, tensor=None) -> None:
+    """Refuse a segment record whose elements could not come from its stored
+    bytes: ``elem_count * itemsize > MAX_DECODE_RATIO * stored``."""
+    stored = sum(s.stored_length for s in rec.sections)
+    decoded = rec.elem_count * itemsize
+    if decoded > C.MAX_DECODE_RATIO * stored:
+        raise FormatError(f"record of {stored} stored bytes declares {decoded} bytes of elements", file=file,
+                          tensor=tensor, byte_range=(rec.offset, rec.offset + rec.header_size + stored),
+                          field="record.elem_count")
