@@ -344,7 +344,8 @@ def test_verify_and_repair(saved, tmp_path):
     check_exact(sd, torch_dtdr.load(out, errors="strict"))
 
 
-def test_archive_parity_repairs_scattered_byte_errors(tmp_path):
+@pytest.mark.parametrize("rate", [1e-3, 1e-2])
+def test_archive_parity_repairs_scattered_byte_errors(tmp_path, rate):
     import numpy as np
 
     sd = {"w": pseudo(200_000), "ids": torch.arange(3000)}
@@ -352,27 +353,16 @@ def test_archive_parity_repairs_scattered_byte_errors(tmp_path):
     torch_dtdr.save(sd, p, parity="archive")
     raw = bytearray(p.read_bytes())
     rng = np.random.default_rng(1)
-    for i in rng.choice(len(raw), len(raw) // 1000, replace=False):
+    for i in rng.choice(len(raw), int(len(raw) * rate), replace=False):
         raw[i] ^= 1 + int(rng.integers(0, 255))
     q = tmp_path / "b.dtdr"
     q.write_bytes(bytes(raw))
     with pytest.warns(DamageWarning):
         back, rep = torch_dtdr.load(q, report=True)
-    check_exact(sd, back)
+    check_exact(sd, back)  # at 1e-2 the chunk checksums themselves are damaged: voted copies + trusted inner code
     assert rep.exact and rep.status == "repaired"
     torch_dtdr.save(sd, p, parity="default")
     assert 1.10 < len(raw) / os.path.getsize(p) < 1.25  # the inner code costs 608 bytes per 4 KiB chunk
-
-
-def test_verify_scrubs_chunks_a_load_never_reads(saved, tmp_path):
-    sd, p = saved
-    zero_range(p, 0, 4096)  # superblock and manifest: a normal load does not read them
-    rep = torch_dtdr.verify(p)
-    assert rep.exit_code == 1 and any("scrub" in e for e in rep.events), str(rep)
-    out = tmp_path / "healed.dtdr"
-    torch_dtdr.repair(p, out)
-    assert torch_dtdr.verify(out).exit_code == 0
-    check_exact(sd, torch_dtdr.load(out, errors="strict"))
 
 
 def test_small_integer_tensors_survive_scattered_damage(tmp_path):

@@ -164,7 +164,10 @@ class ContainerReader:
             self._sums = [np.frombuffer(verified, dtype="<u8")]
         else:
             self.events.append("every chunk-checksum copy damaged; chunks match against any copy")
-            self._sums = [np.frombuffer(c, dtype="<u8") for c in copies if len(c) == length] or None
+            full = [c for c in copies if len(c) == length]
+            if len(full) >= 3:
+                full.insert(0, bitwise_majority(full))
+            self._sums = [np.frombuffer(c, dtype="<u8") for c in full] or None
             if self._sums is None:
                 self.events.append("no chunk checksums: only section checksums are checked")
 
@@ -401,10 +404,11 @@ class ContainerReader:
             return None
         slots: list[bytes | None] = []
         for s in range(n):
+            idx = g.chunk_index(stripe, s)
             piece = raw[s * c:(s + 1) * c]
-            if not self._chunk_ok(g.chunk_index(stripe, s), piece):
-                piece = self._inner_fix(piece, raw, n * c + s * g.inner_size)
-                if piece is not None and not self._chunk_ok(g.chunk_index(stripe, s), piece):
+            if not self._chunk_ok(idx, piece):
+                piece, decoded = self._inner_fix(piece, raw, n * c + s * g.inner_size)
+                if piece is not None and not self._chunk_ok(idx, piece) and not (decoded and self._sum_disputed(idx)):
                     piece = None
             slots.append(piece)
         if sum(x is None for x in slots) > g.m:
@@ -415,18 +419,29 @@ class ContainerReader:
         except Exception:  # noqa: BLE001 - a failed repair is reported as damage, never raised
             return None
         out = [rebuilt.get(s, slots[s]) for s in range(d)]
-        if not all(self._chunk_ok(g.chunk_index(stripe, s), out[s]) for s in rebuilt):
+        if not all(self._chunk_ok(g.chunk_index(stripe, s), out[s]) or self._sum_disputed(g.chunk_index(stripe, s))
+                   for s in rebuilt):
             return None
         return [bytes(x) for x in out]
 
-    def _inner_fix(self, chunk: bytes, raw: bytes, offset: int) -> bytes | None:
+    def _sum_disputed(self, idx: int) -> bool:
+        """Whether the checksum entry of chunk ``idx`` is itself damaged (its
+        copies disagree), so it cannot judge the chunk: then a chunk restored by
+        a code whose own check passed is trusted."""
+        if self._sums is None or len(self._sums) < 2:
+            return False
+        values = {int(t[idx]) for t in self._sums if idx < len(t)}
+        return len(values) > 1
+
+    def _inner_fix(self, chunk: bytes, raw: bytes, offset: int) -> tuple[bytes | None, bool]:
+        """The chunk corrected by its inner code, and whether every codeword decoded."""
         if self._inner is None:
-            return None
+            return None, False
         parity = raw[offset:offset + self.geometry.inner_size]
         if len(parity) < self.geometry.inner_size:
-            return None
-        data, _status = self._inner.decode(chunk, parity)
-        return data.tobytes()
+            return None, False
+        data, status = self._inner.decode(chunk, parity)
+        return data.tobytes(), bool(status[0] >= 0)
 
     def read_record(self, rec: RecordInfo) -> SegmentData:
         """Read and check the sections of one record (copies voted).

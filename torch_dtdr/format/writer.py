@@ -24,7 +24,7 @@ class ContainerWriter:
     """Streams a DTDR container into ``sink`` (anything with ``write(bytes)``)."""
 
     def __init__(self, sink, *, chunk_size: int = C.DEFAULT_CHUNK_SIZE, k: int = 32, m: int = 2,
-                 index_copies: int = 7, chunksum_copies: int = 2, algorithm: str | None = None,
+                 index_copies: int = 7, chunksum_copies: int | None = None, algorithm: str | None = None,
                  inner_nsym: int = 0):
         check_geometry(chunk_size, k, m)
         self.sink = sink
@@ -35,7 +35,8 @@ class ContainerWriter:
         self.inner_nsym = inner_nsym
         self.inner = InnerCode(chunk_size, inner_nsym) if inner_nsym else None
         self.index_copies = index_copies
-        self.chunksum_copies = chunksum_copies
+        # With an inner code chunks survive dense damage, so their checksums must too: 3 voted copies.
+        self.chunksum_copies = chunksum_copies or (3 if inner_nsym else 2)
         self._buf = bytearray()
         self._logical = 0
         self._hashes: list[np.ndarray] = []
