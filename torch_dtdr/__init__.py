@@ -12,7 +12,7 @@ allows and degrades into small bounded noise where it does not.
 """
 
 from . import errors
-from .api import repair, save, verify
+from .api import info, repair, save, verify
 from .convert import convert
 from .lazy import open
 from .modules import load_model, save_model
@@ -22,4 +22,4 @@ from .report import Report, TensorReport
 __version__ = "0.1.0"
 
 __all__ = ["save", "load", "open", "verify", "repair", "errors", "Report", "TensorReport", "__version__",
-           "patch", "unpatch", "save_model", "load_model", "convert"]
+           "patch", "unpatch", "save_model", "load_model", "convert", "info"]

@@ -384,7 +384,8 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False)
 
 def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
            progress: bool = False) -> Report:
-    """Write a healed copy of ``f`` to ``out`` (default: replace ``f`` atomically).
+    """Write a healed copy of ``f`` to ``out`` (default: replace ``f`` atomically;
+    ``out_storage_options`` default to ``storage_options``).
 
     Sections that verify, or that parity or voting restores, are copied bit for
     bit; degraded segments are re-encoded from their best recovered values, so
@@ -409,7 +410,8 @@ def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_o
             warnings.simplefilter("ignore", DamageWarning)
             rep = dec.finish()
         target = f if out is None else out
-        with open_sink(target, out_storage_options if out is not None else storage_options) as sink:
+        out_options = storage_options if out is None or out_storage_options is None else out_storage_options
+        with open_sink(target, out_options) as sink:
             w = ContainerWriter(sink, chunk_size=g.chunk_size, k=g.k, m=g.m, algorithm=reader.algorithm,
                                 inner_nsym=g.inner_nsym)
             index.geometry["algorithm"] = w.code.algorithm

@@ -751,6 +751,12 @@ class _FileObjSink(Sink):
         pass  # written bytes cannot be taken back
 
 
+#: Upload part size for S3 / GCS writes unless the caller sets one: the
+#: back-ends hold about 3 parts in memory (s3fs's own default is 50 MiB), and
+#: 16 MiB parts still allow 160 GB objects within S3's 10,000 parts.
+DEFAULT_REMOTE_PART = 16 << 20
+
+
 def open_sink(
     f: FileLike,
     storage_options: dict | None = None,
@@ -772,6 +778,8 @@ def open_sink(
     fs, path, name = r[1], r[2], _fspath(f)
     if _is_memory_fs(fs):
         return _BufferedFsspecSink(fs, path, name)
+    if block_size is None and _protocols(fs) & _DISCARD_PROTOCOLS and "default_block_size" not in (storage_options or {}):
+        block_size = DEFAULT_REMOTE_PART
     open_kwargs = {} if block_size is None else {"block_size": int(block_size)}
     if _protocols(fs) & _DISCARD_PROTOCOLS:
         return _DiscardFsspecSink(fs, path, name, open_kwargs)

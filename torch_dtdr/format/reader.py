@@ -345,7 +345,7 @@ class ContainerReader:
         a = start // c * c
         b = -(-end // c) * c
         pieces = g.physical_ranges(a, b)
-        raws = self.source.read_ranges([(p, n) for _l, p, n in pieces], max_workers=self.max_workers)
+        raws = self._read_pieces(pieces)
         buf = bytearray(b - a)
         missing_from = None
         for (lstart, _p, n), raw in zip(pieces, raws):
@@ -375,6 +375,19 @@ class ContainerReader:
         result.repaired = merge_ranges(result.repaired)
         result.data = memoryview(buf)[start - a: end - a]
         return result
+
+    def _read_pieces(self, pieces) -> list[bytes]:
+        """The bytes of each ``(logical, physical, length)`` piece. Pieces of one
+        read are separated only by parity (m chunks per stripe), so they are
+        fetched as one span and sliced: ~m/k more bytes, far fewer requests
+        (what matters on object stores)."""
+        if len(pieces) <= 1 or not self.geometry.m:
+            return self.source.read_ranges([(p, n) for _l, p, n in pieces], max_workers=self.max_workers)
+        first = pieces[0][1]
+        span = pieces[-1][1] + pieces[-1][2] - first
+        (whole,) = self.source.read_ranges([(first, span)], max_workers=self.max_workers)
+        mv = memoryview(whole)
+        return [mv[p - first: p - first + n] for _l, p, n in pieces]
 
     def _repair_chunk(self, j: int) -> bytes | None:
         g = self.geometry

@@ -20,6 +20,27 @@ from .index import compress_index, encode_index
 from .records import BlobHeader, RecordHeader, SectionEntry, Superblock, Trailer, check_geometry, footer_plan, padded
 
 
+class _HashTable:
+    """The chunk checksums, in one growing buffer: many small long-lived arrays
+    between large temporary buffers keep the allocator from returning memory."""
+
+    def __init__(self):
+        self._buf = np.empty(1 << 12, dtype=np.uint64)
+        self._n = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.uint64).reshape(-1)
+        if self._n + len(values) > len(self._buf):
+            grown = np.empty(max(2 * len(self._buf), self._n + len(values)), dtype=np.uint64)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n: self._n + len(values)] = values
+        self._n += len(values)
+
+    def array(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+
 class ContainerWriter:
     """Streams a DTDR container into ``sink`` (anything with ``write(bytes)``)."""
 
@@ -39,7 +60,7 @@ class ContainerWriter:
         self.chunksum_copies = chunksum_copies or (3 if inner_nsym else 2)
         self._buf = bytearray()
         self._logical = 0
-        self._hashes: list[np.ndarray] = []
+        self._hashes = _HashTable()
         self._physical = 0
         self._finished = False
         self.append(Superblock(chunk_size, k, m, self.code.algorithm, flags=inner_nsym).pack())
@@ -152,7 +173,7 @@ class ContainerWriter:
 
         index = dict(index, stream_length=stream_length)
         index_raw = compress_index(encode_index(index))
-        sums_raw = np.concatenate(self._hashes).astype("<u8").tobytes()
+        sums_raw = self._hashes.array().astype("<u8").tobytes()
         n_index = index_copies or self.index_copies
         blobs = {C.BLOB_KIND_INDEX: index_raw, C.BLOB_KIND_CHUNKSUMS: sums_raw}
         ncopies = {C.BLOB_KIND_INDEX: n_index, C.BLOB_KIND_CHUNKSUMS: self.chunksum_copies}
