@@ -29,6 +29,8 @@ from .layout import Geometry
 from .records import BlobHeader, RecordHeader, Superblock, Trailer, check_flags, check_geometry, padded
 
 _SCAN_STEP = 1 << 20
+#: Remote spans are fetched in parts of this size, concurrently.
+_SPAN_PART = 1 << 19
 _MAX_TAIL_SCAN = 1 << 28
 #: Index candidates found by the blob scan are read and hashed until this many
 #: bytes plus twice the file size have been spent (linear time on hostile files
@@ -385,7 +387,7 @@ class ContainerReader:
             return self.source.read_ranges([(p, n) for _l, p, n in pieces], max_workers=self.max_workers)
         first = pieces[0][1]
         span = pieces[-1][1] + pieces[-1][2] - first
-        (whole,) = self.source.read_ranges([(first, span)], max_workers=self.max_workers)
+        (whole,) = self.source.read_ranges([(first, span)], max_workers=self.max_workers, part_size=_SPAN_PART)
         mv = memoryview(whole)
         return [mv[p - first: p - first + n] for _l, p, n in pieces]
 
