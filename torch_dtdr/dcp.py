@@ -81,7 +81,7 @@ from . import tree
 from .errors import (CheckpointNotFoundError, DamageWarning, FormatError, IncompleteCheckpointError, IntegrityError,
                      UnsupportedVersionError)
 from .integrity.checksum import hash64
-from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
+from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, exit_code, worst
 
 __all__ = [
     "DTDRWriter",
@@ -1037,9 +1037,7 @@ class CheckpointReport:
     @property
     def exit_code(self) -> int:
         """0 clean, 1 damaged but recovered exactly, 2 degraded or lost, 3 unreadable (incomplete)."""
-        if self.unreadable:
-            return 3
-        return {EXACT: 0, REPAIRED: 1, DEGRADED: 2, LOST: 2}[self.status]
+        return exit_code(self.status, self.unreadable)
 
     def summary(self) -> str:
         c = self.counts()

@@ -14,6 +14,14 @@ def worst(*statuses: str) -> str:
     return max(statuses, key=_RANK.__getitem__, default=EXACT)
 
 
+def exit_code(status: str, unreadable) -> int:
+    """The ``dtdr verify`` exit code: 0 clean, 1 damaged but recovered exactly,
+    2 degraded or lost, 3 unreadable."""
+    if unreadable:
+        return 3
+    return {EXACT: 0, REPAIRED: 1, DEGRADED: 2, LOST: 2}[status]
+
+
 @dataclass
 class TensorReport:
     """The fate of one stored tensor.
@@ -76,9 +84,7 @@ class Report:
     @property
     def exit_code(self) -> int:
         """0 clean, 1 damaged but recovered exactly, 2 degraded or lost, 3 unreadable."""
-        if self.unreadable:
-            return 3
-        return {EXACT: 0, REPAIRED: 1, DEGRADED: 2, LOST: 2}[self.status]
+        return exit_code(self.status, self.unreadable)
 
     def summary(self) -> str:
         c = self.counts()
