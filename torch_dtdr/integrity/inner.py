@@ -42,7 +42,7 @@ import math
 import numpy as np
 
 from ..errors import CodecError, IntegrityError
-from .parity import _GF_INV, _GF_MUL, _gf_matmul_chunks, _load_isal
+from .parity import _GF_INV, _GF_MUL, _gf_matmul_chunks, _load_isal, gf_exp_log
 
 __all__ = ["InnerCode"]
 
@@ -50,21 +50,7 @@ _SOLVE = 8192  # codewords per batch of the numpy decoder (bounds its temporarie
 _BATCH = 128  # chunks per ISA-L call: keeps the ~0.6 MiB working set in cache (measured best)
 
 
-def _exp_log():
-    exp = np.zeros(512, dtype=np.int64)
-    log = np.zeros(256, dtype=np.int64)
-    x = 1
-    for i in range(255):
-        exp[i] = x
-        log[x] = i
-        x <<= 1
-        if x & 0x100:
-            x ^= 0x11D
-    exp[255:510] = exp[:255]
-    return exp, log
-
-
-_EXP, _LOG = _exp_log()
+_EXP, _LOG = gf_exp_log()
 
 
 def _generator(nsym: int) -> list[int]:

@@ -86,7 +86,8 @@ _HDR = 80  # liberasurecode fragment header size
 # ==========================================================================
 
 
-def _gf_tables():
+def gf_exp_log() -> tuple[np.ndarray, np.ndarray]:
+    """GF(2^8) (polynomial 0x11d) antilog table (doubled, 512 entries) and log table."""
     exp = np.zeros(512, dtype=np.int64)
     log = np.zeros(256, dtype=np.int64)
     x = 1
@@ -97,6 +98,11 @@ def _gf_tables():
         if x & 0x100:
             x ^= 0x11D
     exp[255:510] = exp[:255]
+    return exp, log
+
+
+def _gf_tables():
+    exp, log = gf_exp_log()
     a = np.arange(256)
     mul = np.zeros((256, 256), dtype=np.uint8)
     nz = a[1:]
