@@ -77,6 +77,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ._json import strict_loads
 from . import tree
 from .errors import (CheckpointNotFoundError, DamageWarning, FormatError, IncompleteCheckpointError, IntegrityError,
                      UnsupportedVersionError)
@@ -467,21 +468,11 @@ def _plain_to_metadata(doc):
     return md
 
 
-def _no_constants(name):
-    raise ValueError(f"JSON constant {name} is not allowed")
-
-
-def _no_duplicates(pairs):
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate member name in a JSON object")
-    return d
-
 
 def _parse_json(data: bytes) -> dict:
     try:
         text = data.decode("utf-8")
-        doc = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+        doc = strict_loads(text)
     except RecursionError:
         raise FormatError("DCP metadata JSON is nested too deeply") from None
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, our hooks

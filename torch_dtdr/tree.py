@@ -122,6 +122,7 @@ from typing import Any, Callable
 
 import torch
 
+from ._json import strict_loads
 from .errors import FormatError, UnsupportedVersionError
 
 try:  # numpy is a dependency, but keep the module importable without it
@@ -1136,16 +1137,6 @@ def skeleton_to_json(skeleton) -> bytes:
     return json.dumps(skeleton, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _no_constants(name):
-    raise ValueError(f"JSON constant {name} is not allowed")
-
-
-def _no_duplicates(pairs):
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate member name in a JSON object")
-    return d
-
 
 def skeleton_from_json(data) -> dict:
     """Parse skeleton JSON (bytes or str) strictly: UTF-8 only, no NaN/Infinity
@@ -1157,7 +1148,7 @@ def skeleton_from_json(data) -> dict:
         except UnicodeDecodeError as e:
             raise FormatError(f"skeleton is not UTF-8 ({e})") from None
     try:
-        out = json.loads(data, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+        out = strict_loads(data)
     except RecursionError:
         raise FormatError("skeleton JSON is nested too deeply to parse") from None
     except ValueError as e:  # JSONDecodeError, int digit limit, our hooks

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import zstandard
 
+from .._json import strict_loads
 from ..errors import FormatError
 from . import constants as C
 from .records import SectionEntry
@@ -157,23 +158,13 @@ def _list(v, what, file=None, max_len=None) -> list:
     return v
 
 
-def _no_constant(name):
-    raise ValueError(f"JSON constant {name} is not allowed")
-
-
-def _no_duplicates(pairs):
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate member name in a JSON object")
-    return d
-
 
 def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
     """Decode and check an index (or, with ``require_records=False``, a manifest)."""
     if len(raw) > C.MAX_INDEX_BYTES:
         raise FormatError(f"index of {len(raw)} bytes exceeds the limit", file=file, field="index")
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        doc = strict_loads(raw.decode("utf-8"))
     except RecursionError:
         raise FormatError("index JSON is nested too deeply", file=file, field="index") from None
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, the int digit limit, our hooks
