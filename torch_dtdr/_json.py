@@ -20,3 +20,8 @@ def _no_duplicates(pairs):
 def strict_loads(text):
     """``json.loads`` that refuses NaN/Infinity and duplicate member names."""
     return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+
+
+def canonical_dumps(obj) -> bytes:
+    """The canonical UTF-8 JSON the format stores: compact, no NaN literals."""
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -113,7 +113,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from collections import OrderedDict
@@ -122,7 +121,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._json import strict_loads
+from ._json import canonical_dumps, strict_loads
 from .errors import FormatError, UnsupportedVersionError
 
 try:  # numpy is a dependency, but keep the module importable without it
@@ -1134,7 +1133,7 @@ def _key_text(key) -> str:
 
 def skeleton_to_json(skeleton) -> bytes:
     """The skeleton as the UTF-8 JSON bytes the container stores."""
-    return json.dumps(skeleton, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return canonical_dumps(skeleton)
 
 
 

@@ -7,13 +7,12 @@ every field is type- and range-checked before anything is allocated.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
 import zstandard
 
-from .._json import strict_loads
+from .._json import canonical_dumps, strict_loads
 from ..errors import FormatError
 from . import constants as C
 from .records import SectionEntry
@@ -99,7 +98,7 @@ class Index:
 
 def encode_index(index: dict) -> bytes:
     """The canonical UTF-8 JSON encoding of an index or manifest."""
-    return json.dumps(index, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return canonical_dumps(index)
 
 
 def compress_index(raw: bytes) -> bytes:
