@@ -440,3 +440,125 @@ def test_rejects_bad_inputs():
         open_source(12345)
     with pytest.raises(TypeError):
         exists(io.BytesIO())
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+class _Tracked:
+    """Counts the requests a source really sends (and how many at once)."""
+
+    def __init__(self, src, delay: float = 0.0, fail_at: int | None = None):
+        self.calls: list[tuple[int, int]] = []
+        self.inflight = self.peak = 0
+        self.lock = threading.Lock()
+        real = src._read_exact
+
+        def tracking(offset, length):
+            with self.lock:
+                self.calls.append((offset, length))
+                self.inflight += 1
+                self.peak = max(self.peak, self.inflight)
+            try:
+                if delay:
+                    time.sleep(delay)
+                if fail_at is not None and offset <= fail_at < offset + length:
+                    raise ConnectionError("injected store failure")
+                return real(offset, length)
+            finally:
+                with self.lock:
+                    self.inflight -= 1
+
+        src._read_exact = tracking
+
+
+@pytest.fixture
+def s3_blob(s3_bucket):
+    base, opts = s3_bucket
+    url = f"{base}/prefetch-{uuid.uuid4().hex}"
+    data = _data(8 * MiB, seed=7)
+    write_bytes_atomic(url, data, opts)
+    return url, opts, data
+
+
+def test_prefetch_serves_planned_reads_from_few_requests(s3_blob):
+    url, opts, data = s3_blob
+    # 64 record-sized reads separated by 8 KiB parity-sized gaps
+    ranges = [(i * 128 * 1024, 120 * 1024) for i in range(64)]
+    with open_source(url, opts, max_workers=4, part_size=MiB) as src:
+        t = _Tracked(src, delay=0.01)
+        with src.prefetch(ranges) as pf:
+            assert len(pf.parts) == 8  # gaps merged, cut into 1 MiB parts
+            got = [src.read(o, n) for o, n in ranges]
+            assert got == [data[o: o + n] for o, n in ranges]
+            assert len(t.calls) == 8  # one request per part, none per read
+            assert t.peak >= 2  # parts were fetched concurrently
+            assert pf.held == 0  # every part dropped once fully served
+            # a read the plan never covered goes to the store, correctly
+            assert src.read(8 * MiB - 100, 100) == data[-100:]
+            assert len(t.calls) == 9
+            # a dropped part is fetched again rather than served stale
+            assert src.read(0, 10) == data[:10]
+            assert len(t.calls) == 10
+        assert src.bytes_read == 8 * MiB - 8 * 1024 + 110  # what crossed the wire
+
+
+def test_prefetch_read_ranges_and_concurrent_readers(s3_blob):
+    url, opts, data = s3_blob
+    ranges = [(i * 256 * 1024, 256 * 1024) for i in range(32)]
+    with open_source(url, opts, max_workers=8, part_size=MiB) as src:
+        t = _Tracked(src)
+        with src.prefetch(ranges):
+            results: dict[int, bytes] = {}
+
+            def reader(k):
+                for i in range(k, 32, 4):
+                    results[i] = src.read_ranges([ranges[i]])[0]
+
+            threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        assert [results[i] for i in range(32)] == [data[o: o + n] for o, n in ranges]
+        assert len(t.calls) == 8
+
+
+def test_prefetch_window_bounds_memory_and_never_stalls(s3_blob):
+    url, opts, data = s3_blob
+    ranges = [(i * MiB, MiB) for i in range(8)]
+    with open_source(url, opts, max_workers=8, part_size=MiB) as src:
+        t = _Tracked(src, delay=0.02)
+        with src.prefetch(ranges, window=2 * MiB) as pf:
+            time.sleep(0.2)
+            assert len(t.calls) == 2 and pf.held == 2  # nothing fetched past the window
+            assert src.read(0, MiB) == data[:MiB]
+            assert pf.held <= 2
+            # a read wider than the window gets every part it needs
+            assert src.read(MiB, 7 * MiB) == data[MiB:]
+        assert len(t.calls) == 8
+
+
+def test_prefetch_failures_are_typed_and_later_reads_go_direct(s3_blob):
+    url, opts, data = s3_blob
+    with open_source(url, opts, max_workers=1, part_size=MiB) as src:
+        _Tracked(src, fail_at=3 * MiB + 5)
+        pf = src.prefetch([(0, 8 * MiB)])
+        assert src.read(0, MiB) == data[:MiB]
+        with pytest.raises(StorageError) as e:
+            src.read(3 * MiB, MiB)
+        assert e.value.byte_range == (3 * MiB, 4 * MiB) and url in str(e.value)
+        pf.close()
+        assert src.read(5 * MiB, 10) == data[5 * MiB: 5 * MiB + 10]
+    assert src._prefetch_pool is None  # closing the source stops its fetch threads
+
+
+def test_prefetch_is_inactive_where_reads_are_cheap(tmp_path):
+    p = tmp_path / "blob"
+    data = _data(MiB)
+    write_bytes_atomic(p, data, fsync=False)
+    with open_source(p) as src, src.prefetch([(0, MiB)]) as pf:
+        assert not pf.active and pf.parts == []
+        assert src.read(10, 10) == data[10:20]
+    with pytest.raises(ValueError):
+        open_source(p, max_workers=0)

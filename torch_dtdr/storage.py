@@ -46,6 +46,7 @@ Errors are typed: a missing path is a
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import secrets
@@ -58,6 +59,7 @@ from .errors import CheckpointNotFoundError, DTDRError, StorageError
 
 __all__ = [
     "Source",
+    "Prefetch",
     "Sink",
     "open_source",
     "open_sink",
@@ -67,6 +69,7 @@ __all__ = [
     "write_bytes_atomic",
     "DEFAULT_MAX_WORKERS",
     "DEFAULT_PART_SIZE",
+    "DEFAULT_PREFETCH_WINDOW",
     "TEMP_SUFFIX",
 ]
 
@@ -77,6 +80,9 @@ FileLike = Union[PathOrURL, BinaryIO]
 DEFAULT_MAX_WORKERS = 16
 #: Remote ranges longer than this are split into parts fetched concurrently.
 DEFAULT_PART_SIZE = 16 * 2**20
+#: Bytes a :meth:`Source.prefetch` may hold or have in flight ahead of the reads it serves.
+DEFAULT_PREFETCH_WINDOW = 256 * 2**20
+_MIN_PREFETCH_PART = 2**20
 #: Suffix of the temporary files a local sink writes before its atomic rename.
 TEMP_SUFFIX = ".dtdr-tmp"
 
@@ -184,7 +190,11 @@ class Source:
         self.size = int(size)
         self.bytes_read = 0
         self.closed = False
+        self.max_workers = DEFAULT_MAX_WORKERS
+        self.part_size = DEFAULT_PART_SIZE
         self._count_lock = threading.Lock()
+        self._prefetches: list[Prefetch] = []
+        self._prefetch_pool: ThreadPoolExecutor | None = None
 
     # -- subclass hooks -----------------------------------------------------
     def _read_exact(self, offset: int, length: int) -> bytes:  # pragma: no cover
@@ -221,10 +231,20 @@ class Source:
         return data
 
     def read(self, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset + length)``, cut short only at end of file."""
+        """Bytes ``[offset, offset + length)``, cut short only at end of file.
+
+        Served from an active :meth:`prefetch` when one planned the range."""
         self._check_open()
         offset, length = self._clamp(offset, length)
-        return self._checked_read(offset, length)
+        planned = self._from_prefetch(offset, length)
+        return self._checked_read(offset, length) if planned is None else planned
+
+    def _from_prefetch(self, offset: int, length: int):
+        for pf in tuple(self._prefetches):
+            data = pf._serve(offset, length)
+            if data is not None:
+                return data
+        return None
 
     def read_ranges(
         self,
@@ -235,26 +255,38 @@ class Source:
         """Read many ``(offset, length)`` ranges; results come back in order.
 
         Remote stores issue the requests concurrently on up to ``max_workers``
-        threads (default :data:`DEFAULT_MAX_WORKERS`), splitting ranges longer than
-        ``part_size`` (default :data:`DEFAULT_PART_SIZE`) into parts. Local files
-        and file objects are read sequentially. EOF rules are those of :meth:`read`.
+        threads (default: the source's :attr:`max_workers`), splitting ranges
+        longer than ``part_size`` (default: the source's :attr:`part_size`) into
+        parts. Local files and file objects are read sequentially. Ranges an
+        active :meth:`prefetch` planned are served from it. EOF rules are those
+        of :meth:`read`.
         """
         self._check_open()
         clamped = [self._clamp(o, n) for o, n in ranges]
-        workers = DEFAULT_MAX_WORKERS if max_workers is None else int(max_workers)
-        if not self._concurrent or workers <= 1 or not clamped:
-            return [self._checked_read(o, n) for o, n in clamped]
-        part = DEFAULT_PART_SIZE if part_size is None else int(part_size)
+        out: list = [None] * len(clamped)
+        if self._prefetches:
+            for i, (o, n) in enumerate(clamped):
+                out[i] = self._from_prefetch(o, n)
+        todo = [i for i, d in enumerate(out) if d is None]
+        workers = self.max_workers if max_workers is None else int(max_workers)
+        if not self._concurrent or workers <= 1 or not todo:
+            for i in todo:
+                out[i] = self._checked_read(*clamped[i])
+            return out
+        part = self.part_size if part_size is None else int(part_size)
         if part <= 0:
             raise ValueError("part_size must be positive")
         parts = []  # (range index, offset, length)
-        for i, (o, n) in enumerate(clamped):
+        for i in todo:
+            o, n = clamped[i]
             if n == 0:
                 parts.append((i, o, 0))
             for p in range(o, o + n, part):
                 parts.append((i, p, min(part, o + n - p)))
         if len(parts) == 1:
-            return [self._checked_read(o, n) for o, n in clamped]
+            i = parts[0][0]
+            out[i] = self._checked_read(*clamped[i])
+            return out
         pool = ThreadPoolExecutor(max_workers=min(workers, len(parts)), thread_name_prefix="dtdr-read")
         try:
             datas = list(pool.map(lambda p: self._checked_read(p[1], p[2]), parts))
@@ -262,10 +294,63 @@ class Source:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        out: list = [[] for _ in clamped]
+        pieces: dict[int, list] = {i: [] for i in todo}
         for (i, _, _), d in zip(parts, datas):
-            out[i].append(d)
-        return [pieces[0] if len(pieces) == 1 else b"".join(pieces) for pieces in out]
+            pieces[i].append(d)
+        for i, ps in pieces.items():
+            out[i] = ps[0] if len(ps) == 1 else b"".join(ps)
+        return out
+
+    def prefetch(
+        self,
+        ranges: Iterable[Sequence[int]],
+        *,
+        max_workers: int | None = None,
+        part_size: int | None = None,
+        window: int | None = None,
+        gap: int = 1 << 16,
+    ) -> "Prefetch":
+        """Start fetching the ``(offset, length)`` ranges a caller is about to
+        read, in that order, and serve those reads from memory.
+
+        On remote stores this is what makes a full load fast: the ranges are
+        merged across gaps up to ``gap`` bytes, cut into ``part_size`` parts and
+        fetched on ``max_workers`` threads, at most ``window`` bytes ahead of
+        what has been served (default :data:`DEFAULT_PREFETCH_WINDOW`), so the caller
+        decodes one part while later parts download and memory stays bounded.
+        A part is dropped once every planned byte of it has been served; a read
+        the plan does not cover (or covers only with dropped parts) goes to the
+        store as usual. Local files, memory and file objects gain nothing from
+        this and get an inactive plan.
+
+        Use as a context manager; leaving it cancels what is still queued.
+        """
+        if not self._concurrent:
+            return Prefetch(self, [], active=False)
+        workers = self.max_workers if max_workers is None else int(max_workers)
+        part = self.part_size if part_size is None else int(part_size)
+        if workers < 1 or part <= 0:
+            raise ValueError("max_workers and part_size must be positive")
+        clamped = [r for r in (self._clamp(o, n) for o, n in ranges) if r[1] > 0]
+        total = sum(n for _o, n in clamped)
+        # small plans (one tensor) still keep every worker busy
+        part = min(part, max(_MIN_PREFETCH_PART, -(-total // workers)))
+        window_bytes = DEFAULT_PREFETCH_WINDOW if window is None else int(window)
+        pf = Prefetch(self, clamped, active=bool(clamped),
+                      part_size=part, window=max(1, window_bytes // part), gap=gap)
+        if pf.active:
+            with self._count_lock:
+                if self._prefetch_pool is None:
+                    self._prefetch_pool = ThreadPoolExecutor(workers, thread_name_prefix="dtdr-prefetch")
+                pf._pool = self._prefetch_pool
+                self._prefetches.append(pf)
+            pf._start()
+        return pf
+
+    def _end_prefetch(self, pf: "Prefetch") -> None:
+        with self._count_lock:
+            if pf in self._prefetches:
+                self._prefetches.remove(pf)
 
     def head(self, n: int) -> bytes:
         """The first ``n`` bytes (fewer if the file is shorter)."""
@@ -282,6 +367,14 @@ class Source:
 
     def close(self) -> None:
         self.closed = True
+        self._shutdown_prefetch()
+
+    def _shutdown_prefetch(self) -> None:
+        for pf in tuple(self._prefetches):
+            pf.close()
+        pool, self._prefetch_pool = self._prefetch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):
         return self
@@ -291,6 +384,115 @@ class Source:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r} size={self.size}>"
+
+
+class Prefetch:
+    """A plan of reads being fetched ahead; see :meth:`Source.prefetch`.
+
+    Thread-safe: the decoding threads of a load read from it concurrently.
+    Parts are scheduled in plan order; only parts ahead of every pending read
+    count against the window, so a read larger than the window cannot stall.
+    """
+
+    def __init__(self, source: Source, ranges, *, active: bool, part_size: int = 1,
+                 window: int = 1, gap: int = 0):
+        self.source = source
+        self.active = active
+        self.parts: list[tuple[int, int]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._futures: dict[int, Any] = {}
+        self._dropped: set[int] = set()
+        self._next = 0
+        self._window = window
+        if not active:
+            return
+        spans: list[list[int]] = []
+        for o, n in sorted(ranges):
+            if spans and o - spans[-1][1] <= gap:
+                spans[-1][1] = max(spans[-1][1], o + n)
+            else:
+                spans.append([o, o + n])
+        for s, e in spans:
+            self.parts += [(p, min(part_size, e - p)) for p in range(s, e, part_size)]
+        self._starts = [p for p, _ in self.parts]
+        self._planned = [0] * len(self.parts)
+        self._served = [0] * len(self.parts)
+        for o, n in ranges:
+            for i, lo, hi in self._overlaps(o, n):
+                self._planned[i] += hi - lo
+
+    # -- scheduling ----------------------------------------------------------
+    def _start(self) -> None:
+        with self._lock:
+            self._fill(-1)
+
+    def _fill(self, demanded: int) -> None:
+        """Submit parts in order: up to ``demanded`` unconditionally, then while
+        fewer than ``window`` parts are held or in flight."""
+        while self._next < len(self.parts) and (self._next <= demanded or len(self._futures) < self._window):
+            p, n = self.parts[self._next]
+            self._futures[self._next] = self._pool.submit(self.source._checked_read, p, n)
+            self._next += 1
+
+    def _overlaps(self, o: int, n: int) -> list[tuple[int, int, int]]:
+        i = max(0, bisect.bisect_right(self._starts, o) - 1)
+        out = []
+        while i < len(self.parts) and self.parts[i][0] < o + n:
+            p, m = self.parts[i]
+            lo, hi = max(o, p), min(o + n, p + m)
+            if lo < hi:
+                out.append((i, lo, hi))
+            i += 1
+        return out
+
+    # -- serving -------------------------------------------------------------
+    def _serve(self, offset: int, length: int):
+        """The bytes of a read the plan covers, or None (read it directly)."""
+        if not self.active or length <= 0 or not self.parts:
+            return None
+        ov = self._overlaps(offset, length)
+        if sum(hi - lo for _i, lo, hi in ov) != length:
+            return None
+        with self._lock:
+            if not self.active or any(i in self._dropped for i, _lo, _hi in ov):
+                return None
+            self._fill(ov[-1][0])
+            futures = [self._futures[i] for i, _lo, _hi in ov]
+        pieces = []
+        for (i, lo, hi), fut in zip(ov, futures):
+            data = fut.result()
+            p = self.parts[i][0]
+            pieces.append(memoryview(data)[lo - p: hi - p])
+        with self._lock:
+            for i, lo, hi in ov:
+                self._served[i] += hi - lo
+                if self._served[i] >= self._planned[i] and i in self._futures:
+                    del self._futures[i]
+                    self._dropped.add(i)
+            self._fill(-1)
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+
+    @property
+    def held(self) -> int:
+        """Parts fetched or in flight and not yet dropped (for tests and tuning)."""
+        with self._lock:
+            return len(self._futures)
+
+    def close(self) -> None:
+        """Stop: cancel queued parts, drop what is held; later reads go direct."""
+        with self._lock:
+            self.active = False
+            futures, self._futures = self._futures, {}
+        for fut in futures.values():
+            fut.cancel()
+        self.source._end_prefetch(self)
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _LocalSource(Source):
@@ -413,22 +615,36 @@ class _FsspecSource(Source):
         return self._fs.cat_file(self._path, start=offset, end=offset + length)
 
 
-def open_source(f: FileLike, storage_options: dict | None = None) -> Source:
+def open_source(f: FileLike, storage_options: dict | None = None, *, max_workers: int | None = None,
+                part_size: int | None = None) -> Source:
     """Open ``f`` for random-access reading.
 
     ``f`` is a local path (``str`` or ``os.PathLike``), an fsspec URL or a
     readable, seekable binary file object (which stays open after ``close``).
-    ``storage_options`` go to the fsspec filesystem of a URL.
+    ``storage_options`` go to the fsspec filesystem of a URL. ``max_workers``
+    (default :data:`DEFAULT_MAX_WORKERS`) bounds the concurrent range requests
+    to a remote store and ``part_size`` (default :data:`DEFAULT_PART_SIZE`) the
+    size of each; both are ignored for local files.
 
     Raises :class:`~torch_dtdr.errors.CheckpointNotFoundError` when the path
     names no file.
     """
+    if max_workers is not None and int(max_workers) < 1:
+        raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+    if part_size is not None and int(part_size) < 1:
+        raise ValueError(f"part_size must be positive, got {part_size}")
     r = _resolve(f, storage_options, allow_fileobj=True)
     if r[0] == "local":
-        return _LocalSource(r[1])
-    if r[0] == "fileobj":
-        return _FileObjSource(r[1])
-    return _FsspecSource(r[1], r[2], _fspath(f))
+        src: Source = _LocalSource(r[1])
+    elif r[0] == "fileobj":
+        src = _FileObjSource(r[1])
+    else:
+        src = _FsspecSource(r[1], r[2], _fspath(f))
+    if max_workers is not None:
+        src.max_workers = int(max_workers)
+    if part_size is not None:
+        src.part_size = int(part_size)
+    return src
 
 
 # --------------------------------------------------------------------------- sinks
