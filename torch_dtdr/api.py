@@ -290,7 +290,8 @@ def _place(t: torch.Tensor, map_location, saved_device: str, file, name: str) ->
 def _load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None
                       ) -> tuple[Any, Report]:
     """Decode every tensor (``workers`` at a time, so reading, checking and
-    decoding overlap), then rebuild the object around them."""
+    decoding overlap, while a prefetch downloads ahead from remote stores), then
+    rebuild the object around them."""
     dec = _Decoder(reader, errors)
     devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
     n = len(reader.tensors)
@@ -300,17 +301,18 @@ def _load_from_reader(reader: ContainerReader, map_location, errors: str, worker
         t = dec.tensor(i)
         return None if t is None else _place(t, map_location, devices[i], reader.name, reader.tensors[i].name)
 
-    if workers > 1 and n > 1:
-        with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
-            loaded = list(pool.map(decode, range(n)))
-    else:
-        loaded = [decode(i) for i in range(n)]
+    with reader.prefetch(rec for t in reader.tensors for rec in t.records):
+        if workers > 1 and n > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
+                loaded = list(pool.map(decode, range(n)))
+        else:
+            loaded = [decode(i) for i in range(n)]
     obj = tree.unflatten(reader.index.tree, loaded.__getitem__)
     return obj, dec.finish()
 
 
 def load(f, map_location=None, *, errors: str = "recover", storage_options: Mapping | None = None,
-         report: bool = False):
+         report: bool = False, max_workers: int | None = None):
     """Load an object saved by :func:`save`.
 
     ``map_location`` takes torch.load's forms (a device string or
@@ -319,9 +321,11 @@ def load(f, map_location=None, *, errors: str = "recover", storage_options: Mapp
     parity can, degrades damaged float regions gracefully and warns with a
     :class:`~torch_dtdr.errors.DamageWarning`; ``"strict"`` raises
     :class:`~torch_dtdr.errors.IntegrityError` unless every tensor is bit-exact.
-    With ``report=True`` returns ``(obj, Report)``.
+    With ``report=True`` returns ``(obj, Report)``. ``max_workers`` bounds the
+    concurrent range requests to a remote store (default
+    :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`).
     """
-    with open_source(f, storage_options) as src:
+    with open_source(f, storage_options, max_workers=max_workers) as src:
         obj, rep = _load_from_reader(ContainerReader(src), map_location, errors)
     return (obj, rep) if report else obj
 
@@ -353,25 +357,28 @@ def info(f, *, storage_options: Mapping | None = None) -> dict:
                 "truncated": reader.truncated, "tensors": tensors}
 
 
-def verify(f, *, storage_options: Mapping | None = None, progress: bool = False) -> Report:
+def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
+           max_workers: int | None = None) -> Report:
     """Check every checksum of a DTDR file (every chunk, parity and metadata
     included), try parity repair in memory and report per tensor: exact /
     repaired / degraded / lost. Never raises for
     damage; a file that cannot be opened at all gives a report with
-    ``unreadable`` set."""
+    ``unreadable`` set. ``max_workers`` is as in :func:`load`."""
     from .errors import DTDRError
 
     if isinstance(f, (str, os.PathLike)):
         from . import dcp
 
         if dcp.is_checkpoint(f, storage_options):
-            return dcp.verify_checkpoint(f, storage_options=storage_options, progress=progress)
+            return dcp.verify_checkpoint(f, storage_options=storage_options, progress=progress,
+                                         max_workers=max_workers)
     try:
-        with open_source(f, storage_options) as src:
+        with open_source(f, storage_options, max_workers=max_workers) as src:
             reader = ContainerReader(src)
             dec = _Decoder(reader, "recover")
-            for i in _progress(range(len(reader.tensors)), progress, "verify"):
-                dec.tensor(i)
+            with reader.prefetch(rec for t in reader.tensors for rec in t.records):
+                for i in _progress(range(len(reader.tensors)), progress, "verify"):
+                    dec.tensor(i)
             dec.report.events += reader.scrub()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DamageWarning)
@@ -383,7 +390,7 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False)
 
 
 def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
-           progress: bool = False) -> Report:
+           progress: bool = False, max_workers: int | None = None) -> Report:
     """Write a healed copy of ``f`` to ``out`` (default: replace ``f`` atomically;
     ``out_storage_options`` default to ``storage_options``).
 
@@ -391,27 +398,31 @@ def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_o
     bit; degraded segments are re-encoded from their best recovered values, so
     the new file is self-consistent (the returned report says which tensors
     were degraded). Lost tensors cannot be healed: IntegrityError, and the
-    destination is left untouched.
+    destination is left untouched. ``max_workers`` is as in :func:`load`.
     """
-    with open_source(f, storage_options) as src:
+    with open_source(f, storage_options, max_workers=max_workers) as src:
         reader = ContainerReader(src)
         dec = _Decoder(reader, "recover")
         g = reader.geometry
         index = Index(reader.index.tree, [], dict(reader.index.metadata),
                       {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "inner_nsym": g.inner_nsym})
         plans = []
-        for i, tinfo in enumerate(reader.tensors):
-            if dec.tensor(i) is None:
-                raise IntegrityError("tensor is lost and cannot be repaired", file=reader.name, tensor=tinfo.name,
-                                     byte_range=(dec._reports[i].damaged_bytes or [(0, 0)])[0])
-            index.tensors.append(TensorInfo(tinfo.name, tinfo.dtype, tinfo.shape, tinfo.codec, tinfo.segment_elems))
-            plans.append(tinfo)
+        all_records = [rec for t in reader.tensors for rec in t.records]
+        with reader.prefetch(all_records):
+            for i, tinfo in enumerate(reader.tensors):
+                if dec.tensor(i) is None:
+                    raise IntegrityError("tensor is lost and cannot be repaired", file=reader.name,
+                                         tensor=tinfo.name,
+                                         byte_range=(dec._reports[i].damaged_bytes or [(0, 0)])[0])
+                index.tensors.append(TensorInfo(tinfo.name, tinfo.dtype, tinfo.shape, tinfo.codec,
+                                                tinfo.segment_elems))
+                plans.append(tinfo)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DamageWarning)
             rep = dec.finish()
         target = f if out is None else out
         out_options = storage_options if out is None or out_storage_options is None else out_storage_options
-        with open_sink(target, out_options) as sink:
+        with open_sink(target, out_options) as sink, reader.prefetch(all_records):
             w = ContainerWriter(sink, chunk_size=g.chunk_size, k=g.k, m=g.m, algorithm=reader.algorithm,
                                 inner_nsym=g.inner_nsym)
             index.geometry["algorithm"] = w.code.algorithm

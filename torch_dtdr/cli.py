@@ -62,7 +62,8 @@ def _cmd_info(args) -> int:
 def _cmd_verify(args) -> int:
     from .api import verify
 
-    rep = verify(args.path, storage_options=_storage_options(args.storage_option), progress=not args.json)
+    rep = verify(args.path, storage_options=_storage_options(args.storage_option), progress=not args.json,
+                 max_workers=args.max_workers)
     print(rep.to_json(indent=2) if args.json else rep)
     return rep.exit_code
 
@@ -73,13 +74,26 @@ def _cmd_repair(args) -> int:
     so = _storage_options(args.storage_option)
     # the output takes --output-storage-option, else the options of PATH (as `dtdr dcp`)
     out_so = _storage_options(args.output_storage_option) if args.output_storage_option else so
-    rep = repair(args.path, args.output, storage_options=so, out_storage_options=out_so, progress=not args.json)
+    rep = repair(args.path, args.output, storage_options=so, out_storage_options=out_so, progress=not args.json,
+                 max_workers=args.max_workers)
     if args.json:
         print(rep.to_json(indent=2))
     else:
         print(rep.summary())
         print(f"healed file written to {args.output or args.path}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _max_workers_flag(sp) -> None:
+    sp.add_argument("--max-workers", type=_positive_int, metavar="N",
+                    help="concurrent range requests to a remote store (default 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_info)
     sp = sub.add_parser("verify", help="check every checksum (exit 0 clean, 1 repaired, 2 degraded/lost, 3 unreadable)")
     common(sp)
+    _max_workers_flag(sp)
     sp.set_defaults(func=_cmd_verify)
     sp = sub.add_parser("repair", help="write a healed file")
     common(sp)
+    _max_workers_flag(sp)
     sp.add_argument("-o", "--output", help="destination (default: replace the file atomically)")
     sp.add_argument("--output-storage-option", action="append", metavar="KEY=VALUE",
                     help="fsspec storage option for --output (repeatable; default: those of PATH)")

@@ -1111,7 +1111,8 @@ def _shard_contents(path: str, storage_options) -> tuple[dict, dict[str, dict]]:
     return meta, {name: skeleton["tensors"][i] for name, i in refs.items()}
 
 
-def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress: bool = False) -> CheckpointReport:
+def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress: bool = False,
+                      max_workers: int | None = None) -> CheckpointReport:
     """Check a DTDR DCP checkpoint folder: both metadata copies, every checksum
     of every shard (parity repair tried in memory, nothing written), and that
     every item the metadata names is in its shard with the right dtype and
@@ -1175,7 +1176,7 @@ def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress:
             rep.files.append(Report(fpath, unreadable="missing"))
             rep.problems.append(f"{name}: shard file is missing")
             continue
-        r = verify(fpath, storage_options=storage_options)
+        r = verify(fpath, storage_options=storage_options, max_workers=max_workers)
         rep.files.append(r)
         if r.unreadable or doc is None:
             continue

@@ -25,8 +25,9 @@ class DTDRFile:
                 t = f.get_tensor(name)
     """
 
-    def __init__(self, f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None):
-        self._source = open_source(f, storage_options)
+    def __init__(self, f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,
+                 max_workers: int | None = None):
+        self._source = open_source(f, storage_options, max_workers=max_workers)
         try:
             self._reader = ContainerReader(self._source)
         except BaseException:
@@ -95,14 +96,18 @@ class DTDRFile:
         return self._source.bytes_read
 
     def _entry(self, i: int) -> torch.Tensor | None:
-        t = self._decoder.tensor(i)
+        with self._reader.prefetch(self._reader.tensors[i].records):
+            t = self._decoder.tensor(i)
         if t is None:
             return None
         return _place(t, self._device, self._devices[i], self._reader.name, self._reader.tensors[i].name)
 
 
 
-def open(f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None) -> DTDRFile:  # noqa: A001
-    """Open a DTDR file for lazy reading: ``keys()``, ``get_tensor(name)``, ``metadata()``."""
-    return DTDRFile(f, device=device, errors=errors, storage_options=storage_options)
+def open(f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,  # noqa: A001
+         max_workers: int | None = None) -> DTDRFile:
+    """Open a DTDR file for lazy reading: ``keys()``, ``get_tensor(name)``, ``metadata()``.
+
+    ``max_workers`` bounds the concurrent range requests to a remote store."""
+    return DTDRFile(f, device=device, errors=errors, storage_options=storage_options, max_workers=max_workers)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,7 +74,7 @@ class SegmentData:
 class ContainerReader:
     """Random access to a DTDR container held by a storage ``Source``."""
 
-    def __init__(self, source, *, max_workers: int = 8):
+    def __init__(self, source, *, max_workers: int | None = None):
         self.source = source
         self.name = source.name
         self.size = source.size
@@ -378,18 +379,41 @@ class ContainerReader:
         result.data = memoryview(buf)[start - a: end - a]
         return result
 
-    def _read_pieces(self, pieces) -> list[bytes]:
-        """The bytes of each ``(logical, physical, length)`` piece. Pieces of one
-        read are separated only by parity (m chunks per stripe), so they are
-        fetched as one span and sliced: ~m/k more bytes, far fewer requests
+    def _requests(self, pieces) -> list[tuple[int, int]]:
+        """The physical reads behind ``(logical, physical, length)`` pieces. Pieces
+        of one read are separated only by parity (m chunks per stripe), so they
+        are fetched as one span and sliced: ~m/k more bytes, far fewer requests
         (what matters on object stores)."""
         if len(pieces) <= 1 or not self.geometry.m:
-            return self.source.read_ranges([(p, n) for _l, p, n in pieces], max_workers=self.max_workers)
+            return [(p, n) for _l, p, n in pieces]
         first = pieces[0][1]
-        span = pieces[-1][1] + pieces[-1][2] - first
-        (whole,) = self.source.read_ranges([(first, span)], max_workers=self.max_workers, part_size=_SPAN_PART)
-        mv = memoryview(whole)
+        return [(first, pieces[-1][1] + pieces[-1][2] - first)]
+
+    def _read_pieces(self, pieces) -> list[bytes]:
+        """The bytes of each ``(logical, physical, length)`` piece."""
+        requests = self._requests(pieces)
+        datas = self.source.read_ranges(requests, max_workers=self.max_workers,
+                                        part_size=_SPAN_PART if len(requests) == 1 else None)
+        if len(requests) == len(pieces):
+            return datas
+        first = requests[0][0]
+        mv = memoryview(datas[0])
         return [mv[p - first: p - first + n] for _l, p, n in pieces]
+
+    def record_reads(self, rec: RecordInfo) -> list[tuple[int, int]]:
+        """The physical ``(offset, length)`` reads :meth:`read_record` makes for
+        ``rec`` on an undamaged file (damage adds parity reads)."""
+        c = self.geometry.chunk_size
+        end = min(rec.end, self.stream_length)
+        if end <= rec.body_start:
+            return []
+        return self._requests(self.geometry.physical_ranges(rec.body_start // c * c, -(-end // c) * c))
+
+    def prefetch(self, records: Iterable[RecordInfo]):
+        """Fetch ahead what reading ``records`` in this order needs (a context
+        manager; see :meth:`torch_dtdr.storage.Source.prefetch`)."""
+        return self.source.prefetch([r for rec in records for r in self.record_reads(rec)],
+                                    max_workers=self.max_workers)
 
     def _repair_chunk(self, j: int) -> bytes | None:
         g = self.geometry
@@ -508,34 +532,47 @@ class ContainerReader:
             return []
         c = g.chunk_size
         damaged = unrepairable = 0
+        batches = []
         for first in range(0, g.n_stripes, batch_stripes):
             last = min(g.n_stripes, first + batch_stripes)
             start = first * g.stripe_span
             end = g.physical_end if last == g.n_stripes else last * g.stripe_span
-            raw = self.source.read(start, end - start)
-            for stripe in range(first, last):
-                n = g.data_chunks_in(stripe) + g.m
-                off = stripe * g.stripe_span - start
-                piece = memoryview(raw)[off: off + n * c]
-                if len(piece) < n * c:
-                    damaged += 1
-                    unrepairable += 1
-                    continue
-                hashes = chunk_hashes(piece, c)
-                idx = stripe * (g.k + g.m) + np.arange(n)
-                ok = np.zeros(n, dtype=bool)
-                for sums in self._sums:
-                    ok |= sums[idx] == hashes
-                bad = int((~ok).sum())
-                if bad:
-                    damaged += bad
-                    if self._repair_stripe(stripe) is None:
-                        unrepairable += 1
+            batches.append((first, last, start, end))
+        with self.source.prefetch([(s, e - s) for _f, _l, s, e in batches], max_workers=self.max_workers):
+            for first, last, start, end in batches:
+                d, u = self._scrub_batch(first, last, start, end)
+                damaged += d
+                unrepairable += u
         if not damaged:
             return []
         line = f"scrub: {damaged} damaged chunks"
         line += f", {unrepairable} stripes beyond repair" if unrepairable else ", all repairable by parity"
         return [line]
+
+    def _scrub_batch(self, first: int, last: int, start: int, end: int) -> tuple[int, int]:
+        g = self.geometry
+        c = g.chunk_size
+        damaged = unrepairable = 0
+        raw = self.source.read(start, end - start)
+        for stripe in range(first, last):
+            n = g.data_chunks_in(stripe) + g.m
+            off = stripe * g.stripe_span - start
+            piece = memoryview(raw)[off: off + n * c]
+            if len(piece) < n * c:
+                damaged += 1
+                unrepairable += 1
+                continue
+            hashes = chunk_hashes(piece, c)
+            idx = stripe * (g.k + g.m) + np.arange(n)
+            ok = np.zeros(n, dtype=bool)
+            for sums in self._sums:
+                ok |= sums[idx] == hashes
+            bad = int((~ok).sum())
+            if bad:
+                damaged += bad
+                if self._repair_stripe(stripe) is None:
+                    unrepairable += 1
+        return damaged, unrepairable
 
     # ------------------------------------------------------------------ mapping
     def physical(self, logical_ranges) -> list[tuple[int, int]]:
