@@ -306,6 +306,27 @@ def test_load_concurrency_is_configurable_and_requests_are_few(proxied):
     assert proxy.peak_inflight <= 2
 
 
+def test_open_prefetch_plans_several_tensors_at_once(proxied):
+    url, sd, opts, proxy = proxied
+    wanted = ["layer3.weight", "layer1.weight", "tiny.bias"]
+    with torch_dtdr.open(url, storage_options=opts) as f:
+        singly = {k: f.get_tensor(k) for k in wanted}
+        f.release()
+        with pytest.raises(KeyError, match="no tensor named"):
+            with f.prefetch(["nope"]):
+                pass
+        proxy.reset()
+        before = f.bytes_read
+        with f.prefetch(wanted):
+            planned = {k: f.get_tensor(k) for k in wanted}
+        moved = f.bytes_read - before
+    for k in wanted:
+        assert_same(planned[k], singly[k])
+    # two ~1 MiB dtdr8 tensors and a small one: their bytes only, in few requests
+    assert 2 * MiB < moved < 2.4 * MiB, moved
+    assert proxy.ranged_gets <= 4, proxy.ranged_gets
+
+
 # --------------------------------------------------------------------------- damage
 
 

@@ -885,14 +885,15 @@ def _build_classes():
                             f"shard was written by another save (id {got}, the metadata expects {want}): "
                             "the checkpoint folder mixes two saves", file=path)
                     current_key, current = None, None
-                    for info, req in reqs:
-                        if info.key != current_key:
-                            _release(f)
-                            current_key, current = info.key, f.get_tensor(info.key)
-                            if current is None:
-                                raise IntegrityError("item is lost (damage beyond parity and copies)",
-                                                     file=path, tensor=info.key)
-                        self._deliver(planner, req, current, path, info)
+                    with f.prefetch(dict.fromkeys(info.key for info, _req in reqs)):
+                        for info, req in reqs:
+                            if info.key != current_key:
+                                _release(f)
+                                current_key, current = info.key, f.get_tensor(info.key)
+                                if current is None:
+                                    raise IntegrityError("item is lost (damage beyond parity and copies)",
+                                                         file=path, tensor=info.key)
+                            self._deliver(planner, req, current, path, info)
                     _release(f)
                     rep = f.report()
                     self.bytes_read += f.bytes_read
