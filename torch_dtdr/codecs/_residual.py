@@ -172,52 +172,59 @@ def pack_bits(lo: np.ndarray, k: np.ndarray) -> bytes:
 
 
 def encode_residual(x: torch.Tensor, b: torch.Tensor, f: np.ndarray, lay: B.Layout, fblocks: int, level: int):
-    """Returns ``(residual bytes, frame table uint32 (nframes, 2), flags)``."""
+    """Returns ``(residual bytes, frame table uint32 (nframes, 2), flags)``.
+
+    Works frame by frame (64 Ki elements by default) so that the dozen passes
+    over each frame's arrays stay in cache."""
     dtype = x.dtype
     info = INFO[dtype]
     px = x.view(info.tint).numpy()
     pb = b.view(info.tint).numpy()
-    r = zigzag(ordered(px, info) - ordered(pb, info), info)
 
     flags = 0
-    if not bool(torch.isfinite(x).all()):
-        flags |= FLAG_UNBOUNDED
-    elif dtype == torch.float64 and bool((x.abs() > float(torch.finfo(torch.float32).max)).any()):
-        flags |= FLAG_UNBOUNDED
+    if dtype == torch.float64 and bool((x.abs() > float(torch.finfo(torch.float32).max)).any()):
+        flags |= FLAG_UNBOUNDED  # (also catches infinities; NaNs are caught per frame below)
+    exp_mask = info.sint(((1 << info.ebits) - 1) << info.mant)
 
-    m = B.block_sizes_m(lay)
-    A, Z = block_param(f, m, dtype)
-    k = np.empty(lay.numel, np.int32)
-    nf = lay.nfull * lay.block_size
-    if lay.nfull:
-        k[:nf] = k_of(pb[:nf].reshape(lay.nfull, lay.block_size), A[: lay.nfull, None], Z[: lay.nfull, None], dtype).reshape(-1)
-    if lay.tail:
-        k[nf:] = k_of(pb[nf:], A[-1], Z[-1], dtype)
-    ku = k.astype(info.uint)
-    hi = r >> ku
-    lo = r & ((np.ones(1, info.uint) << ku) - info.uint(1))  # k <= w - 1: no overflow
-
+    kp = KParams(f, lay, dtype)
     cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
     nframes = (lay.nblocks + fblocks - 1) // fblocks
     table = np.zeros((nframes, 2), np.uint32)
     parts = []
+    uint, sint = info.uint, info.sint
+    top = sint((1 << (info.w - 1)) - 1)
+    hi_le = np.dtype(uint).newbyteorder("<")
     for j in range(nframes):
         b0, b1 = j * fblocks, min((j + 1) * fblocks, lay.nblocks)
         e0, e1 = b0 * lay.block_size, min(b1 * lay.block_size, lay.numel)
-        hij = hi[e0:e1]
-        kj = k[e0:e1]
-        exc = np.flatnonzero(hij >= ESCAPE)
-        plane = np.minimum(hij, ESCAPE).astype(np.uint8)
-        totals = np.add.reduceat(kj.astype(np.int64), np.arange(0, e1 - e0, lay.block_size)).astype("<u4")
-        payload = b"".join(
-            (
-                plane.tobytes(),
-                totals.tobytes(),
-                hij[exc].astype(np.dtype(info.uint).newbyteorder("<")).tobytes(),
-            )
-        )
-        z = cctx.compress(payload)
-        lob = pack_bits(lo[e0:e1], kj)
+        pbj = pb[e0:e1]
+        if not flags:
+            e = px[e0:e1] & exp_mask
+            if (e == exp_mask).any():  # an infinity or a NaN
+                flags |= FLAG_UNBOUNDED
+        kj = _k_frame(kp, pbj, b0, b1 - b0, e1 - e0)
+        # r = zigzag(ordered(x) - ordered(b)), in place on one scratch array
+        d = px[e0:e1] >> (info.w - 1)
+        d &= top
+        d ^= px[e0:e1]
+        ob = pbj >> (info.w - 1)
+        ob &= top
+        ob ^= pbj
+        d -= ob
+        sign = d >> (info.w - 1)
+        d <<= 1
+        d ^= sign
+        r = d.view(uint)
+        ku = kj.astype(uint)
+        hi = r >> ku
+        mask = np.left_shift(uint(1), ku)
+        mask -= uint(1)  # k <= w - 1: no overflow
+        r &= mask
+        exc = np.flatnonzero(hi >= ESCAPE)
+        plane = np.minimum(hi, ESCAPE).astype(np.uint8)
+        totals = np.add.reduceat(kj, np.arange(0, e1 - e0, lay.block_size), dtype=np.int64).astype("<u4")
+        z = cctx.compress(b"".join((plane.tobytes(), totals.tobytes(), hi[exc].astype(hi_le).tobytes())))
+        lob = pack_bits(r, kj)
         table[j] = (len(z), len(lob))
         parts.append(z)
         parts.append(lob)
@@ -260,6 +267,19 @@ def locate_frames(table: np.ndarray, table_bad: np.ndarray, total_len: int):
     return starts, ends
 
 
+class KParams:
+    """The per-block parameters of the split width k, in the form the frame
+    loops use: k = max(min(A - e, Zc), 0) with Zc = min(A - 1, Z, kmax), which
+    equals clip(min(A - max(e, 1), Z), 0, kmax) and is one operation cheaper."""
+
+    def __init__(self, f: np.ndarray, lay: B.Layout, dtype: torch.dtype):
+        self.info = INFO[dtype]
+        self.lay = lay
+        A, Z = block_param(f, B.block_sizes_m(lay), dtype)
+        self.A16 = A.astype(np.int16)
+        self.Zc16 = np.minimum(np.minimum(A - 1, Z), self.info.kmax).astype(np.int16)
+
+
 class _FrameContext:
     """Read-only state shared by the frame decoders of one segment."""
 
@@ -281,16 +301,10 @@ class _FrameContext:
             mv = memoryview(bytes(mv) + bytes(16))
         self.mv = mv
         self.rdt = read_dtype(dtype)
-        self.A, self.Z = block_param(f, B.block_sizes_m(lay), dtype)
-        info = self.info
-        # k = max(min(A - e, Zc), 0) with Zc = min(A - 1, Z, kmax): equivalent to
-        # clip(min(A - max(e, 1), Z), 0, kmax) and one operation cheaper.
-        self.A16 = self.A.astype(np.int16)
-        self.Zc16 = np.minimum(np.minimum(self.A - 1, self.Z), info.kmax).astype(np.int16)
-        self.cs_dtype = np.int32
+        self.kp = KParams(f, lay, dtype)
 
 
-def _k_frame(ctx: _FrameContext, pbj: np.ndarray, b0: int, nb: int, n: int) -> np.ndarray:
+def _k_frame(ctx: KParams, pbj: np.ndarray, b0: int, nb: int, n: int) -> np.ndarray:
     """k (int16) for the n elements of a frame starting at block b0."""
     info, bs = ctx.info, ctx.lay.block_size
     e = pbj >> info.mant
@@ -366,7 +380,7 @@ def _decode_frame(ctx: _FrameContext, dctx, j: int):
     # ---- k and bit positions: an exclusive prefix sum of k inside every
     # block plus the block's start (from the stored totals)
     pbj = ctx.pb[e0:e1]
-    k = _k_frame(ctx, pbj, b0, nb, n)
+    k = _k_frame(ctx.kp, pbj, b0, nb, n)
     nfull = min(b1, lay.nfull) - b0
     nf = nfull * bs
     pos = np.empty(n, np.int32)
@@ -374,7 +388,7 @@ def _decode_frame(ctx: _FrameContext, dctx, j: int):
     bstart = np.cumsum(totals) - totals
     if nfull:
         kv = k[:nf].reshape(nfull, bs)
-        cs = np.cumsum(kv, axis=1, dtype=ctx.cs_dtype)
+        cs = np.cumsum(kv, axis=1, dtype=np.int32)
         csum[:nfull] = cs[:, -1]
         pv = pos[:nf].reshape(nfull, bs)
         np.subtract(cs, kv, out=pv)
