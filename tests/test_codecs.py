@@ -371,6 +371,46 @@ def test_dtdr_damage_with_nonfinite_values_has_no_bound():
     assert not r.exact and r.error_bound is None and torch.isfinite(r.values).all()
 
 
+def test_dtdr_undetected_residual_damage_that_decodes_to_nan_falls_back_to_base():
+    """A residual frame rewritten into another *valid* frame (damage no checksum
+    saw) that turns element 5 into a NaN: the decoder notices the non-finite
+    value in a segment that saved none and returns the base value there."""
+    import struct
+
+    import zstandard
+
+    c = codecs.get("dtdr", block_size=256, frame_elements=512)
+    n = 512
+    x = gaussian(n, torch.float16, seed=4).abs()
+    enc = c.encode(x)
+    meta = enc["meta"]
+    f = np.frombuffer(meta, "<f4", 2, 4)
+    zlen, lolen = struct.unpack_from("<II", meta, 4 + 4 * 2)
+    payload = bytearray(zstandard.ZstdDecompressor().decompress(enc["residual"][:zlen]))
+    base = B.decode_base(*B.encode_base(x, 256, 0, 8), torch.float16, n, 256, 0, 8)
+    pb = base.view(torch.int16).numpy()
+    k = R._k_frame(R.KParams(f, B.layout(n, 256), torch.float16), pb.copy(), 0, 2, n)
+    i = 5
+    lo = (int(R.zigzag(x.view(torch.int16).numpy()[i:i + 1] - pb[i:i + 1], R.INFO[torch.float16])[0])
+          & ((1 << int(k[i])) - 1))
+    target = (2 * (0x7E00 - int(pb[i]))) >> int(k[i]) << int(k[i]) | lo  # zigzag of a NaN's distance
+    assert payload[i] < R.ESCAPE and not (payload[:n] == bytes([R.ESCAPE]) * n)
+    payload[i] = R.ESCAPE  # the high part goes to the exception list, which is ordered by element
+    exc_at = n + 4 * 2 + 2 * sum(1 for b in payload[:i] if b == R.ESCAPE)
+    payload[exc_at:exc_at] = struct.pack("<H", target >> int(k[i]))
+    z = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(bytes(payload))
+    table = bytearray(meta)
+    struct.pack_into("<I", table, 4 + 4 * 2, len(z))
+    data = {**enc, "meta": bytes(table), "residual": z + enc["residual"][zlen:]}
+    r = c.decode(data, torch.float16, n)
+    assert torch.isfinite(r.values).all()
+    assert not r.exact and r.degraded_elements == 1
+    assert r.values[i] == base[i]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[i] = False
+    assert torch.equal(r.values[mask].view(torch.int16), x[mask].view(torch.int16))
+
+
 @pytest.mark.parametrize("name", ["dtdr8", "dtdr16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_lossy_damage(name, dtype):

@@ -147,7 +147,7 @@ class DTDR(Codec):
             lost = R.decode_residual(
                 bits, bits, f, block_ok, data["residual"], table, table_bad, rdm, lay, dtype, self._fblocks
             )
-            if not flags & R.FLAG_UNBOUNDED and not bool(torch.isfinite(values).all()):
+            if not flags & R.FLAG_UNBOUNDED and R.nonfinite_any(bits, info):
                 # Only undetected corruption can produce a non-finite value in a
                 # segment that saved none: fall back to the base layer there.
                 bad = ~torch.isfinite(values)
