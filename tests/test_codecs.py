@@ -391,8 +391,9 @@ def test_dtdr_undetected_residual_damage_that_decodes_to_nan_falls_back_to_base(
     pb = base.view(torch.int16).numpy()
     k = R._k_frame(R.KParams(f, B.layout(n, 256), torch.float16), pb.copy(), 0, 2, n)
     i = 5
-    lo = (int(R.zigzag(x.view(torch.int16).numpy()[i:i + 1] - pb[i:i + 1], R.INFO[torch.float16])[0])
-          & ((1 << int(k[i])) - 1))
+    info = R.INFO[torch.float16]
+    d = R.ordered(x.view(torch.int16).numpy()[i:i + 1], info) - R.ordered(pb[i:i + 1], info)
+    lo = int(R.zigzag(d, info)[0]) & ((1 << int(k[i])) - 1)
     target = (2 * (0x7E00 - int(pb[i]))) >> int(k[i]) << int(k[i]) | lo  # zigzag of a NaN's distance
     assert payload[i] < R.ESCAPE and not (payload[:n] == bytes([R.ESCAPE]) * n)
     payload[i] = R.ESCAPE  # the high part goes to the exception list, which is ordered by element

@@ -113,38 +113,16 @@ def block_param(f: np.ndarray, m: np.ndarray, dtype: torch.dtype) -> tuple[np.nd
     return A.astype(np.int32), Z.astype(np.int32)
 
 
-def k_of(pb: np.ndarray, A: np.ndarray, Z: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """k for base bit patterns ``pb`` (signed ints, shape (nb, m) or (m,)) and
-    block parameters broadcastable against it. Returns int32."""
-    info = INFO[dtype]
-    e = (pb >> info.mant) & ((1 << info.ebits) - 1)
-    e = e.astype(np.int32, copy=False)
-    np.maximum(e, 1, out=e)
-    np.subtract(A, e, out=e)
-    np.minimum(e, Z, out=e)
-    np.clip(e, 0, info.kmax, out=e)
-    return e
-
-
 def ordered(p: np.ndarray, info: DInfo) -> np.ndarray:
     """Map float bit patterns (signed ints) to integers with the float order."""
     return p ^ ((p >> (info.w - 1)) & info.sint((1 << (info.w - 1)) - 1))
 
 
 def zigzag(d: np.ndarray, info: DInfo) -> np.ndarray:
+    """Signed differences to unsigned codes: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
+    (``ordered`` and ``zigzag`` are the reference definitions; the frame loops
+    below compute them in place.)"""
     return ((d << 1) ^ (d >> (info.w - 1))).view(info.uint)
-
-
-def unzigzag(r: np.ndarray, info: DInfo) -> np.ndarray:
-    r = r.view(info.uint)
-    return ((r >> 1) ^ (0 - (r & 1)).astype(info.uint)).view(info.sint)
-
-
-def frame_blocks(frame_elements: int, block_size: int) -> int:
-    return frame_elements // block_size
-
-
-# --------------------------------------------------------------------------- packing
 
 
 def pack_bits(lo: np.ndarray, k: np.ndarray) -> bytes:
