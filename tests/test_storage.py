@@ -562,3 +562,18 @@ def test_prefetch_is_inactive_where_reads_are_cheap(tmp_path):
         assert src.read(10, 10) == data[10:20]
     with pytest.raises(ValueError):
         open_source(p, max_workers=0)
+
+
+def test_closing_a_prefetch_under_a_waiting_read_falls_back_to_a_direct_read(s3_blob):
+    url, opts, data = s3_blob
+    with open_source(url, opts, max_workers=1, part_size=MiB) as src:
+        t = _Tracked(src, delay=0.3)
+        pf = src.prefetch([(0, 2 * MiB)])  # part 0 in flight, part 1 queued behind it
+        got = {}
+        reader = threading.Thread(target=lambda: got.setdefault("b", src.read(MiB, MiB)))
+        reader.start()
+        time.sleep(0.1)
+        pf.close()  # cancels the queued part the reader waits on
+        reader.join(10)
+        assert got["b"] == data[MiB: 2 * MiB]
+        assert (MiB, MiB) in t.calls  # served by a direct read after the cancel

@@ -52,7 +52,7 @@ import os
 import secrets
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any, BinaryIO, Iterable, Sequence, Union
 
 from .errors import CheckpointNotFoundError, DTDRError, StorageError
@@ -461,7 +461,10 @@ class Prefetch:
             futures = [self._futures[i] for i, _lo, _hi in ov]
         pieces = []
         for (i, lo, hi), fut in zip(ov, futures):
-            data = fut.result()
+            try:
+                data = fut.result()
+            except CancelledError:  # the plan was closed under this read
+                return None
             p = self.parts[i][0]
             pieces.append(memoryview(data)[lo - p: hi - p])
         with self._lock:
