@@ -5,8 +5,10 @@ Two primitives cover everything the container needs:
 * :func:`open_source` gives a random-access, read-only :class:`Source` over a
   local path, an fsspec URL (``file://``, ``memory://``, ``s3://``, ``gs://``,
   anything fsspec knows) or a seekable binary file object. It reads byte ranges,
-  concurrently for remote stores (:meth:`Source.read_ranges`), and counts the
-  bytes it returned (:attr:`Source.bytes_read`) so callers can prove laziness.
+  concurrently for remote stores (:meth:`Source.read_ranges`), fetches a whole
+  plan of reads ahead in large concurrent parts (:meth:`Source.prefetch`: how a
+  remote load overlaps download and decode), and counts the bytes it fetched
+  (:attr:`Source.bytes_read`) so callers can prove laziness.
 
 * :func:`open_sink` gives a streaming, write-only :class:`Sink` that commits
   **atomically**: until :meth:`Sink.commit` nothing is visible at the
