@@ -19,7 +19,8 @@ against the memory measured here):
     ``safetensors.torch.load``), alternating which goes first; medians of
     ``--repeat``. Printed: the ratio safetensors / dtdr8 (> 1: dtdr8 faster).
     s3fs's ``cat_file`` of a whole object is itself concurrent: ranged GETs of
-    ``default_block_size`` (50 MiB), ``max_concurrency`` at a time.
+    ``default_block_size`` (50 MiB), ``max_concurrency`` at a time. Also
+    printed: each load's peak RSS above the loaded state dict (medians).
     Diagnostics, once each: the ``cat_file`` download time of each object (no
     decoding), the same dtdr8 file decoded from local disk (decode cost without
     the network), and safetensors fetched with torch_dtdr's ``read_ranges``.
@@ -380,15 +381,20 @@ def bench_load(args, moto: MotoProcess, workdir: str) -> dict:
         return st_load(fs.cat_file(s_url))
 
     t_d, t_s = [], []
+    peak: dict[str, list] = {"dtdr8": [], "safetensors": []}
     for r in range(args.repeat):
         order = [("dtdr8", load_dtdr, t_d), ("safetensors", load_st, t_s)]
         if r % 2:
             order.reverse()
-        for _name, fn, acc in order:
+        for name, fn, acc in order:
             gc.collect()
+            _malloc_trim()
+            before = _status()["VmRSS"]
+            _reset_peak()
             t0 = time.perf_counter()
             obj = fn()
             acc.append(time.perf_counter() - t0)
+            peak[name].append(_status()["VmHWM"] - before - raw)
             if r == 0:
                 for k, v in probe.items():
                     err = ((obj[k].double() - v.double()).norm() / v.double().norm()).item()
@@ -402,6 +408,9 @@ def bench_load(args, moto: MotoProcess, workdir: str) -> dict:
           f"({raw / ms / 1e6:.0f} MB/s)")
     print(f"  ratio safetensors / dtdr8 = {ratio:.2f}x  [{'PASS' if ratio > 1 else 'FAIL'}: dtdr8 "
           f"{'faster' if ratio > 1 else 'slower'}]", flush=True)
+    pd, ps = _median(peak["dtdr8"]), _median(peak["safetensors"])
+    print(f"  peak RSS above the loaded state dict (median): dtdr8 {pd / MiB:.0f} MiB, "
+          f"safetensors {ps / MiB:.0f} MiB", flush=True)
 
     # diagnostics, one run each
     diag = {}
@@ -430,7 +439,8 @@ def bench_load(args, moto: MotoProcess, workdir: str) -> dict:
     fs.rm_file(d_url)
     fs.rm_file(s_url)
     return {"raw_bytes": raw, "dtdr8_bytes": d_size, "safetensors_bytes": s_size, "dtdr8_s": t_d,
-            "safetensors_s": t_s, "ratio": ratio, **diag}
+            "safetensors_s": t_s, "ratio": ratio, "dtdr8_peak_above_bytes": peak["dtdr8"],
+            "safetensors_peak_above_bytes": peak["safetensors"], **diag}
 
 
 # --------------------------------------------------------------------------- main
