@@ -233,6 +233,14 @@ def _uploads(s3_client, bucket):
     return s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
 
 
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    """Parts go up from a background thread: wait (bounded) for ``condition``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
 def test_s3_aborted_multipart_leaves_no_upload(s3_bucket, s3_client):
     base, opts = s3_bucket
     bucket = base[len("s3://") :]
@@ -241,7 +249,7 @@ def test_s3_aborted_multipart_leaves_no_upload(s3_bucket, s3_client):
     sink = open_sink(url, opts, block_size=5 * MiB)
     sink.write(_data(6 * MiB))
     sink.write(_data(6 * MiB, seed=1))
-    assert len(_uploads(s3_client, bucket)) == 1  # the multipart upload is under way
+    _wait_for(lambda: len(_uploads(s3_client, bucket)) == 1)  # the multipart upload is under way
     sink.abort()
     assert _uploads(s3_client, bucket) == []
     assert read_bytes(url, opts) == b"previous"
@@ -249,7 +257,7 @@ def test_s3_aborted_multipart_leaves_no_upload(s3_bucket, s3_client):
     with pytest.raises(RuntimeError):
         with open_sink(f"{base}/other", opts, block_size=5 * MiB) as sink:
             sink.write(_data(11 * MiB))
-            assert len(_uploads(s3_client, bucket)) == 1
+            _wait_for(lambda: len(_uploads(s3_client, bucket)) == 1)
             raise RuntimeError("interrupted")
     assert _uploads(s3_client, bucket) == []
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])]
@@ -268,11 +276,13 @@ def test_s3_streaming_write_is_memory_bounded(s3_bucket, s3_client):
             chunk = i.to_bytes(8, "little") + base[8:]
             digest.update(chunk)
             sink.write(chunk)
-            # s3fs holds at most one part in memory before it goes up
+            # s3fs holds at most one part in memory before it goes up, and the
+            # hand-over to the upload thread at most one more part and a piece
             assert sink._fobj.buffer.getbuffer().nbytes < block + MiB
+            assert sink._uploader._pending_bytes + len(sink._uploader._buf) <= block + MiB
         (upload,) = _uploads(s3_client, bucket)
         parts = s3_client.list_parts(Bucket=bucket, Key="stream.dtdr", UploadId=upload["UploadId"])
-        assert len(parts["Parts"]) >= 7  # uploaded while writing, not at commit
+        assert len(parts["Parts"]) >= 5  # uploaded while writing (40 MiB written), not at commit
         assert not exists(url, opts)
     assert _uploads(s3_client, bucket) == []
     assert hashlib.sha256(read_bytes(url, opts)).digest() == digest.digest()
@@ -577,3 +587,31 @@ def test_closing_a_prefetch_under_a_waiting_read_falls_back_to_a_direct_read(s3_
         reader.join(10)
         assert got["b"] == data[MiB: 2 * MiB]
         assert (MiB, MiB) in t.calls  # served by a direct read after the cancel
+
+
+def test_s3_upload_failure_is_typed_and_leaves_nothing(s3_bucket, s3_client):
+    """The store fails while parts go up (from the upload thread): the next
+    write or the commit raises StorageError, and nothing is left behind."""
+    base, opts = s3_bucket
+    bucket = base[len("s3://") :]
+    url = f"{base}/failing.dtdr"
+    write_bytes_atomic(url, b"previous", opts)
+    sink = open_sink(url, opts, block_size=5 * MiB)
+    real = sink._fobj.write
+    written = [0]
+
+    def failing(data):
+        written[0] += len(data)
+        if written[0] > 12 * MiB:
+            raise ConnectionResetError("injected: connection reset by the store")
+        return real(data)
+
+    sink._fobj.write = failing
+    with pytest.raises(StorageError, match="connection reset") as e:
+        with sink:
+            for i in range(40):
+                sink.write(_data(MiB, seed=i))
+    assert e.value.file == url
+    assert sink.closed and not sink.committed
+    assert _uploads(s3_client, bucket) == []
+    assert read_bytes(url, opts) == b"previous"

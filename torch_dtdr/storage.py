@@ -23,11 +23,13 @@ local path, ``file://``  temp file ``.<name>.<random>.dtdr-tmp`` in the same
                          directory; flush, fsync, :func:`os.replace`, fsync the
                          directory.
 ``memory://``            buffered in memory, stored in one step at commit.
-``s3://``, ``gs://``     the store's own buffered file object: parts go up as
-                         they fill (memory stays bounded by the block size) and
-                         the object appears only when the upload is completed at
-                         commit; abort calls ``discard()``, which aborts the
-                         multipart (S3) or resumable (GCS) upload.
+``s3://``, ``gs://``     the store's own buffered file object, fed by a
+                         background thread so that producing bytes overlaps
+                         uploading them: parts go up as they fill (memory stays
+                         bounded by about two block sizes) and the object
+                         appears only when the upload is completed at commit;
+                         abort calls ``discard()``, which aborts the multipart
+                         (S3) or resumable (GCS) upload.
 other fsspec stores      a temporary key beside the target, moved onto it at
                          commit (opening an arbitrary store's target in ``"wb"``
                          mode may truncate the old file at once, e.g. SFTP).
@@ -49,6 +51,7 @@ Errors are typed: a missing path is a
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import os
 import secrets
@@ -886,8 +889,93 @@ def _drop_file(fobj) -> None:
             pass
 
 
+class _Uploader:
+    """Feeds a write-mode fsspec file from a background thread, so that the
+    caller produces the next bytes while the store uploads the last ones.
+
+    Bytes are handed over in pieces of ``piece`` bytes; at most ``limit`` bytes
+    wait between the caller and the thread (the memory this adds). A failed
+    upload is raised by the next :meth:`write` or by :meth:`finish`.
+    """
+
+    def __init__(self, fobj, *, limit: int, piece: int = 1 << 20):
+        self._fobj = fobj
+        self._limit = max(int(limit), piece)
+        self._piece = piece
+        self._buf = bytearray()
+        self._cv = threading.Condition()
+        self._pending: collections.deque = collections.deque()
+        self._pending_bytes = 0
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="dtdr-upload", daemon=True)
+        self._thread.start()
+
+    def write(self, mv) -> None:
+        self._buf += mv
+        if len(self._buf) >= self._piece:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        data, self._buf = self._buf, bytearray()
+        with self._cv:
+            while self._error is None and self._pending and self._pending_bytes + len(data) > self._limit:
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closing:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                data = self._pending[0]
+            try:
+                self._fobj.write(data)
+            except BaseException as e:
+                with self._cv:
+                    self._error = e
+                    self._pending.clear()
+                    self._pending_bytes = 0
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                if self._pending and self._pending[0] is data:  # (cancel() may have dropped it)
+                    self._pending.popleft()
+                    self._pending_bytes -= len(data)
+                self._cv.notify_all()
+
+    def finish(self) -> None:
+        """Wait until every byte written so far is in the file object."""
+        if self._buf:
+            self._hand_over()
+        self._stop(drop=False)
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Drop what waits and stop the thread (after its current write)."""
+        self._buf = bytearray()
+        self._stop(drop=True)
+
+    def _stop(self, drop: bool) -> None:
+        with self._cv:
+            if drop:
+                self._pending.clear()
+                self._pending_bytes = 0
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join()
+
+
 class _DiscardFsspecSink(Sink):
-    """Streams to the store's buffered file object; ``discard()`` aborts (S3, GCS)."""
+    """Streams to the store's buffered file object, from a background thread;
+    ``discard()`` aborts (S3, GCS)."""
 
     def __init__(self, fs, path, name, open_kwargs):
         super().__init__(name)
@@ -896,14 +984,17 @@ class _DiscardFsspecSink(Sink):
             self._fobj = fs.open(path, "wb", **open_kwargs)
         except Exception as e:
             raise _storage_error("cannot open for writing", e, file=name) from e
+        self._uploader = _Uploader(self._fobj, limit=getattr(self._fobj, "blocksize", DEFAULT_REMOTE_PART))
 
     def _write(self, mv):
-        self._fobj.write(mv)
+        self._uploader.write(mv)
 
     def _commit(self):
+        self._uploader.finish()
         self._fobj.close()  # completes the multipart / resumable upload
 
     def _abort(self):
+        self._uploader.cancel()
         _drop_file(self._fobj)
 
 
