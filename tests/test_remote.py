@@ -304,6 +304,9 @@ def test_load_concurrency_is_configurable_and_requests_are_few(proxied):
     proxy.reset()
     assert api.verify(url, storage_options=opts, max_workers=2).status == EXACT
     assert proxy.peak_inflight <= 2
+    # verify checks every chunk (data, parity, head) and decodes every tensor,
+    # from one download of the file: not one for each
+    assert 0.9 * size < proxy.get_bytes < 1.1 * size, (proxy.get_bytes, size)
 
 
 def test_open_prefetch_plans_several_tensors_at_once(proxied):

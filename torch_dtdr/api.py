@@ -187,8 +187,9 @@ class _Decoder:
         self.report = Report(reader.name, f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", list(reader.events), reader.truncated)
         self._reports: dict[int, TensorReport] = {}
 
-    def tensor(self, i: int) -> torch.Tensor | None:
-        """The stored tensor ``i`` on CPU, or None when it is lost."""
+    def tensor(self, i: int, after_record: Callable[[RecordInfo], None] | None = None) -> torch.Tensor | None:
+        """The stored tensor ``i`` on CPU, or None when it is lost.
+        ``after_record`` is called after each record (segment) is read."""
         r = self.reader
         info: TensorInfo = r.tensors[i]
         codec = codecs.from_dict(info.codec)
@@ -205,6 +206,8 @@ class _Decoder:
         bound = 0.0
         for rec in info.records:
             seg = r.read_record(rec)
+            if after_record is not None:
+                after_record(rec)
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)
             if seg.repaired:
@@ -357,6 +360,10 @@ def info(f, *, storage_options: Mapping | None = None) -> dict:
                 "truncated": reader.truncated, "tensors": tensors}
 
 
+def _first_offset(t: TensorInfo) -> int:
+    return min((rec.offset for rec in t.records), default=0)
+
+
 def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
            max_workers: int | None = None) -> Report:
     """Check every checksum of a DTDR file (every chunk, parity and metadata
@@ -376,10 +383,20 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
         with open_source(f, storage_options, max_workers=max_workers) as src:
             reader = ContainerReader(src)
             dec = _Decoder(reader, "recover")
-            with reader.prefetch(rec for t in reader.tensors for rec in t.records):
-                for i in _progress(range(len(reader.tensors)), progress, "verify"):
-                    dec.tensor(i)
-            dec.report.events += reader.scrub()
+            # Tensors in file order, each record followed by the scrub of the
+            # stripes behind it: one pass over the file serves both (one
+            # download, memory bounded by a record and the prefetch window).
+            order = sorted(range(len(reader.tensors)), key=lambda i: _first_offset(reader.tensors[i]))
+            scrubber = reader.scrubber()
+            with reader.prefetch((rec for i in order for rec in reader.tensors[i].records), also=scrubber.reads()):
+                def scrub_behind(rec: RecordInfo) -> None:
+                    reads = reader.record_reads(rec)
+                    if reads:
+                        scrubber.run_until(max(o + n for o, n in reads))
+
+                for i in _progress(order, progress, "verify"):
+                    dec.tensor(i, after_record=scrub_behind)
+                dec.report.events += scrubber.finish()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DamageWarning)
                 return dec.finish()

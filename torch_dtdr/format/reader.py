@@ -409,11 +409,13 @@ class ContainerReader:
             return []
         return self._requests(self.geometry.physical_ranges(rec.body_start // c * c, -(-end // c) * c))
 
-    def prefetch(self, records: Iterable[RecordInfo]):
-        """Fetch ahead what reading ``records`` in this order needs (a context
-        manager; see :meth:`torch_dtdr.storage.Source.prefetch`)."""
-        return self.source.prefetch([r for rec in records for r in self.record_reads(rec)],
-                                    max_workers=self.max_workers)
+    def prefetch(self, records: Iterable[RecordInfo], also: Iterable[tuple[int, int]] = ()):
+        """Fetch ahead what reading ``records`` (and the physical ranges
+        ``also``) needs (a context manager; see
+        :meth:`torch_dtdr.storage.Source.prefetch`). A part is dropped once
+        every planned read of it has been served."""
+        reads = [r for rec in records for r in self.record_reads(rec)]
+        return self.source.prefetch(reads + list(also), max_workers=self.max_workers)
 
     def _repair_chunk(self, j: int) -> bytes | None:
         g = self.geometry
@@ -527,27 +529,13 @@ class ContainerReader:
         """Check every chunk of the striped region (data and parity, including
         the superblock and manifest, which a load never reads) and try parity
         on damaged stripes. Returns findings as readable lines (empty: clean)."""
-        g = self.geometry
-        if self._sums is None or not g.n_stripes:
-            return []
-        c = g.chunk_size
-        damaged = unrepairable = 0
-        batches = []
-        for first in range(0, g.n_stripes, batch_stripes):
-            last = min(g.n_stripes, first + batch_stripes)
-            start = first * g.stripe_span
-            end = g.physical_end if last == g.n_stripes else last * g.stripe_span
-            batches.append((first, last, start, end))
-        with self.source.prefetch([(s, e - s) for _f, _l, s, e in batches], max_workers=self.max_workers):
-            for first, last, start, end in batches:
-                d, u = self._scrub_batch(first, last, start, end)
-                damaged += d
-                unrepairable += u
-        if not damaged:
-            return []
-        line = f"scrub: {damaged} damaged chunks"
-        line += f", {unrepairable} stripes beyond repair" if unrepairable else ", all repairable by parity"
-        return [line]
+        scrubber = self.scrubber(batch_stripes)
+        with self.prefetch((), also=scrubber.reads()):
+            return scrubber.finish()
+
+    def scrubber(self, batch_stripes: int = 64) -> "Scrubber":
+        """A :class:`Scrubber` that can run interleaved with tensor reads."""
+        return Scrubber(self, batch_stripes)
 
     def _scrub_batch(self, first: int, last: int, start: int, end: int) -> tuple[int, int]:
         g = self.geometry
@@ -614,6 +602,46 @@ _KIND_NAMES = {C.BLOB_KIND_INDEX: "index", C.BLOB_KIND_CHUNKSUMS: "chunk-checksu
 
 
 _HEAD_FIXED = C.RECORD_HEAD.size + C.RECORD_HASH.size
+
+
+class Scrubber:
+    """Checks every chunk of a reader's striped region, batch by batch in file
+    order, repairing what parity can in memory. :meth:`run_until` lets a
+    caller interleave it with tensor reads, so that one prefetch serves both
+    and the file is downloaded once (``verify``)."""
+
+    def __init__(self, reader: ContainerReader, batch_stripes: int = 64):
+        self.reader = reader
+        self.damaged = self.unrepairable = 0
+        g = reader.geometry
+        self._batches: list[tuple[int, int, int, int]] = []
+        if reader._sums is not None:
+            for first in range(0, g.n_stripes, batch_stripes):
+                last = min(g.n_stripes, first + batch_stripes)
+                end = g.physical_end if last == g.n_stripes else last * g.stripe_span
+                self._batches.append((first, last, first * g.stripe_span, end))
+        self._next = 0
+
+    def reads(self) -> list[tuple[int, int]]:
+        """The physical ``(offset, length)`` reads the scrub makes, in order."""
+        return [(start, end - start) for _f, _l, start, end in self._batches]
+
+    def run_until(self, offset: int) -> None:
+        """Scrub every remaining batch that ends at or before physical ``offset``."""
+        while self._next < len(self._batches) and self._batches[self._next][3] <= offset:
+            d, u = self.reader._scrub_batch(*self._batches[self._next])
+            self.damaged += d
+            self.unrepairable += u
+            self._next += 1
+
+    def finish(self) -> list[str]:
+        """Scrub what remains; the findings as readable lines (empty: clean)."""
+        self.run_until(self.reader.size)
+        if not self.damaged:
+            return []
+        line = f"scrub: {self.damaged} damaged chunks"
+        line += f", {self.unrepairable} stripes beyond repair" if self.unrepairable else ", all repairable by parity"
+        return [line]
 
 
 def _header_hash_ok(stream: bytes, pos: int) -> bool:
