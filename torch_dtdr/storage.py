@@ -86,7 +86,7 @@ DEFAULT_MAX_WORKERS = 16
 #: Remote ranges longer than this are split into parts fetched concurrently.
 DEFAULT_PART_SIZE = 16 * 2**20
 #: Bytes a :meth:`Source.prefetch` may hold or have in flight ahead of the reads it serves.
-DEFAULT_PREFETCH_WINDOW = 256 * 2**20
+DEFAULT_PREFETCH_WINDOW = 128 * 2**20
 _MIN_PREFETCH_PART = 2**20
 #: Suffix of the temporary files a local sink writes before its atomic rename.
 TEMP_SUFFIX = ".dtdr-tmp"
