@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import codecs, tree
+from ._cpu import compute_cores
 from .codecs.base import Codec
 from .errors import CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
 from .format import constants as C
@@ -36,9 +37,10 @@ PARITY_LEVELS: dict[str, tuple[int, int, int]] = {
     "archive": (32, 2, 32),
 }
 
-#: Tensors decoded at once by load (reads, checks and decodes overlap; the
-#: heavy work releases the GIL).
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+#: Tensors encoded (save) or decoded (load) at once: reads, checks and
+#: decodes overlap, and the heavy work releases the GIL. One per core, at most
+#: 4; a 2-vCPU machine gets 1 (see :func:`torch_dtdr._cpu.compute_cores`).
+DEFAULT_WORKERS = min(4, compute_cores())
 
 CodecSpec = str | Codec | Mapping[str, "str | Codec"] | Callable[[str, torch.Tensor], "str | Codec | None"]
 

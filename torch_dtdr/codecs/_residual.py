@@ -12,13 +12,14 @@ See ``docs/codecs.md`` for the normative definition.
 
 from __future__ import annotations
 
-import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zstandard
 
+from .._cpu import compute_cores
 from . import _blocks as B
 
 # Format constants (part of the on-disk contract; see docs/codecs.md).
@@ -447,7 +448,12 @@ def _decode_frame(ctx: _FrameContext, dctx, j: int):
 
 #: Threads used to decode the residual frames of one segment (frames are
 #: independent; numpy and zstd release the GIL). Set to 1 to decode inline.
-DECODE_THREADS = min(2, os.cpu_count() or 1)
+#: Used only while no other segment is being decoded: when a load already
+#: decodes segments in parallel, more threads would only oversubscribe the CPU.
+DECODE_THREADS = min(2, compute_cores())
+
+_active = 0
+_active_lock = threading.Lock()
 
 
 def decode_residual(
@@ -482,14 +488,22 @@ def decode_residual(
             out.append((j, _decode_frame(ctx, dctx, j)))
         return out
 
-    if DECODE_THREADS > 1 and nframes >= 4:
-        from concurrent.futures import ThreadPoolExecutor
+    global _active
+    with _active_lock:
+        _active += 1
+        alone = _active == 1
+    try:
+        if alone and DECODE_THREADS > 1 and nframes >= 4:
+            from concurrent.futures import ThreadPoolExecutor
 
-        nt = min(DECODE_THREADS, nframes)
-        with ThreadPoolExecutor(nt) as ex:
-            results = [r for part in ex.map(run, [range(t, nframes, nt) for t in range(nt)]) for r in part]
-    else:
-        results = run(range(nframes))
+            nt = min(DECODE_THREADS, nframes)
+            with ThreadPoolExecutor(nt) as ex:
+                results = [r for part in ex.map(run, [range(t, nframes, nt) for t in range(nt)]) for r in part]
+        else:
+            results = run(range(nframes))
+    finally:
+        with _active_lock:
+            _active -= 1
     for j, lm in results:
         if lm is not None:
             e0 = j * fblocks * bs
