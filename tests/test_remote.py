@@ -307,6 +307,12 @@ def test_load_concurrency_is_configurable_and_requests_are_few(proxied):
     # verify checks every chunk (data, parity, head) and decodes every tensor,
     # from one download of the file: not one for each
     assert 0.9 * size < proxy.get_bytes < 1.1 * size, (proxy.get_bytes, size)
+    # repair copies every record to a new object while checking it: one download too
+    proxy.reset()
+    healed = url.replace("big.dtdr", "healed.dtdr")
+    assert api.repair(url, healed, storage_options=opts).status == EXACT
+    assert 0.9 * size < proxy.get_bytes < 1.1 * size, (proxy.get_bytes, size)
+    assert api.verify(healed, storage_options=opts).status == EXACT
 
 
 def test_open_prefetch_plans_several_tensors_at_once(proxied):

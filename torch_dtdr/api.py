@@ -22,7 +22,7 @@ from .codecs.base import Codec
 from .errors import CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
 from .format import constants as C
 from .format.index import Index, RecordInfo, TensorInfo, dtype_name, encode_index
-from .format.reader import ContainerReader, merge_ranges
+from .format.reader import ContainerReader, SegmentData, merge_ranges
 from .format.writer import ContainerWriter
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
 from .storage import open_sink, open_source
@@ -189,9 +189,10 @@ class _Decoder:
         self.report = Report(reader.name, f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", list(reader.events), reader.truncated)
         self._reports: dict[int, TensorReport] = {}
 
-    def tensor(self, i: int, after_record: Callable[[RecordInfo], None] | None = None) -> torch.Tensor | None:
+    def tensor(self, i: int, after_record: Callable[[RecordInfo, SegmentData], None] | None = None
+               ) -> torch.Tensor | None:
         """The stored tensor ``i`` on CPU, or None when it is lost.
-        ``after_record`` is called after each record (segment) is read."""
+        ``after_record(record, segment)`` is called after each record is read."""
         r = self.reader
         info: TensorInfo = r.tensors[i]
         codec = codecs.from_dict(info.codec)
@@ -209,7 +210,7 @@ class _Decoder:
         for rec in info.records:
             seg = r.read_record(rec)
             if after_record is not None:
-                after_record(rec)
+                after_record(rec, seg)
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)
             if seg.repaired:
@@ -391,7 +392,7 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
             order = sorted(range(len(reader.tensors)), key=lambda i: _first_offset(reader.tensors[i]))
             scrubber = reader.scrubber()
             with reader.prefetch((rec for i in order for rec in reader.tensors[i].records), also=scrubber.reads()):
-                def scrub_behind(rec: RecordInfo) -> None:
+                def scrub_behind(rec: RecordInfo, _seg) -> None:
                     reads = reader.record_reads(rec)
                     if reads:
                         scrubber.run_until(max(o + n for o, n in reads))
@@ -406,6 +407,26 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
         if isinstance(e, FileNotFoundError):
             raise
         return Report(str(getattr(f, "name", f)), unreadable=str(e))
+
+
+class _RecordCopier:
+    """Writes the records of one tensor, as the decoder reads them, into a new
+    container: sections copied bit for bit, or re-encoded where damaged."""
+
+    def __init__(self, writer: ContainerWriter, tid: int, old: TensorInfo, new: TensorInfo):
+        self.writer, self.tid, self.old, self.new = writer, tid, old, new
+        self.codec = codecs.from_dict(old.codec)
+        self.copies = {s.name: s.copies for s in self.codec.sections(old.dtype)}
+
+    def __call__(self, rec: RecordInfo, seg) -> None:
+        sections = seg.sections
+        if seg.damage:
+            values = self.codec.decode(sections, self.old.dtype, rec.elem_count, seg.damage).values
+            sections = self.codec.encode(values.reshape(-1).contiguous())
+        offset, header = self.writer.write_record(
+            C.RECORD_KIND_SEGMENT, self.tid, len(self.new.records), rec.elem_start, rec.elem_count,
+            [(s.name, self.copies.get(s.name, s.copies), sections[s.name]) for s in rec.sections])
+        self.new.records.append(RecordInfo(offset, header.size, rec.elem_start, rec.elem_count, header.sections))
 
 
 def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
@@ -425,41 +446,28 @@ def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_o
         g = reader.geometry
         index = Index(reader.index.tree, [], dict(reader.index.metadata),
                       {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "inner_nsym": g.inner_nsym})
-        plans = []
-        all_records = [rec for t in reader.tensors for rec in t.records]
-        with reader.prefetch(all_records):
-            for i, tinfo in enumerate(reader.tensors):
-                if dec.tensor(i) is None:
-                    raise IntegrityError("tensor is lost and cannot be repaired", file=reader.name,
-                                         tensor=tinfo.name,
-                                         byte_range=(dec._reports[i].damaged_bytes or [(0, 0)])[0])
-                index.tensors.append(TensorInfo(tinfo.name, tinfo.dtype, tinfo.shape, tinfo.codec,
-                                                tinfo.segment_elems))
-                plans.append(tinfo)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DamageWarning)
-            rep = dec.finish()
+        index.tensors = [TensorInfo(t.name, t.dtype, t.shape, t.codec, t.segment_elems) for t in reader.tensors]
         target = f if out is None else out
         out_options = storage_options if out is None or out_storage_options is None else out_storage_options
-        with open_sink(target, out_options) as sink, reader.prefetch(all_records):
+        # One pass: each record is checked (and decoded, for the report) and
+        # written out at once; a lost tensor raises, which aborts the sink, so
+        # nothing reaches the destination.
+        with open_sink(target, out_options) as sink, reader.prefetch(rec for t in reader.tensors for rec in t.records):
             w = ContainerWriter(sink, chunk_size=g.chunk_size, k=g.k, m=g.m, algorithm=reader.algorithm,
                                 inner_nsym=g.inner_nsym)
             index.geometry["algorithm"] = w.code.algorithm
             w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
                            [("manifest", 1, encode_index(index.to_json(with_records=False)))])
-            for tid, (tinfo, new) in _progress(list(enumerate(zip(plans, index.tensors))), progress, "repair"):
-                codec = codecs.from_dict(tinfo.codec)
-                for seg_no, rec in enumerate(tinfo.records):
-                    seg = reader.read_record(rec)
-                    sections = seg.sections
-                    if seg.damage:
-                        values = codec.decode(sections, tinfo.dtype, rec.elem_count, seg.damage).values
-                        sections = codec.encode(values.reshape(-1).contiguous())
-                    specs = {s.name: s.copies for s in codec.sections(tinfo.dtype)}
-                    offset, header = w.write_record(
-                        C.RECORD_KIND_SEGMENT, tid, seg_no, rec.elem_start, rec.elem_count,
-                        [(s.name, specs.get(s.name, s.copies), sections[s.name]) for s in rec.sections])
-                    new.records.append(RecordInfo(offset, header.size, rec.elem_start, rec.elem_count, header.sections))
+            for tid, (tinfo, new) in _progress(list(enumerate(zip(reader.tensors, index.tensors))), progress,
+                                               "repair"):
+                copy = _RecordCopier(w, tid, tinfo, new)
+                if dec.tensor(tid, after_record=copy) is None:
+                    raise IntegrityError("tensor is lost and cannot be repaired", file=reader.name,
+                                         tensor=tinfo.name,
+                                         byte_range=(dec._reports[tid].damaged_bytes or [(0, 0)])[0])
             index.geometry["n_data_chunks"] = -(-w.logical_offset // g.chunk_size)
             w.finish(index.to_json())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DamageWarning)
+            rep = dec.finish()
     return rep
