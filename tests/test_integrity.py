@@ -248,6 +248,53 @@ def test_buffer_types_and_encode_stripes():
             ec.encode_stripes(buf[:-1], c)
 
 
+@pytest.mark.parametrize("algorithm,k,m", [("isa_l_rs_cauchy", 32, 2), ("isa_l_rs_cauchy", 16, 4),
+                                            ("isa_l_rs_vand", 7, 3), ("zfec", 32, 2)])
+def test_correct_fixes_scattered_byte_errors_beyond_m_chunks(algorithm, k, m):
+    """Byte errors in more chunks than parity can erase, each byte column hit
+    at most once (wherever: data or parity): all corrected, bit-exact."""
+    if algorithm not in parity.available_algorithms():
+        pytest.fail(f"{algorithm} should be available in the test environment")
+    code = ErasureCode(k, m, algorithm)
+    rng = np.random.default_rng(k * 10 + m)
+    c = 4096
+    stripe = [rng.integers(0, 256, c, dtype=np.uint8).tobytes() for _ in range(k)]
+    full = stripe + code.encode(stripe)
+    victims = [int(v) for v in rng.choice(k + m, min(k + m, 3 * m + 2), replace=False)]
+    cols = rng.choice(c, 8 * len(victims), replace=False).reshape(len(victims), 8)
+    damaged = [bytearray(x) for x in full]
+    for v, cs in zip(victims, cols):
+        for col in cs:
+            damaged[v][col] ^= int(rng.integers(1, 256))
+    fixed = code.correct([bytes(x) for x in damaged], victims)
+    assert sorted(fixed) == sorted(victims)
+    for v in victims:
+        assert fixed[v] == full[v]
+
+
+def test_correct_never_touches_chunks_that_passed_and_leaves_multi_error_columns():
+    code = ErasureCode(32, 2, "isa_l_rs_cauchy")
+    rng = np.random.default_rng(3)
+    stripe = [rng.integers(0, 256, 512, dtype=np.uint8).tobytes() for _ in range(32)]
+    full = stripe + code.encode(stripe)
+    damaged = [bytearray(x) for x in full]
+    damaged[3][100] ^= 0x41
+    damaged[9][100] ^= 0x17  # the same column: two errors, distance 3 cannot locate them
+    damaged[20][7] ^= 0x80  # a column of its own: correctable
+    got = code.correct([bytes(x) for x in damaged], [3, 9, 20])
+    assert got[20] == full[20]
+    for s in (3, 9):
+        assert got.get(s, bytes(damaged[s])) != full[s]  # not silently "fixed"
+    # the error in chunk 20 is not a suspect: nothing may change chunk 20
+    got = code.correct([bytes(x) for x in damaged], [3, 9])
+    assert 20 not in got
+    # m < 2 (distance 2) cannot locate anything; clean stripes need nothing
+    one = ErasureCode(8, 1)
+    data = [bytes([i]) * 64 for i in range(8)]
+    assert one.correct(data + one.encode(data), [0]) == {}
+    assert code.correct(full, [0]) == {}
+
+
 def test_m_zero_and_argument_errors():
     data = det_chunks(4, 64)
     ec = ErasureCode(4, 0)

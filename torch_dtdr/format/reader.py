@@ -434,7 +434,9 @@ class ContainerReader:
 
     def _repair_stripe(self, stripe: int) -> list[bytes] | None:
         """Restore a stripe's data chunks: first each damaged chunk through its
-        inner code (archive level), then the erasure code across the stripe."""
+        inner code (archive level); then, when more than m chunks are still
+        damaged, byte errors located column by column by the stripe's own code
+        (:meth:`ErasureCode.correct`); then the erasure code across the stripe."""
         g = self.geometry
         c = g.chunk_size
         d = g.data_chunks_in(stripe)
@@ -444,14 +446,20 @@ class ContainerReader:
         if len(raw) < n * c:
             return None
         slots: list[bytes | None] = []
+        damaged: dict[int, bytes] = {}
         for s in range(n):
             idx = g.chunk_index(stripe, s)
             piece = raw[s * c:(s + 1) * c]
             if not self._chunk_ok(idx, piece):
-                piece, decoded = self._inner_fix(piece, raw, n * c + s * g.inner_size)
-                if piece is not None and not self._chunk_ok(idx, piece) and not (decoded and self._sum_disputed(idx)):
+                fixed, decoded = self._inner_fix(piece, raw, n * c + s * g.inner_size)
+                if fixed is not None and (self._chunk_ok(idx, fixed) or (decoded and self._sum_disputed(idx))):
+                    piece = fixed
+                else:
+                    damaged[s] = fixed if fixed is not None else piece
                     piece = None
             slots.append(piece)
+        if len(damaged) > g.m:
+            self._correct_columns(stripe, slots, damaged)
         if sum(x is None for x in slots) > g.m:
             return None
         full = slots[:d] + [bytes(c)] * (g.k - d) + slots[d:]
@@ -464,6 +472,24 @@ class ContainerReader:
                    for s in rebuilt):
             return None
         return [bytes(x) for x in out]
+
+    def _correct_columns(self, stripe: int, slots: list, damaged: dict[int, bytes]) -> None:
+        """Fix, in ``slots``, the damaged chunks whose byte errors the stripe's
+        code can locate; a chunk counts as fixed only when its checksum agrees."""
+        g = self.geometry
+        c = g.chunk_size
+        d = g.data_chunks_in(stripe)
+        full = [slots[s] if slots[s] is not None else damaged[s] for s in range(d)] + [bytes(c)] * (g.k - d)
+        full += [slots[s] if slots[s] is not None else damaged[s] for s in range(d, d + g.m)]
+        to_slot = {s if s < d else s + g.k - d: s for s in damaged}
+        try:
+            corrected = self.code.correct(full, list(to_slot))
+        except Exception:  # noqa: BLE001 - a failed repair is reported as damage, never raised
+            return
+        for pos, data in corrected.items():
+            s = to_slot[pos]
+            if self._chunk_ok(g.chunk_index(stripe, s), data):
+                slots[s] = data
 
     def _sum_disputed(self, idx: int) -> bool:
         """Whether the checksum entry of chunk ``idx`` is itself damaged (its

@@ -113,6 +113,7 @@ def _gf_tables():
 
 
 _GF_MUL, _GF_INV = _gf_tables()
+_GF_EXP_LOG = gf_exp_log()
 
 
 def _gen_matrix(algorithm: str, k: int, m: int) -> np.ndarray:
@@ -768,3 +769,97 @@ class ErasureCode:
             if len(data) != c:
                 raise IntegrityError(f"{self.algorithm} rebuilt a chunk of {len(data)} bytes, expected {c}")
         return slots, dict(zip(missing, rebuilt))
+
+    # ------------------------------------------------------------------ error correction
+
+    def _parity_rows(self) -> np.ndarray | None:
+        """The m x k matrix P with parity = P · data, bytewise in GF(2^8)
+        (0x11d), probed from the encoder and checked on a random stripe; None
+        when the code is not such a code (GF(2^16) liberasurecode)."""
+        cached = getattr(self, "_p_rows", False)
+        if cached is not False:
+            return cached
+        p = None
+        if self.m and self.algorithm != "liberasurecode_rs_vand":
+            unit = [bytes(8)] * self.k
+            p = np.zeros((self.m, self.k), dtype=np.uint8)
+            for i in range(self.k):
+                probe = list(unit)
+                probe[i] = b"\x01" + bytes(7)
+                for j, par in enumerate(self.encode(probe)):
+                    p[j, i] = par[0]
+            rng = np.random.default_rng(0x5EED)
+            stripe = [rng.integers(0, 256, 64, dtype=np.uint8).tobytes() for _ in range(self.k)]
+            got = np.stack([np.frombuffer(x, np.uint8) for x in self.encode(stripe)])
+            if not np.array_equal(got, _gf_matmul_chunks(p, stripe)):
+                p = None
+        self._p_rows = p
+        return p
+
+    def correct(self, chunks: Sequence, suspects: Sequence[int]) -> dict[int, bytes]:
+        """Locate and fix byte errors inside the ``suspects`` (slots whose
+        checksums failed) of a full stripe of k + m present chunks.
+
+        Every byte column of a stripe is a codeword of a distance-(m + 1) code,
+        so a column with a single wrong byte can be corrected without knowing
+        where it is, when m >= 2: its syndrome (the parity recomputed from the
+        data, XOR the stored parity) is the error value times one column of
+        the parity-check matrix, which names the slot. Scattered byte damage
+        mostly hits columns once, so chunks far beyond the m that erasure
+        decoding can rebuild come back. A correction is applied only where it
+        lands on a suspect; columns with two or more errors are left alone.
+        Returns ``{slot: corrected bytes}`` for the suspects that changed; the
+        caller must check them against their checksums (a column with several
+        errors can be miscorrected).
+        """
+        if self.m < 2 or not suspects or len(chunks) != self.n:
+            return {}
+        p = self._parity_rows()
+        if p is None:
+            return {}
+        exp, log = _GF_EXP_LOG
+        k, m = self.k, self.m
+        rows = [np.frombuffer(_as_buffer(ch), dtype=np.uint8) for ch in chunks]
+        c = len(rows[0])
+        if any(len(r) != c for r in rows):
+            return {}
+        syn = np.stack([np.frombuffer(x, np.uint8) for x in self.encode(rows[:k])]) ^ np.stack(rows[k:])
+        cols = np.flatnonzero(syn.any(axis=0))
+        if not cols.size:
+            return {}
+        s = syn[:, cols].astype(np.int64)  # (m, ncols)
+        nz = s != 0
+        slot = np.full(cols.size, -1, dtype=np.int64)
+        value = np.zeros(cols.size, dtype=np.int64)
+        # an error in parity chunk j changes syndrome j alone
+        single = nz.sum(axis=0) == 1
+        j = np.argmax(nz, axis=0)
+        slot[single] = k + j[single]
+        value[single] = s[j[single], np.flatnonzero(single)]
+        # an error v in data chunk i gives syndrome P[:, i] · v
+        cand = ~single & nz.all(axis=0)
+        if cand.any() and (p != 0).all():
+            lp = log[p.astype(np.int64)]  # (m, k)
+            key = (lp[1] - lp[0]) % 255
+            if len(np.unique(key)) == k:  # the ratio names the slot (MDS: always)
+                lookup = np.full(255, -1, dtype=np.int64)
+                lookup[key] = np.arange(k)
+                idx = np.flatnonzero(cand)
+                ls = log[s[:, idx]]
+                i = lookup[(ls[1] - ls[0]) % 255]
+                ok = i >= 0
+                lv = (ls[0] - lp[0, np.maximum(i, 0)]) % 255
+                for r in range(2, m):  # every other syndrome must agree
+                    ok &= (lp[r, np.maximum(i, 0)] + lv) % 255 == ls[r]
+                slot[idx[ok]] = i[ok]
+                value[idx[ok]] = exp[lv[ok]]
+        fixed: dict[int, np.ndarray] = {}
+        allowed = set(int(x) for x in suspects)
+        for sl in np.unique(slot[slot >= 0]):
+            if int(sl) not in allowed:
+                continue  # it would change a chunk whose checksum passed: a multi-error column
+            at = slot == sl
+            buf = rows[sl].copy()
+            buf[cols[at]] ^= value[at].astype(np.uint8)
+            fixed[int(sl)] = buf
+        return {sl: buf.tobytes() for sl, buf in fixed.items()}
