@@ -10,12 +10,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds; generous for a loaded 2-core CI machine (typical runs: 5-60 s)
 
 
-def run_example(name: str, *args: str) -> str:
+def run_example(name: str, *args: str, small: bool = True) -> str:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["HF_HUB_OFFLINE"] = "1"
     env["DTDR_EXAMPLE_SMALL"] = "1"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), "--small", *args],
+    flags = ["--small"] if small else []
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *flags, *args],
                           capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout
@@ -46,3 +47,17 @@ def test_convert_hf_model_serves_dtdr_to_sentence_transformers():
     assert "[dtdr] PASS" in out and "[dtdr8] PASS" in out
     cos = float(out.split("[dtdr8] 8 sentences:")[1].split("mean cosine ")[1].split(",")[0])
     assert 0.999 <= cos < 1.0  # lossy: close, but not identical
+
+
+def test_readme_demo_runs_on_the_real_model():
+    """The README's first command ends with this demo: damaged DTDR files come
+    back whole, damaged fp32 safetensors does not."""
+    out = run_example("demo.py", small=False)
+    reports = [line for line in out.splitlines() if "report:" in line]
+    assert len(reports) == 2 and all(line.rstrip().endswith("0 lost") for line in reports), out
+    finite = [line for line in out.splitlines() if "tensors finite" in line]
+    assert len(finite) == 3, out
+    lossless = next(line for line in finite if "dtdr (lossless)" in line)
+    assert "tensors finite 104/104, bit-exact 104/104" in lossless
+    assert all("tensors finite 104/104" in line for line in finite if "dtdr" in line)
+    assert "fp32 safetensors       mean cosine nan" in out
