@@ -106,22 +106,30 @@ def test_thread_pools_change_nothing_but_speed(tmp_path, monkeypatch):
         assert_same(v, sd[k])
 
 
-def test_scattered_byte_errors_in_many_chunks_of_a_stripe_are_repaired(tmp_path):
+@pytest.mark.parametrize("stripe_kind", ["full", "last, short"])
+def test_scattered_byte_errors_in_many_chunks_of_a_stripe_are_repaired(tmp_path, stripe_kind):
     """Default parity (32 + 2) erases at most 2 chunks per stripe, but byte
     errors that hit distinct byte columns are located by the code itself:
     here 12 chunks of one stripe (data and parity) each take 3 wrong bytes."""
     from torch_dtdr.format.reader import ContainerReader
     from torch_dtdr.storage import open_source
 
-    sd = {"w": pseudo(600_000, torch.float32, 5), "b": pseudo(1000, torch.float32, 6)}
+    n = 600_000 if stripe_kind == "full" else 20_000
+    sd = {"w": pseudo(n, torch.float32, 5), "b": pseudo(1000, torch.float32, 6)}
     path = tmp_path / "s.dtdr"
     torch_dtdr.save(sd, path, codec="dtdr")
     with open_source(path) as src:
         g = ContainerReader(src).geometry
-    stripe = 3
+    if stripe_kind == "full":
+        stripe, slots = 3, [0, 1, 2, 5, 8, 13, 21, 30, 31, 32, 33, 17]  # 32 and 33: the parity chunks
+    else:
+        stripe = g.n_stripes - 1
+        d = g.data_chunks_in(stripe)
+        assert d < g.k
+        slots = [0, 1, d - 2, d, d + 1]  # d and d + 1: its parity chunks, right after its d data chunks
     data = bytearray(path.read_bytes())
     col = 11
-    for slot in [0, 1, 2, 5, 8, 13, 21, 30, 31, 32, 33, 17]:  # 32 and 33: the parity chunks
+    for slot in slots:
         start = stripe * g.stripe_span + slot * g.chunk_size
         for _ in range(3):
             data[start + col] ^= 0x5A
