@@ -272,6 +272,37 @@ def test_correct_fixes_scattered_byte_errors_beyond_m_chunks(algorithm, k, m):
         assert fixed[v] == full[v]
 
 
+@pytest.mark.parametrize("algorithm,k,m", [("isa_l_rs_cauchy", 16, 4), ("isa_l_rs_cauchy", 10, 6), ("zfec", 16, 4)])
+def test_correct_with_four_or_more_parity_chunks_fixes_two_errors_per_column(algorithm, k, m):
+    """Distance >= 5: columns holding two wrong bytes (data and parity chunks
+    alike) are located as well, next to single-error columns."""
+    code = ErasureCode(k, m, algorithm)
+    rng = np.random.default_rng(k + m)
+    c = 4096
+    stripe = [rng.integers(0, 256, c, dtype=np.uint8).tobytes() for _ in range(k)]
+    full = stripe + code.encode(stripe)
+    damaged = [bytearray(x) for x in full]
+    victims = [int(v) for v in rng.choice(k + m, 10, replace=False)] + [k, k + m - 1]  # two parity chunks
+    cols = rng.choice(c, 60, replace=False)
+    for col in cols[:25]:
+        a, b = rng.choice(victims, 2, replace=False)
+        damaged[a][col] ^= int(rng.integers(1, 256))
+        damaged[b][col] ^= int(rng.integers(1, 256))
+    for col in cols[25:]:
+        damaged[rng.choice(victims)][col] ^= int(rng.integers(1, 256))
+    suspects = [i for i in range(k + m) if bytes(damaged[i]) != full[i]]
+    assert len(suspects) > m  # beyond erasure decoding
+    fixed = code.correct([bytes(x) for x in damaged], suspects)
+    assert all(fixed.get(i) == full[i] for i in suspects)
+    # with m = 2 the same two-error columns stay uncorrected
+    two = ErasureCode(k, 2, algorithm)
+    full2 = stripe + two.encode(stripe)
+    damaged2 = [bytearray(x) for x in full2]
+    damaged2[0][5] ^= 1
+    damaged2[1][5] ^= 2
+    assert all(two.correct([bytes(x) for x in damaged2], [0, 1]).get(i) != full2[i] for i in (0, 1))
+
+
 def test_correct_never_touches_chunks_that_passed_and_leaves_multi_error_columns():
     code = ErasureCode(32, 2, "isa_l_rs_cauchy")
     rng = np.random.default_rng(3)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -806,7 +807,9 @@ class ErasureCode:
         data, XOR the stored parity) is the error value times one column of
         the parity-check matrix, which names the slot. Scattered byte damage
         mostly hits columns once, so chunks far beyond the m that erasure
-        decoding can rebuild come back. A correction is applied only where it
+        decoding can rebuild come back. With m >= 4 (distance >= 5) a column
+        with two wrong bytes in suspects is located too, when exactly one pair
+        of suspects explains its syndrome. A correction is applied only where it
         lands on a suspect; columns with two or more errors are left alone.
         Returns ``{slot: corrected bytes}`` for the suspects that changed; the
         caller must check them against their checksums (a column with several
@@ -853,13 +856,64 @@ class ErasureCode:
                     ok &= (lp[r, np.maximum(i, 0)] + lv) % 255 == ls[r]
                 slot[idx[ok]] = i[ok]
                 value[idx[ok]] = exp[lv[ok]]
+        allowed = sorted(set(int(x) for x in suspects if 0 <= int(x) < self.n))
+        # corrections as parallel arrays: chunk slot, column, value to XOR in
+        located = slot >= 0
+        fix_slot, fix_col, fix_val = [slot[located]], [cols[located]], [value[located]]
+        if m >= 4:  # distance >= 5: two wrong bytes in a column can be located as well
+            rest = np.flatnonzero(~located & nz.any(axis=0))
+            pairs = self._pairs(p, allowed, s[:, rest]) if rest.size else None
+            if pairs is not None:
+                where, a, b, ea, eb = pairs
+                fix_slot += [a, b]
+                fix_col += [cols[rest[where]]] * 2
+                fix_val += [ea, eb]
+        fix_slot = np.concatenate(fix_slot)
+        fix_col = np.concatenate(fix_col)
+        fix_val = np.concatenate(fix_val).astype(np.uint8)
         fixed: dict[int, np.ndarray] = {}
-        allowed = set(int(x) for x in suspects)
-        for sl in np.unique(slot[slot >= 0]):
+        for sl in np.unique(fix_slot):
             if int(sl) not in allowed:
                 continue  # it would change a chunk whose checksum passed: a multi-error column
-            at = slot == sl
+            at = fix_slot == sl
             buf = rows[sl].copy()
-            buf[cols[at]] ^= value[at].astype(np.uint8)
+            np.bitwise_xor.at(buf, fix_col[at], fix_val[at])
             fixed[int(sl)] = buf
         return {sl: buf.tobytes() for sl, buf in fixed.items()}
+
+    def _pairs(self, p: np.ndarray, suspects: list[int], s: np.ndarray):
+        """Columns of syndromes ``s`` (m x ncols) explained by exactly one pair of
+        wrong bytes among ``suspects``: ``(column indices, slot a, slot b,
+        value a, value b)``, or None. Two rows whose 2 x 2 minor is invertible
+        solve each pair's two values (Cramer's rule); every row must then agree."""
+        k, m = self.k, self.m
+        if len(suspects) < 2 or len(suspects) > 32:
+            return None
+        h = np.zeros((m, self.n), dtype=np.uint8)
+        h[:, :k] = p
+        h[np.arange(m), k + np.arange(m)] = 1
+        mul, inv = _GF_MUL, _GF_INV
+        pa, pb, r1, r2 = [], [], [], []
+        for a, b in itertools.combinations(suspects, 2):
+            for i, j in itertools.combinations(range(m), 2):
+                if mul[h[i, a], h[j, b]] ^ mul[h[i, b], h[j, a]]:
+                    pa.append(a), pb.append(b), r1.append(i), r2.append(j)
+                    break
+        if not pa:
+            return None
+        a, b, r1, r2 = (np.array(x, dtype=np.int64) for x in (pa, pb, r1, r2))
+        s = s.astype(np.uint8)
+        h1a, h2a, h1b, h2b = (x[:, None] for x in (h[r1, a], h[r2, a], h[r1, b], h[r2, b]))
+        det = mul[h1a, h2b] ^ mul[h1b, h2a]  # (pairs, 1), nonzero by construction
+        s1, s2 = s[r1], s[r2]  # (pairs, ncols)
+        ea = mul[mul[s1, h2b] ^ mul[s2, h1b], inv[det]]
+        eb = mul[mul[s2, h1a] ^ mul[s1, h2a], inv[det]]
+        ok = (ea != 0) & (eb != 0)
+        for r in range(m):
+            ok &= (mul[h[r, a][:, None], ea] ^ mul[h[r, b][:, None], eb]) == s[r][None, :]
+        unique = ok.sum(axis=0) == 1
+        if not unique.any():
+            return None
+        where = np.flatnonzero(unique)
+        pick = np.argmax(ok[:, where], axis=0)
+        return where, a[pick], b[pick], ea[pick, where].astype(np.int64), eb[pick, where].astype(np.int64)
