@@ -81,6 +81,10 @@ MAX_FRAGMENTS = 256
 
 _HDR = 80  # liberasurecode fragment header size
 
+#: Pairs x columns tried at most when locating two wrong bytes per column (a
+#: 4 KiB-chunk stripe with 20 suspects needs 0.8 M; this bounds hostile files).
+_MAX_PAIR_WORK = 1 << 24
+
 
 # ==========================================================================
 # GF(2^8) reference arithmetic (polynomial 0x11d, generator 2), as ISA-L.
@@ -899,7 +903,7 @@ class ErasureCode:
                 if mul[h[i, a], h[j, b]] ^ mul[h[i, b], h[j, a]]:
                     pa.append(a), pb.append(b), r1.append(i), r2.append(j)
                     break
-        if not pa:
+        if not pa or len(pa) * s.shape[1] > _MAX_PAIR_WORK:
             return None
         a, b, r1, r2 = (np.array(x, dtype=np.int64) for x in (pa, pb, r1, r2))
         s = s.astype(np.uint8)
