@@ -81,8 +81,9 @@ MAX_FRAGMENTS = 256
 
 _HDR = 80  # liberasurecode fragment header size
 
-#: Pairs x columns tried at most when locating two wrong bytes per column (a
-#: 4 KiB-chunk stripe with 20 suspects needs 0.8 M; this bounds hostile files).
+#: Work bound of :meth:`ErasureCode.correct`: syndromes (m x chunk size) and
+#: pairs x columns when locating two wrong bytes per column. A 4 KiB-chunk
+#: stripe needs 8 K and, with 20 suspects, 0.8 M; this bounds hostile geometries.
 _MAX_PAIR_WORK = 1 << 24
 
 
@@ -828,7 +829,7 @@ class ErasureCode:
         k, m = self.k, self.m
         rows = [np.frombuffer(_as_buffer(ch), dtype=np.uint8) for ch in chunks]
         c = len(rows[0])
-        if any(len(r) != c for r in rows):
+        if any(len(r) != c for r in rows) or m * c > _MAX_PAIR_WORK:
             return {}
         syn = np.stack([np.frombuffer(x, np.uint8) for x in self.encode(rows[:k])]) ^ np.stack(rows[k:])
         cols = np.flatnonzero(syn.any(axis=0))
