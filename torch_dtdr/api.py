@@ -391,12 +391,13 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
             # download, memory bounded by a record and the prefetch window).
             order = sorted(range(len(reader.tensors)), key=lambda i: _first_offset(reader.tensors[i]))
             scrubber = reader.scrubber()
-            with reader.prefetch((rec for i in order for rec in reader.tensors[i].records), also=scrubber.reads()):
-                def scrub_behind(rec: RecordInfo, _seg) -> None:
-                    reads = reader.record_reads(rec)
-                    if reads:
-                        scrubber.run_until(max(o + n for o, n in reads))
 
+            def scrub_behind(rec: RecordInfo, _seg) -> None:
+                reads = reader.record_reads(rec)
+                if reads:
+                    scrubber.run_until(max(o + n for o, n in reads))
+
+            with reader.prefetch((rec for i in order for rec in reader.tensors[i].records), also=scrubber.reads()):
                 for i in _progress(order, progress, "verify"):
                     dec.tensor(i, after_record=scrub_behind)
                 dec.report.events += scrubber.finish()
