@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Iterable
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 
@@ -479,8 +479,8 @@ class ContainerReader:
         g = self.geometry
         c = g.chunk_size
         d = g.data_chunks_in(stripe)
-        full = [slots[s] if slots[s] is not None else damaged[s] for s in range(d)] + [bytes(c)] * (g.k - d)
-        full += [slots[s] if slots[s] is not None else damaged[s] for s in range(d, d + g.m)]
+        stored = [damaged.get(s, slots[s]) for s in range(d + g.m)]
+        full = stored[:d] + [bytes(c)] * (g.k - d) + stored[d:]  # a short stripe's missing chunks are zeros
         to_slot = {s if s < d else s + g.k - d: s for s in damaged}
         try:
             corrected = self.code.correct(full, list(to_slot))
