@@ -490,6 +490,10 @@ def _open(data: bytes) -> None:
             f.get_tensor(k)
 
 
+#: What a user may do with untrusted bytes (shared with fuzz_load.py).
+ENTRY_POINTS = (_load, _open)
+
+
 def exercise(data: bytes) -> list:
     """Everything a user may do with untrusted bytes: ``api.load``, and
     ``open`` + every tensor + the metadata. Returns the typed errors
@@ -501,7 +505,7 @@ def exercise(data: bytes) -> list:
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DamageWarning)
-        for fn in (_load, _open):
+        for fn in ENTRY_POINTS:
             try:
                 fn(data)
             except DTDRError as e:

@@ -83,6 +83,7 @@ from .errors import (CheckpointNotFoundError, DamageWarning, FormatError, Incomp
                      UnsupportedVersionError)
 from .integrity.checksum import hash64
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, exit_code, worst
+from .storage import exists, isdir, listdir, makedirs, remove
 
 __all__ = [
     "DTDRWriter",
@@ -151,68 +152,6 @@ def _join(base: str, name: str) -> str:
     if _is_url(base):
         return base.rstrip("/") + "/" + name
     return os.path.join(base, name)
-
-
-def _fs(base: str, storage_options):
-    import fsspec
-
-    return fsspec.core.url_to_fs(base, **(storage_options or {}))
-
-
-def _mkdirs(base: str, storage_options) -> None:
-    if not _is_url(base):
-        os.makedirs(base, exist_ok=True)
-        return
-    fs, p = _fs(base, storage_options)
-    try:
-        fs.makedirs(p, exist_ok=True)
-    except Exception:  # object stores have no directories; the first write creates the prefix
-        pass
-
-
-def _isdir(base: str, storage_options) -> bool:
-    if not _is_url(base):
-        return os.path.isdir(base)
-    fs, p = _fs(base, storage_options)
-    try:
-        fs.invalidate_cache(p)
-    except Exception:
-        pass
-    try:
-        return bool(fs.isdir(p))
-    except Exception:
-        return False
-
-
-def _listdir(base: str, storage_options) -> list[str]:
-    """Names of the files directly in ``base`` ([] when it does not exist)."""
-    if not _is_url(base):
-        try:
-            return sorted(os.listdir(base))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-    fs, p = _fs(base, storage_options)
-    try:
-        fs.invalidate_cache(p)
-    except Exception:
-        pass
-    try:
-        entries = fs.ls(p, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
-
-
-def _exists(path: str, storage_options) -> bool:
-    from .storage import exists
-
-    return exists(path, storage_options)
-
-
-def _remove(path: str, storage_options) -> None:
-    from .storage import remove
-
-    remove(path, storage_options, missing_ok=True)
 
 
 # --------------------------------------------------------------------------- metadata <-> JSON
@@ -539,8 +478,8 @@ def _load_plain_metadata(base: str, storage_options, rank: int | None = None) ->
         reports.append(rep)
         return doc, reports
     if missing == 2:
-        names = _listdir(base, storage_options)
-        if not names and not _isdir(base, storage_options):
+        names = listdir(base, storage_options)
+        if not names and not isdir(base, storage_options):
             raise IncompleteCheckpointError("no checkpoint here (no such directory)", file=base)
         shards = [n for n in names if _SHARD_RE.fullmatch(n) or n.endswith(".dtdr-tmp")]
         what = (f"{len(shards)} shard file(s) but no {_metadata_names(rank)[0]}: the save was interrupted "
@@ -565,9 +504,9 @@ def dcp_kind(path, storage_options: Mapping | None = None) -> str | None:
         return None
     p = _norm(path)
     try:
-        if not _isdir(p, storage_options):
+        if not isdir(p, storage_options):
             return None
-        names = _listdir(p, storage_options)
+        names = listdir(p, storage_options)
     except Exception:  # noqa: BLE001 - a store that cannot list is not a checkpoint folder
         return None
     if any(n in METADATA_NAMES or _SHARD_RE.fullmatch(n) or _RANK_META_RE.fullmatch(n) for n in names):
@@ -724,7 +663,7 @@ def _build_classes():
             self.use_collectives = kwargs.get("use_collectives", True)
 
         def prepare_local_plan(self, plan):
-            _mkdirs(self.path, self.storage_options)
+            makedirs(self.path, self.storage_options)
             if not self.use_collectives:
                 plan = dataclasses.replace(plan, storage_data=_FilePrefix(f"__{self.rank}_"))
             return plan
@@ -734,10 +673,10 @@ def _build_classes():
             # being loadable now, not after its shards were half overwritten.
             rank = None if self.use_collectives else self.rank
             names = [_join(self.path, n) for n in _metadata_names(rank)]
-            if not self.overwrite and any(_exists(n, self.storage_options) for n in names):
+            if not self.overwrite and any(exists(n, self.storage_options) for n in names):
                 raise FileExistsError(f"a checkpoint already exists at {self.path} and overwrite=False")
             for name in names:
-                _remove(name, self.storage_options)
+                remove(name, self.storage_options, missing_ok=True)
             return [p if p.storage_data is not None else dataclasses.replace(p, storage_data=_FilePrefix(f"__{i}_"))
                     for i, p in enumerate(plans)]
 
@@ -934,7 +873,7 @@ def _build_classes():
             if not isinstance(checkpoint_id, (str, os.PathLike)):
                 return False
             try:
-                return any(_exists(_join(_norm(checkpoint_id), n), None) for n in METADATA_NAMES)
+                return any(exists(_join(_norm(checkpoint_id), n), None) for n in METADATA_NAMES)
             except Exception:  # noqa: BLE001
                 return False
 
@@ -1126,8 +1065,8 @@ def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress:
 
     base = _norm(path)
     rep = CheckpointReport(base)
-    names = _listdir(base, storage_options)
-    if not names and not _isdir(base, storage_options):
+    names = listdir(base, storage_options)
+    if not names and not isdir(base, storage_options):
         raise IncompleteCheckpointError("no checkpoint here (no such directory)", file=base)
     # the global metadata; without it, the per-rank metadata of a save with use_collectives=False
     sets: list[int | None] = [None]
@@ -1278,7 +1217,7 @@ class _unwrapped:
 
 
 def _dcp_reader_for(base: str, storage_options, errors: str, allow_pickle: bool):
-    names = _listdir(base, storage_options)
+    names = listdir(base, storage_options)
     if any(n in METADATA_NAMES for n in names) or not any(n == ".metadata" for n in names):
         return __getattr__("DTDRReader")(base, errors=errors, storage_options=storage_options,
                                          allow_pickle=allow_pickle)
@@ -1368,7 +1307,7 @@ def _cmd_convert(args) -> int:
     out_so = storage_options(args.output_storage_option) or so
     to = args.to
     if to == "auto":
-        to = "dtdr" if _isdir(_norm(args.path), so) else "dcp"
+        to = "dtdr" if isdir(_norm(args.path), so) else "dcp"
     kw = dict(codec=args.codec, parity=_parity_arg(args.parity), block_size=args.block_size, errors=args.errors,
               storage_options=so, out_storage_options=out_so)
     if to == "dtdr":

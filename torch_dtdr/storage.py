@@ -69,6 +69,9 @@ __all__ = [
     "open_source",
     "open_sink",
     "exists",
+    "isdir",
+    "listdir",
+    "makedirs",
     "remove",
     "read_bytes",
     "write_bytes_atomic",
@@ -1101,20 +1104,66 @@ def open_sink(
 # --------------------------------------------------------------------------- helpers
 
 
+def _uncached(fs, path: str) -> None:
+    """Drop fsspec's listing cache for ``path``: another process may have changed it."""
+    try:
+        fs.invalidate_cache(path)
+    except Exception:
+        pass
+
+
 def exists(f: PathOrURL, storage_options: dict | None = None) -> bool:
     """Whether the path or URL names an existing file or directory."""
     r = _resolve(f, storage_options, allow_fileobj=False)
     if r[0] == "local":
         return os.path.exists(r[1])
     fs, path = r[1], r[2]
-    try:
-        fs.invalidate_cache(path)
-    except Exception:
-        pass
+    _uncached(fs, path)
     try:
         return bool(fs.exists(path))
     except Exception as e:
         raise _storage_error("exists failed", e, file=_fspath(f)) from e
+
+
+def isdir(f: PathOrURL, storage_options: dict | None = None) -> bool:
+    """Whether the path or URL names a directory (a prefix with objects under it,
+    on object stores). A store that fails to answer counts as "no"."""
+    r = _resolve(f, storage_options, allow_fileobj=False)
+    if r[0] == "local":
+        return os.path.isdir(r[1])
+    fs, path = r[1], r[2]
+    _uncached(fs, path)
+    try:
+        return bool(fs.isdir(path))
+    except Exception:
+        return False
+
+
+def listdir(f: PathOrURL, storage_options: dict | None = None) -> list[str]:
+    """Sorted names of the entries directly in a directory ([] when it does not exist)."""
+    r = _resolve(f, storage_options, allow_fileobj=False)
+    try:
+        if r[0] == "local":
+            return sorted(os.listdir(r[1]))
+        fs, path = r[1], r[2]
+        _uncached(fs, path)
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+
+def makedirs(f: PathOrURL, storage_options: dict | None = None) -> None:
+    """Create a directory and its parents (object stores need none: the first
+    write creates the prefix)."""
+    r = _resolve(f, storage_options, allow_fileobj=False)
+    if r[0] == "local":
+        os.makedirs(r[1], exist_ok=True)
+        return
+    try:
+        r[1].makedirs(r[2], exist_ok=True)
+    except Exception:
+        pass
 
 
 def remove(f: PathOrURL, storage_options: dict | None = None, *, missing_ok: bool = False) -> None:
