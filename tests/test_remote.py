@@ -391,11 +391,16 @@ def test_heavily_damaged_object_degrades(remote):
     assert_same(back["a"], sd["a"])
     b, ref = back["b"].double(), sd["b"].double()
     assert ((b - ref).norm() / ref.norm()).item() < 0.5
-    # a degraded object is still repaired into a self-consistent one
+    # a degraded object is still repaired into a self-consistent one, which keeps saying degraded
     out = f"{base}/healed.dtdr"
     rep2 = api.repair(url, out, storage_options=opts, out_storage_options=opts)
     assert rep2.status == DEGRADED
-    assert api.verify(out, storage_options=opts).status == EXACT
+    healed = api.verify(out, storage_options=opts)
+    assert healed.status == DEGRADED and not healed.events and not healed.truncated
+    assert {t.name: t.status for t in healed.tensors}["a"] == EXACT
+    # and in place only when asked to
+    with pytest.raises(IntegrityError):
+        api.repair(url, storage_options=opts)
 
 
 def test_corrupt_and_undo_restore_sha256(remote):

@@ -8,6 +8,7 @@ storage sink; loading runs the same path backwards.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import os
@@ -21,7 +22,7 @@ from ._cpu import compute_cores
 from .codecs.base import Codec
 from .errors import CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
 from .format import constants as C
-from .format.index import Index, RecordInfo, TensorInfo, dtype_name, encode_index
+from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
 from .format.reader import ContainerReader, SegmentData, merge_ranges
 from .format.writer import ContainerWriter
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
@@ -200,6 +201,14 @@ class _Decoder:
         self._reports[i] = rep
         covered = sum(rec.elem_count for rec in info.records)
         numel = info.numel
+        prov = info.provenance
+        rep.provenance = None if prov is None else dict(prov)
+        if prov is not None and prov["status"] == PROVENANCE_LOST:
+            rep.status = LOST
+            rep.error_bound = None
+            self._fail(rep, IntegrityError, f"tensor was lost before this file was written (the file is a partial "
+                       f"copy salvaged by repair from {prov['source']!r})", None)
+            return None
         if covered < numel or (numel == 0 and not info.records and r.truncated):
             rep.status = LOST
             rep.error_bound = None
@@ -238,6 +247,15 @@ class _Decoder:
         rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
         if rep.status in (DEGRADED, LOST):
             rep.error_bound = bound
+        if prov is not None and rep.status != LOST:
+            # written by repair from degraded data: it stays degraded, whatever its checksums say
+            rep.status = DEGRADED
+            rep.degraded_elements += prov["degraded_elements"]
+            old_bound = prov["error_bound"]
+            rep.error_bound = None if (old_bound is None or rep.error_bound is None) else rep.error_bound + old_bound
+            self._fail(rep, IntegrityError, f"tensor is degraded: repair wrote it from data of {prov['source']!r} "
+                       f"that could not be restored exactly ({prov['degraded_elements']} elements affected)",
+                       rep.damaged_bytes[0] if rep.damaged_bytes else None)
         if rep.status != EXACT and rep.status != REPAIRED:
             self._fail(rep, TruncatedError if r.truncated else IntegrityError,
                        f"tensor is {rep.status} ({rep.degraded_elements} elements affected)",
@@ -430,45 +448,130 @@ class _RecordCopier:
         self.new.records.append(RecordInfo(offset, header.size, rec.elem_start, rec.elem_count, header.sections))
 
 
+class _NeedsMarking(Exception):
+    """Raised inside the first repair pass (aborting its sink) when a tensor
+    turns out degraded or lost: the file must be written again with those
+    tensors marked, in the head manifest too."""
+
+
 def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
-           progress: bool = False, max_workers: int | None = None) -> Report:
+           progress: bool = False, max_workers: int | None = None, allow_degraded: bool = False,
+           salvage: bool = False) -> Report:
     """Write a healed copy of ``f`` to ``out`` (default: replace ``f`` atomically;
     ``out_storage_options`` default to ``storage_options``).
 
     Sections that verify, or that parity or voting restores, are copied bit for
-    bit; degraded segments are re-encoded from their best recovered values, so
-    the new file is self-consistent (the returned report says which tensors
-    were degraded). Lost tensors cannot be healed: IntegrityError, and the
-    destination is left untouched. ``max_workers`` is as in :func:`load`.
+    bit. A repair never launders damage: when a tensor cannot be restored
+    exactly, the output records it (a per-tensor ``provenance`` marker in the
+    index and the head manifest, format.md section 5), so that ``verify``,
+    strict loads and load reports keep calling it degraded or lost.
+
+    * Degraded tensors are re-encoded from their best recovered values and
+      marked ``degraded``. Replacing ``f`` in place with such a file needs
+      ``allow_degraded=True``; otherwise IntegrityError (carrying ``.report``)
+      and ``f`` is left untouched. Writing to a separate ``out`` is allowed.
+    * Lost tensors (a truncated file, say) are only dropped with
+      ``salvage=True``: the surviving tensors go into a partial file in which
+      the lost ones are listed, marked ``lost``. Otherwise IntegrityError and
+      the destination is left untouched.
+
+    The returned report describes ``f``; its ``exact`` is False whenever the
+    output is marked. ``max_workers`` is as in :func:`load`.
     """
+    try:
+        return _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers, None)
+    except _NeedsMarking as need:
+        rep = need.args[0]
+    statuses = {t.name: t.status for t in rep.tensors}
+    lost = [n for n, st in statuses.items() if st == LOST]
+    degraded = [n for n, st in statuses.items() if st == DEGRADED]
+    name = rep.file
+    if lost and not salvage:
+        err = IntegrityError(f"{len(lost)} tensors are lost and cannot be repaired ({_names(lost)}); "
+                             "pass salvage=True (dtdr repair --salvage) to write the others into a partial file",
+                             file=name, tensor=lost[0])
+        err.report = rep
+        raise err
+    if out is None and not (salvage if lost else allow_degraded):
+        err = IntegrityError(f"{len(degraded)} tensors are degraded ({_names(degraded)}) and cannot be restored "
+                             "exactly; not replacing the file in place: write to another file (dtdr repair -o) "
+                             "or pass allow_degraded=True (--allow-degraded)", file=name, tensor=(degraded or lost)[0])
+        err.report = rep
+        raise err
+    marks = {t.name: t for t in rep.tensors if t.status in (DEGRADED, LOST)}
+    return _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers, marks)
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers,
+                 marks: dict[str, TensorReport] | None) -> Report:
+    """One pass of :func:`repair`: each record is checked (and decoded, for the
+    report) and written out at once. With ``marks`` None, the first tensor that
+    is neither exact nor repaired raises :class:`_NeedsMarking` (aborting the
+    sink, so nothing reaches the destination); with ``marks``, those tensors
+    are written marked (``lost`` ones without records)."""
     with open_source(f, storage_options, max_workers=max_workers) as src:
         reader = ContainerReader(src)
+        source_name = _base_name(reader.name)
         dec = _Decoder(reader, "recover")
         g = reader.geometry
         index = Index(reader.index.tree, [], dict(reader.index.metadata),
                       {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "inner_nsym": g.inner_nsym})
-        index.tensors = [TensorInfo(t.name, t.dtype, t.shape, t.codec, t.segment_elems) for t in reader.tensors]
+        index.tensors = [TensorInfo(t.name, t.dtype, t.shape, t.codec, t.segment_elems, provenance=t.provenance)
+                         for t in reader.tensors]
+        for t in index.tensors:
+            mark = (marks or {}).get(t.name)
+            if mark is not None and t.provenance is None:
+                t.provenance = ({"status": PROVENANCE_LOST, "source": source_name} if mark.status == LOST else
+                                {"status": PROVENANCE_DEGRADED, "source": source_name,
+                                 "degraded_elements": int(mark.degraded_elements),
+                                 "error_bound": _finite_or_none(mark.error_bound)})
+            elif mark is not None and mark.status == LOST and t.provenance["status"] != PROVENANCE_LOST:
+                t.provenance = {"status": PROVENANCE_LOST, "source": source_name}
         target = f if out is None else out
         out_options = storage_options if out is None or out_storage_options is None else out_storage_options
-        # One pass: each record is checked (and decoded, for the report) and
-        # written out at once; a lost tensor raises, which aborts the sink, so
-        # nothing reaches the destination.
-        with open_sink(target, out_options) as sink, reader.prefetch(rec for t in reader.tensors for rec in t.records):
-            w = ContainerWriter(sink, chunk_size=g.chunk_size, k=g.k, m=g.m, algorithm=reader.algorithm,
-                                inner_nsym=g.inner_nsym)
-            index.geometry["algorithm"] = w.code.algorithm
-            w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
-                           [("manifest", 1, encode_index(index.to_json(with_records=False)))])
-            for tid, (tinfo, new) in _progress(list(enumerate(zip(reader.tensors, index.tensors))), progress,
-                                               "repair"):
-                copy = _RecordCopier(w, tid, tinfo, new)
-                if dec.tensor(tid, after_record=copy) is None:
-                    raise IntegrityError("tensor is lost and cannot be repaired", file=reader.name,
-                                         tensor=tinfo.name,
-                                         byte_range=(dec._reports[tid].damaged_bytes or [(0, 0)])[0])
-            index.geometry["n_data_chunks"] = -(-w.logical_offset // g.chunk_size)
-            w.finish(index.to_json())
+        try:
+            with open_sink(target, out_options) as sink, \
+                    reader.prefetch(rec for t in reader.tensors for rec in t.records):
+                w = ContainerWriter(sink, chunk_size=g.chunk_size, k=g.k, m=g.m, algorithm=reader.algorithm,
+                                    inner_nsym=g.inner_nsym)
+                index.geometry["algorithm"] = w.code.algorithm
+                w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
+                               [("manifest", 1, encode_index(index.to_json(with_records=False)))])
+                for tid, (tinfo, new) in _progress(list(enumerate(zip(reader.tensors, index.tensors))), progress,
+                                                   "repair"):
+                    lost_mark = new.provenance is not None and new.provenance["status"] == PROVENANCE_LOST
+                    if lost_mark and tinfo.provenance is None:
+                        dec.tensor(tid, after_record=None)  # for the report; nothing of it is written
+                        continue
+                    dec.tensor(tid, after_record=_RecordCopier(w, tid, tinfo, new))
+                    if marks is None and dec._reports[tid].status not in (EXACT, REPAIRED):
+                        raise _NeedsMarking(None)
+                index.geometry["n_data_chunks"] = -(-w.logical_offset // g.chunk_size)
+                w.finish(index.to_json())
+        except _NeedsMarking:
+            # finish the report over every tensor (nothing more is written), then start again
+            for tid in range(len(reader.tensors)):
+                if tid not in dec._reports:
+                    dec.tensor(tid)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DamageWarning)
+                raise _NeedsMarking(dec.finish()) from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DamageWarning)
             rep = dec.finish()
     return rep
+
+
+def _base_name(name: str) -> str:
+    """The last component of a path or URL: what a marker records as its source
+    (never the directories of the machine that ran the repair)."""
+    return str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1][:1024]
+
+
+def _finite_or_none(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None

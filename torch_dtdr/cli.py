@@ -74,14 +74,26 @@ def _cmd_repair(args) -> int:
     so = _storage_options(args.storage_option)
     # the output takes --output-storage-option, else the options of PATH (as `dtdr dcp`)
     out_so = _storage_options(args.output_storage_option) if args.output_storage_option else so
-    rep = repair(args.path, args.output, storage_options=so, out_storage_options=out_so, progress=not args.json,
-                 max_workers=args.max_workers)
+    try:
+        rep = repair(args.path, args.output, storage_options=so, out_storage_options=out_so, progress=not args.json,
+                     max_workers=args.max_workers, allow_degraded=args.allow_degraded, salvage=args.salvage)
+    except DTDRError as e:
+        refused = getattr(e, "report", None)
+        if refused is not None:
+            print(refused.to_json(indent=2) if args.json else refused, file=sys.stdout)
+        raise
     if args.json:
         print(rep.to_json(indent=2))
     else:
         print(rep.summary())
-        print(f"healed file written to {args.output or args.path}")
-    return 0
+        if rep.exact:
+            print(f"healed file written to {args.output or args.path}")
+        else:
+            marked = [t.name for t in rep.tensors if not t.status in ("exact", "repaired")]
+            print(f"file written to {args.output or args.path} with {len(marked)} tensors marked degraded or lost "
+                  f"(verify and strict loads report them): {', '.join(marked[:10])}")
+    # 0: every tensor restored exactly; 2: the output is marked degraded or partial
+    return 0 if rep.exact else 2
 
 
 def _positive_int(text: str) -> int:
@@ -114,12 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     _max_workers_flag(sp)
     sp.set_defaults(func=_cmd_verify)
-    sp = sub.add_parser("repair", help="write a healed file")
+    sp = sub.add_parser("repair", help="write a healed file (exit 0 exact, 2 written with degraded/lost tensors "
+                                       "marked, 3 refused or unreadable)")
     common(sp)
     _max_workers_flag(sp)
     sp.add_argument("-o", "--output", help="destination (default: replace the file atomically)")
     sp.add_argument("--output-storage-option", action="append", metavar="KEY=VALUE",
                     help="fsspec storage option for --output (repeatable; default: those of PATH)")
+    sp.add_argument("--allow-degraded", action="store_true",
+                    help="replace PATH in place even when some tensors cannot be restored exactly (they are "
+                         "marked degraded in the new file; exit status 2)")
+    sp.add_argument("--salvage", action="store_true",
+                    help="write the surviving tensors of a file with lost tensors into a partial file (the lost "
+                         "ones are listed, marked lost; exit status 2)")
     sp.set_defaults(func=_cmd_repair)
     for name in _PLUGINS:
         importlib.import_module(f"{__package__}.{name}").register_cli(sub, common)

@@ -30,7 +30,10 @@ class TensorReport:
     could not be repaired; ``repaired_bytes`` failed and were restored exactly
     by parity or by voting between copies. For ``degraded`` tensors,
     ``degraded_elements`` counts affected elements and ``error_bound`` bounds
-    ``max |saved - loaded|`` (None when no bound is known).
+    ``max |saved - loaded|`` (None when no bound is known). ``provenance`` is
+    the file's own record that the tensor was written by ``repair`` from data
+    that was already degraded or lost (``{"status", "source", ...}``); such a
+    tensor never reports better than that status.
     """
 
     name: str
@@ -42,6 +45,7 @@ class TensorReport:
     repaired_bytes: list[tuple[int, int]] = field(default_factory=list)
     degraded_elements: int = 0
     error_bound: float | None = 0.0
+    provenance: dict | None = None
 
 
 @dataclass

@@ -14,6 +14,9 @@ RECORD_MAGIC = b"DREC"
 
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
+#: The minor version written in the index of a file that carries a per-tensor
+#: ``provenance`` marker (format.md section 5); other files keep FORMAT_MINOR.
+PROVENANCE_MINOR = 1
 
 #: Alignment unit: chunks, footer blobs and the trailer page start on PAGE boundaries,
 #: so a damaged aligned sector touches exactly one of them.

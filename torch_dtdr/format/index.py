@@ -66,6 +66,10 @@ class TensorInfo:
     codec: dict
     segment_elems: int
     records: list[RecordInfo] = field(default_factory=list)
+    #: Set by ``repair`` when it wrote this tensor from data it could not
+    #: restore exactly: ``{"status": "degraded" | "lost", "source": ...}``
+    #: (format.md section 5). None for a tensor written from exact data.
+    provenance: dict | None = None
 
     @property
     def numel(self) -> int:
@@ -77,6 +81,8 @@ class TensorInfo:
     def to_json(self, with_records: bool = True) -> dict:
         d = {"name": self.name, "dtype": DTYPE_NAMES[self.dtype], "shape": list(self.shape),
              "codec": self.codec, "segment_elems": self.segment_elems}
+        if self.provenance is not None:
+            d["provenance"] = self.provenance
         if with_records:
             d["records"] = [r.to_json() for r in self.records]
         return d
@@ -91,7 +97,8 @@ class Index:
     stream_length: int | None = None
 
     def to_json(self, with_records: bool = True) -> dict:
-        d = {"format": [C.FORMAT_MAJOR, C.FORMAT_MINOR], "geometry": self.geometry, "tree": self.tree,
+        minor = C.PROVENANCE_MINOR if any(t.provenance is not None for t in self.tensors) else C.FORMAT_MINOR
+        d = {"format": [C.FORMAT_MAJOR, minor], "geometry": self.geometry, "tree": self.tree,
              "tensors": [t.to_json(with_records) for t in self.tensors], "metadata": self.metadata}
         return d
 
@@ -205,8 +212,12 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
                               file=file, tensor=name, field="shape")
         codec = _dict(t.get("codec"), f"{name}.codec", file)
         seg = _int(t.get("segment_elems"), f"{name}.segment_elems", lo=1, file=file)
-        info = TensorInfo(name, dtype, shape, codec, seg)
-        if require_records:
+        info = TensorInfo(name, dtype, shape, codec, seg, provenance=parse_provenance(t, name, file))
+        lost = info.provenance is not None and info.provenance["status"] == PROVENANCE_LOST
+        if require_records and lost:
+            if _list(t.get("records"), f"{name}.records", file):
+                raise FormatError("a tensor marked lost has records", file=file, tensor=name, field="records")
+        elif require_records:
             expected = 0
             for r in _list(t.get("records"), f"{name}.records", file):
                 r = _list(r, f"{name}.records[]", file, 5)
@@ -253,6 +264,32 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
                                       byte_range=(r.offset, r.end), field="records")
                 prev_end = r.end
     return Index(tree, tensors, metadata, geometry, stream_length)
+
+
+PROVENANCE_DEGRADED, PROVENANCE_LOST = "degraded", "lost"
+_MAX_SOURCE_CHARS = 1024
+
+
+def parse_provenance(t: dict, name: str, file=None) -> dict | None:
+    """The checked ``provenance`` marker of a tensor entry (format.md section 5),
+    or None. Unknown members are dropped (a later minor version may add some)."""
+    if "provenance" not in t:
+        return None
+    what = f"tensors[{_short(name)}].provenance"
+    p = _dict(t["provenance"], what, file)
+    status = p.get("status")
+    if status not in (PROVENANCE_DEGRADED, PROVENANCE_LOST):
+        raise FormatError(f"provenance status must be 'degraded' or 'lost', got {_short(status)}", file=file,
+                          tensor=name, field=f"{what}.status")
+    out = {"status": status, "source": _str(p.get("source", ""), f"{what}.source", file, _MAX_SOURCE_CHARS)}
+    if status == PROVENANCE_DEGRADED:
+        out["degraded_elements"] = _int(p.get("degraded_elements", 0), f"{what}.degraded_elements", file=file)
+        bound = p.get("error_bound")
+        if bound is not None and (type(bound) not in (int, float) or not 0 <= bound < float("inf")):
+            raise FormatError("provenance error_bound must be a finite number >= 0 or null", file=file,
+                              tensor=name, field=f"{what}.error_bound")
+        out["error_bound"] = None if bound is None else float(bound)
+    return out
 
 
 def check_record_size(rec: "RecordInfo", itemsize: int, *, file=None, tensor=None) -> None:
