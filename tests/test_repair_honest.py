@@ -184,3 +184,29 @@ def test_golden_repaired_degraded_file_decodes_with_its_marker():
             assert got == v["sha256"], k
     with pytest.raises(IntegrityError):
         api.load(path, errors="strict")
+
+
+@pytest.mark.parametrize("marker, field", [
+    ({"status": "fine", "source": "x"}, "status"),
+    ({"status": "degraded", "source": 7}, "source"),
+    ({"status": "degraded", "source": "x" * 2000}, "source"),
+    ({"status": "degraded", "source": "x", "error_bound": -1.0}, "error_bound"),
+    ({"status": "degraded", "source": "x", "degraded_elements": "many"}, "degraded_elements"),
+    ({"status": "lost", "source": "x"}, "records"),  # a tensor marked lost must have no records
+    ("degraded", "provenance"),
+])
+def test_hostile_provenance_marker_is_a_format_error(marker, field):
+    import io
+    import sys as _sys
+
+    _sys.path.insert(0, ROOT)
+    from fuzz import craft
+    from torch_dtdr.errors import FormatError
+
+    data = craft.save_bytes({"w": pseudo(100)})
+    doc = craft.parse(data).index
+    doc["tensors"][0]["provenance"] = marker
+    bad = craft.reseal(data, doc)
+    with pytest.raises(FormatError) as e:
+        api.load(io.BytesIO(bad))
+    assert e.value.field is not None and e.value.field.endswith(field), e.value.field
