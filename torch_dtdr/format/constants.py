@@ -83,6 +83,17 @@ MAX_TRUNCATED_RECORD = 16 << 20
 #: before it is decompressed, and the JSON parser's memory stays a multiple of the file size.
 MAX_INDEX_RATIO = 1024
 MAX_INDEX_FLOOR = 4 << 20
+#: Column correction (locating wrong bytes with a stripe's own code) may spend
+#: at most CORRECTION_WORK_PER_BYTE x stream length + CORRECTION_WORK_BASE work
+#: units (bytes of stripes whose syndromes are computed, suspect pairs x
+#: columns x m table lookups; each ~20-30 ns of CPU) per open file; past that,
+#: damaged chunks go to the erasure code alone. The stream length is what a
+#: clean load decodes, so correction costs at most a few clean loads.
+CORRECTION_WORK_PER_BYTE = 4
+CORRECTION_WORK_BASE = 1 << 22
+#: Restored chunks a reader keeps per open file (each stripe is repaired once;
+#: a stripe beyond repair is remembered at no cost).
+STRIPE_CACHE_BYTES = 128 << 20
 #: Characters in one metadata value or tensor name of the index.
 MAX_INDEX_STR = 1 << 26
 MAX_COPIES = 15

@@ -22,7 +22,7 @@ from ..codecs.base import Damage
 from ..errors import FormatError, TruncatedError
 from ..integrity.checksum import chunk_hashes, hash64
 from ..integrity.inner import InnerCode
-from ..integrity.parity import ErasureCode
+from ..integrity.parity import ErasureCode, WorkBudget
 from ..integrity.vote import bitwise_majority
 from . import constants as C
 from .index import Index, RecordInfo, TensorInfo, check_record_size, decompress_index, parse_index
@@ -81,10 +81,19 @@ class ContainerReader:
         self.max_workers = max_workers
         self.events: list[str] = []  # container-level damage found while opening
         self.truncated = False
-        self._stripe_cache: OrderedDict[int, list[bytes] | None] = OrderedDict()
+        # outcomes of stripe repairs, so each stripe is repaired at most once per
+        # open file: the restored data chunks ({slot: bytes}; evicted, least
+        # recently used first, past STRIPE_CACHE_BYTES), and the stripes beyond
+        # repair (kept for good: an int each)
+        self._stripe_cache: OrderedDict[int, dict[int, bytes]] = OrderedDict()
+        self._stripes_beyond_repair: set[int] = set()
+        self._stripe_cache_bytes = 0
+        self.stripe_repairs = 0  # repairs run (not served from the cache)
+        self._correction_budget: WorkBudget | None = None
         self._lock = threading.Lock()
         self._sums: list[np.ndarray] | None = None
         self._footer_blobs: list[tuple[int, int, int]] = []
+        self._patched: dict[int, bytes] = {}  # data chunk -> bytes corrected without checksums (no footer)
         self._try_budget = 2 * self.size + _MAX_TRY_BYTES
         if self.size == 0:
             raise TruncatedError("file is empty", file=self.name, byte_range=(0, 0))
@@ -110,6 +119,15 @@ class ContainerReader:
         self.algorithm = algorithm
         self._code = None
         self._inner = InnerCode(chunk_size, inner_nsym) if inner_nsym else None
+
+    @property
+    def correction_budget(self) -> WorkBudget:
+        """What column correction may still spend on this open file: a multiple
+        of the stream length (what a clean load decodes) plus a constant."""
+        if self._correction_budget is None:
+            self._correction_budget = WorkBudget(C.CORRECTION_WORK_PER_BYTE * self.stream_length
+                                                 + C.CORRECTION_WORK_BASE)
+        return self._correction_budget
 
     @property
     def code(self) -> ErasureCode:
@@ -257,15 +275,19 @@ class ContainerReader:
     def _open_from_scan(self) -> None:
         """No usable footer: rebuild the index from the head manifest and the records."""
         head = self.source.read(0, min(self.size, C.PAGE))
-        sb = Superblock.parse(head, file=self.name)
+        try:
+            sb = Superblock.parse(head, file=self.name)
+            c, k, m, algorithm, inner = sb.chunk_size, sb.k, sb.m, sb.parity_algorithm, sb.flags & 0xFF
+        except FormatError as error:
+            c, k, m, algorithm, inner = self._geometry_from_head_manifest(head, error)
         self.truncated = True
         self.events.append("no usable footer: the file is truncated or its end is destroyed; records scanned")
-        c, k, m = sb.chunk_size, sb.k, sb.m
-        stripe_span = Geometry(c, k, m, k, sb.flags & 0xFF).stripe_span
+        stripe_span = Geometry(c, k, m, k, inner).stripe_span
         full, rest = divmod(self.size, stripe_span)
         n_data = full * k + min(k, -(-rest // c))
-        self._set_geometry(c, k, m, sb.parity_algorithm, n_data, sb.flags & 0xFF)
+        self._set_geometry(c, k, m, algorithm, n_data, inner)
         self.stream_length = min(n_data * c, full * k * c + min(rest, k * c))
+        self._correct_without_sums()
         stream = bytes(self.read_logical(0, self.stream_length, verify=False).data)
         pos = C.SUPERBLOCK.size
         header = RecordHeader.parse(stream, pos, file=self.name)
@@ -302,6 +324,60 @@ class ContainerReader:
             pos += rec.size + rec.body_length
         self._install_index(index)
         self._sums = None
+
+    def _geometry_from_head_manifest(self, head: bytes, error: FormatError) -> tuple[int, int, int, str, int]:
+        """The geometry recorded in the head manifest, for a footer-less file
+        whose superblock is damaged. The first stripe's data chunks lie back to
+        back at the start of the file, so the manifest is read without knowing
+        the chunk size; its own header hash and section digest must verify,
+        else ``error`` (the superblock's) is raised."""
+        try:
+            header = RecordHeader.parse(head, C.SUPERBLOCK.size, file=self.name)
+        except FormatError:
+            raise error from None
+        if header.kind != C.RECORD_KIND_MANIFEST or len(header.sections) != 1 \
+                or header.sections[0].length > self.size:
+            raise error
+        start = C.SUPERBLOCK.size + header.size
+        body = bytes(self.source.read(start, header.sections[0].length))
+        if len(body) != header.sections[0].length or hash64(body) != header.sections[0].digest:
+            raise error
+        g = parse_index(body, file=self.name, require_records=False).geometry
+        geometry = (_gi(g, "chunk_size"), _gi(g, "k"), _gi(g, "m"), str(g.get("algorithm")), _gi(g, "inner_nsym", 0))
+        check_geometry(*geometry[:3], self.name)
+        check_flags(geometry[4], self.name)
+        self.events.append("superblock damaged; geometry taken from the head manifest")
+        return geometry
+
+    def _correct_without_sums(self) -> None:
+        """Without a footer there are no chunk checksums, but the stripes still
+        carry parity: where a stripe's parity disagrees with its data, locate
+        the wrong bytes column by column with the stripe's code (every chunk a
+        suspect) and keep the corrected data chunks, which later reads of the
+        stream see. Section and header hashes judge every record afterwards, so
+        a miscorrection can only leave damage reported as damage."""
+        g = self.geometry
+        if g.m < 2:
+            return
+        c = g.chunk_size
+        for stripe in range(g.n_stripes):
+            d = g.data_chunks_in(stripe)
+            n = d + g.m
+            raw = self.source.read(stripe * g.stripe_span, n * c)
+            if len(raw) < n * c:
+                break  # the stripe is cut by the end of the file: its parity is gone
+            chunks = [raw[i * c:(i + 1) * c] for i in range(n)]
+            full = chunks[:d] + [bytes(c)] * (g.k - d) + chunks[d:]
+            try:
+                corrected = self.code.correct(full, [i for i in range(g.k + g.m) if i < d or i >= g.k],
+                                              budget=self.correction_budget)
+            except Exception:  # noqa: BLE001 - a failed correction leaves damage, reported by the section hashes
+                continue
+            for slot, data in corrected.items():
+                if slot < d:
+                    self._patched[stripe * g.k + slot] = data
+        if self._patched:
+            self.events.append(f"{len(self._patched)} chunks corrected by parity without chunk checksums")
 
     def _plausible(self, rec: RecordInfo, itemsize: int) -> bool:
         """Whether a record header found by the scan has sizes a writer could
@@ -355,6 +431,9 @@ class ContainerReader:
             buf[lstart - a: lstart - a + len(raw)] = raw
             if len(raw) < n and missing_from is None:
                 missing_from = lstart + len(raw)
+        for j in (range(a // c, b // c) if self._patched else ()):
+            if j in self._patched:
+                buf[j * c - a: (j + 1) * c - a] = self._patched[j]
         result = ReadResult(buf)
         if missing_from is not None:
             self.truncated = True
@@ -422,21 +501,39 @@ class ContainerReader:
         if not g.m:
             return None
         stripe, slot = divmod(j, g.k)
-        with self._lock:
-            chunks = self._stripe_cache.get(stripe, False)
-        if chunks is False:
-            chunks = self._repair_stripe(stripe)
-            with self._lock:
-                self._stripe_cache[stripe] = chunks
-                while len(self._stripe_cache) > 64:
-                    self._stripe_cache.popitem(last=False)
-        return None if chunks is None else chunks[slot]
+        outcome = self._stripe_outcome(stripe)
+        return None if outcome is None else outcome.get(slot)
 
-    def _repair_stripe(self, stripe: int) -> list[bytes] | None:
-        """Restore a stripe's data chunks: first each damaged chunk through its
+    def _stripe_outcome(self, stripe: int) -> dict[int, bytes] | None:
+        """The repaired data chunks of ``stripe`` (None: beyond repair), from the
+        cache or from one :meth:`_repair_stripe`, whose outcome is then kept."""
+        with self._lock:
+            if stripe in self._stripes_beyond_repair:
+                return None
+            if stripe in self._stripe_cache:
+                self._stripe_cache.move_to_end(stripe)
+                return self._stripe_cache[stripe]
+        outcome = self._repair_stripe(stripe)
+        with self._lock:
+            self.stripe_repairs += 1
+            if outcome is None:
+                self._stripes_beyond_repair.add(stripe)
+            elif stripe not in self._stripe_cache:
+                self._stripe_cache[stripe] = outcome
+                self._stripe_cache_bytes += sum(len(x) for x in outcome.values())
+                while self._stripe_cache_bytes > C.STRIPE_CACHE_BYTES and len(self._stripe_cache) > 1:
+                    _old, chunks = self._stripe_cache.popitem(last=False)
+                    self._stripe_cache_bytes -= sum(len(x) for x in chunks.values())
+        return outcome
+
+    def _repair_stripe(self, stripe: int) -> dict[int, bytes] | None:
+        """Restore a stripe's damaged chunks: first each damaged chunk through its
         inner code (archive level); then, when more than m chunks are still
         damaged, byte errors located column by column by the stripe's own code
-        (:meth:`ErasureCode.correct`); then the erasure code across the stripe."""
+        (:meth:`ErasureCode.correct`, within the file's correction budget); then
+        the erasure code across the stripe. Returns ``{slot: bytes}`` for the
+        data chunks that were damaged and are restored (``{}`` when only parity
+        chunks were), or None when the stripe is beyond repair."""
         g = self.geometry
         c = g.chunk_size
         d = g.data_chunks_in(stripe)
@@ -447,10 +544,13 @@ class ContainerReader:
             return None
         slots: list[bytes | None] = []
         damaged: dict[int, bytes] = {}
+        was_bad = []
         for s in range(n):
             idx = g.chunk_index(stripe, s)
             piece = raw[s * c:(s + 1) * c]
             if not self._chunk_ok(idx, piece):
+                if s < d:
+                    was_bad.append(s)
                 fixed, decoded = self._inner_fix(piece, raw, n * c + s * g.inner_size)
                 if fixed is not None and (self._chunk_ok(idx, fixed) or (decoded and self._sum_disputed(idx))):
                     piece = fixed
@@ -471,7 +571,7 @@ class ContainerReader:
         if not all(self._chunk_ok(g.chunk_index(stripe, s), out[s]) or self._sum_disputed(g.chunk_index(stripe, s))
                    for s in rebuilt):
             return None
-        return [bytes(x) for x in out]
+        return {s: bytes(out[s]) for s in was_bad}
 
     def _correct_columns(self, stripe: int, slots: list, damaged: dict[int, bytes]) -> None:
         """Fix, in ``slots``, the damaged chunks whose byte errors the stripe's
@@ -483,7 +583,7 @@ class ContainerReader:
         full = stored[:d] + [bytes(c)] * (g.k - d) + stored[d:]  # a short stripe's missing chunks are zeros
         to_slot = {s if s < d else s + g.k - d: s for s in damaged}
         try:
-            corrected = self.code.correct(full, list(to_slot))
+            corrected = self.code.correct(full, list(to_slot), budget=self.correction_budget)
         except Exception:  # noqa: BLE001 - a failed repair is reported as damage, never raised
             return
         for pos, data in corrected.items():
@@ -584,7 +684,7 @@ class ContainerReader:
             bad = int((~ok).sum())
             if bad:
                 damaged += bad
-                if self._repair_stripe(stripe) is None:
+                if self._stripe_outcome(stripe) is None:
                     unrepairable += 1
         return damaged, unrepairable
 

@@ -66,6 +66,7 @@ __all__ = [
     "ALGORITHMS",
     "DEFAULT_ALGORITHM",
     "ErasureCode",
+    "WorkBudget",
     "available_algorithms",
     "default_algorithm",
 ]
@@ -85,6 +86,31 @@ _HDR = 80  # liberasurecode fragment header size
 #: pairs x columns when locating two wrong bytes per column. A 4 KiB-chunk
 #: stripe needs 8 K and, with 20 suspects, 0.8 M; this bounds hostile geometries.
 _MAX_PAIR_WORK = 1 << 24
+
+
+class WorkBudget:
+    """Work units (bytes or table lookups) that column correction may still
+    spend; shared by the threads reading one file. A reader sizes it in
+    proportion to the file, so damage can never make correction cost more
+    than a fixed multiple of a clean load."""
+
+    def __init__(self, units: int):
+        self.left = int(units)
+        self._lock = threading.Lock()
+
+    def spend(self, units: int) -> bool:
+        """Take ``units`` if that many are left (True), else take nothing (False)."""
+        with self._lock:
+            if units > self.left:
+                return False
+            self.left -= units
+            return True
+
+
+#: When locating pairs of wrong bytes, columns are first tried in a sample of
+#: this many; when fewer than a quarter of them are explained, the stripe is
+#: given up on (its columns hold more errors than the code can locate).
+_PAIR_SAMPLE = 32
 
 
 # ==========================================================================
@@ -805,7 +831,8 @@ class ErasureCode:
         self._p_rows = p
         return p
 
-    def correct(self, chunks: Sequence, suspects: Sequence[int]) -> dict[int, bytes]:
+    def correct(self, chunks: Sequence, suspects: Sequence[int], budget: "WorkBudget | None" = None
+                ) -> dict[int, bytes]:
         """Locate and fix byte errors inside the ``suspects`` (slots whose
         checksums failed) of a full stripe of k + m present chunks.
 
@@ -821,7 +848,8 @@ class ErasureCode:
         lands on a suspect; columns with two or more errors are left alone.
         Returns ``{slot: corrected bytes}`` for the suspects that changed; the
         caller must check them against their checksums (a column with several
-        errors can be miscorrected).
+        errors can be miscorrected). ``budget`` (a :class:`WorkBudget`) is
+        charged before each stage; a stage it cannot pay for is skipped.
         """
         if self.m < 2 or not suspects or len(chunks) != self.n:
             return {}
@@ -833,6 +861,8 @@ class ErasureCode:
         rows = [np.frombuffer(_as_buffer(ch), dtype=np.uint8) for ch in chunks]
         c = len(rows[0])
         if any(len(r) != c for r in rows) or m * c > _MAX_PAIR_WORK:
+            return {}
+        if budget is not None and not budget.spend((k + m) * c):
             return {}
         syn = np.stack([np.frombuffer(x, np.uint8) for x in self.encode(rows[:k])]) ^ np.stack(rows[k:])
         cols = np.flatnonzero(syn.any(axis=0))
@@ -870,7 +900,7 @@ class ErasureCode:
         fix_slot, fix_col, fix_val = [slot[located]], [cols[located]], [value[located]]
         if m >= 4:  # distance >= 5: two wrong bytes in a column can be located as well
             rest = np.flatnonzero(~located & nz.any(axis=0))
-            pairs = self._pairs(p, allowed, s[:, rest]) if rest.size else None
+            pairs = self._pairs_sampled(p, allowed, s[:, rest], budget) if rest.size else None
             if pairs is not None:
                 where, a, b, ea, eb = pairs
                 fix_slot += [a, b]
@@ -888,6 +918,28 @@ class ErasureCode:
             np.bitwise_xor.at(buf, fix_col[at], fix_val[at])
             fixed[int(sl)] = buf
         return {sl: buf.tobytes() for sl, buf in fixed.items()}
+
+    def _pairs_sampled(self, p: np.ndarray, suspects: list[int], s: np.ndarray, budget):
+        """:meth:`_pairs` on a sample of the columns first, giving up on the
+        stripe when the sample shows its columns mostly beyond the code; each
+        part is paid for from ``budget`` (suspect pairs x columns x m)."""
+        npairs = len(suspects) * (len(suspects) - 1) // 2
+        ncols = s.shape[1]
+        first = min(ncols, _PAIR_SAMPLE)
+        if budget is not None and not budget.spend(npairs * first * self.m):
+            return None
+        head = self._pairs(p, suspects, s[:, :first])
+        if ncols == first:
+            return head
+        if head is None or 4 * len(head[0]) < first:
+            return None
+        if budget is not None and not budget.spend(npairs * (ncols - first) * self.m):
+            return head
+        tail = self._pairs(p, suspects, s[:, first:])
+        if tail is None:
+            return head
+        return (np.concatenate([head[0], tail[0] + first]),) + tuple(np.concatenate([x, y]) for x, y in
+                                                                      zip(head[1:], tail[1:]))
 
     def _pairs(self, p: np.ndarray, suspects: list[int], s: np.ndarray):
         """Columns of syndromes ``s`` (m x ncols) explained by exactly one pair of
