@@ -83,6 +83,11 @@ MAX_TRUNCATED_RECORD = 16 << 20
 #: before it is decompressed, and the JSON parser's memory stays a multiple of the file size.
 MAX_INDEX_RATIO = 1024
 MAX_INDEX_FLOOR = 4 << 20
+#: ... and to at most MAX_INDEX_PER_FILE_BYTE x the file size + MAX_INDEX_SLACK
+#: (a writer's index JSON is under 1 x its file: measured 0.47-0.90 on files of
+#: tiny tensors, long names, large object trees), checked before decompressing.
+MAX_INDEX_PER_FILE_BYTE = 2
+MAX_INDEX_SLACK = 64 << 10
 #: Column correction (locating wrong bytes with a stripe's own code) may spend
 #: at most CORRECTION_WORK_PER_BYTE x stream length + CORRECTION_WORK_BASE work
 #: units (bytes of stripes whose syndromes are computed, suspect pairs x

@@ -114,14 +114,21 @@ def compress_index(raw: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(raw)
 
 
-def decompress_index(payload: bytes, file=None) -> bytes:
+def decompress_index(payload: bytes, file=None, file_size: int | None = None) -> bytes:
     """Inverse of :func:`compress_index`, refusing frames that would expand past
-    the limits (a zstd bomb) before anything is decompressed."""
+    the limits (a zstd bomb) before anything is decompressed. With
+    ``file_size``, the index may also not exceed MAX_INDEX_PER_FILE_BYTE x the
+    file size + MAX_INDEX_SLACK: a writer's index is smaller than its file
+    (the head manifest, inside the stream, holds everything but the record
+    locations, which are smaller than the records), so the parsed index, up
+    to ~25 x its JSON, stays a fixed multiple of the file size."""
     try:
         size = zstandard.frame_content_size(payload)
     except zstandard.ZstdError as e:
         raise FormatError(f"index is not a zstd frame: {e}", file=file, field="index") from None
     limit = min(C.MAX_INDEX_BYTES, max(C.MAX_INDEX_FLOOR, C.MAX_INDEX_RATIO * len(payload)))
+    if file_size is not None:
+        limit = min(limit, C.MAX_INDEX_PER_FILE_BYTE * file_size + C.MAX_INDEX_SLACK)
     if size < 0 or size > limit:
         raise FormatError(f"index declares {size} decompressed bytes from {len(payload)} (limit {limit})",
                           file=file, field="index")

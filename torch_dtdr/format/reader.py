@@ -171,7 +171,7 @@ class ContainerReader:
             self.events.append("every index copy damaged beyond voting")
             return False
         sums, sum_copies = self._read_blob_copies(plan, C.BLOB_KIND_CHUNKSUMS, t.chunksums_length, t.chunksums_digest)
-        index = parse_index(decompress_index(raw, self.name), file=self.name)
+        index = parse_index(decompress_index(raw, self.name, self.size), file=self.name)
         if index.stream_length != t.stream_length:
             raise FormatError(f"the index says the stream has {index.stream_length} bytes, the trailer "
                               f"{t.stream_length}", file=self.name, field="stream_length")
@@ -235,7 +235,7 @@ class ContainerReader:
         if raw is None:
             return False
         try:
-            index = parse_index(decompress_index(raw, self.name), file=self.name)
+            index = parse_index(decompress_index(raw, self.name, self.size), file=self.name)
             g = index.geometry
             self._set_geometry(_gi(g, "chunk_size"), _gi(g, "k"), _gi(g, "m"), str(g.get("algorithm")),
                                _gi(g, "n_data_chunks"), _gi(g, "inner_nsym", 0))
