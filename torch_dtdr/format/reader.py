@@ -412,11 +412,12 @@ class ContainerReader:
             ok[valid] |= s[idx[valid]] == hashes[valid]
         return ok
 
-    def read_logical(self, start: int, end: int, verify: bool = True) -> ReadResult:
+    def read_logical(self, start: int, end: int, verify: bool = True, patched: bool = True) -> ReadResult:
         """Bytes of logical ``[start, end)``, checked chunk by chunk and repaired
         by parity where possible. Damaged bytes that cannot be repaired are left
         in place and reported in ``bad``; bytes past the end of the file are zero
-        and reported in ``bad`` and ``missing_from``."""
+        and reported in ``bad`` and ``missing_from``. ``patched=False``: without
+        the corrections made by parity syndromes in a footer-less file."""
         g = self.geometry
         c = g.chunk_size
         if end <= start:
@@ -431,7 +432,7 @@ class ContainerReader:
             buf[lstart - a: lstart - a + len(raw)] = raw
             if len(raw) < n and missing_from is None:
                 missing_from = lstart + len(raw)
-        for j in (range(a // c, b // c) if self._patched else ()):
+        for j in (range(a // c, b // c) if self._patched and patched else ()):
             if j in self._patched:
                 buf[j * c - a: (j + 1) * c - a] = self._patched[j]
         result = ReadResult(buf)
@@ -630,6 +631,7 @@ class ContainerReader:
         missing = set()
         pos = 0
         verified = self._sums is not None
+        unpatched = None
         for s in rec.sections:
             copies = []
             for i in range(s.copies):
@@ -643,6 +645,17 @@ class ContainerReader:
                 copies = whole or [max(copies, key=lambda c: len(c[0]))]
             pos += s.stored_length
             value, bad = _combine_copies(copies, s.digest)
+            if bad and self._patched:
+                # a byte column can be miscorrected without chunk checksums: the file's own bytes may verify
+                if unpatched is None:
+                    unpatched = self.read_logical(base, end, patched=False).data
+                lo = pos - s.stored_length
+                plain = [(unpatched[lo + i * s.length: lo + (i + 1) * s.length], bad_copy)
+                         for i, (_mv, bad_copy) in enumerate(copies)]
+                plain_value, plain_bad = _combine_copies(plain, s.digest) if all(
+                    len(mv) == len(c[0]) for (mv, _b), c in zip(plain, copies)) else (value, bad)
+                if not plain_bad:
+                    value, bad = plain_value, plain_bad
             sections[s.name] = value
             if bad:
                 damage.ranges[s.name] = bad
