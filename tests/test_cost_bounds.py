@@ -65,6 +65,10 @@ GEOMETRIES = [
     ("strong", {"parity": "strong"}, 400_000),
     ("archive", {"parity": "archive"}, 400_000),
     ("k1m31-32k", {"parity": (1, 31), "chunk_size": 32768}, 16384),
+    # under 1 MB: also held to 100 MB of memory
+    ("default-small", {}, 1 << 17),
+    ("strong-small", {"parity": "strong"}, 100_000),
+    ("k1m31-16k-small", {"parity": (1, 31), "chunk_size": 16384}, 3000),
 ]
 
 
