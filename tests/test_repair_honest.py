@@ -210,3 +210,13 @@ def test_hostile_provenance_marker_is_a_format_error(marker, field):
     with pytest.raises(FormatError) as e:
         api.load(io.BytesIO(bad))
     assert e.value.field is not None and e.value.field.endswith(field), e.value.field
+
+
+def test_info_shows_the_marker(tmp_path):
+    sd, path = _degraded_file(tmp_path)
+    out = str(tmp_path / "healed.dtdr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamageWarning)
+        api.repair(path, out)
+    prov = {t["name"]: t["provenance"] for t in torch_dtdr.info(out)["tensors"]}
+    assert prov["w"]["status"] == "degraded" and prov["b"] is None

@@ -373,7 +373,8 @@ def info(f, *, storage_options: Mapping | None = None) -> dict:
             raw = t.numel * torch.empty(0, dtype=t.dtype).element_size()
             tensors.append({"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
                             "codec": t.codec.get("name", "?"), "codec_params": t.codec,
-                            "stored_bytes": stored, "raw_bytes": raw, "segments": len(t.records)})
+                            "stored_bytes": stored, "raw_bytes": raw, "segments": len(t.records),
+                            "provenance": t.provenance})
         return {"file": reader.name, "format_version": f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", "file_size": reader.size,
                 "geometry": {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "algorithm": reader.algorithm,
                              "n_data_chunks": g.n_data_chunks, "inner_nsym": g.inner_nsym},
