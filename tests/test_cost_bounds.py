@@ -199,3 +199,19 @@ def test_verify_repairs_each_stripe_once(tmp_path, count_stripe_repairs):
     rep = torch_dtdr.verify(path)
     assert rep.status == "repaired" and rep.exact
     assert len(count_stripe_repairs) == len(set(count_stripe_repairs)) == damaged
+
+
+def test_threads_share_each_stripe_repair(tmp_path, count_stripe_repairs):
+    sd, path, damaged = _round_robin_file(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = api.load(path, errors="strict", max_workers=4)
+        with torch_dtdr.open(path) as f:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(4) as pool:
+                got = dict(zip(sd, pool.map(f.get_tensor, list(sd))))
+    for k in sd:
+        assert_same(obj[k], sd[k])
+        assert_same(got[k], sd[k])
+    assert len(count_stripe_repairs) <= 2 * damaged  # once for the load, once for the open file

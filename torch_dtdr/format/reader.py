@@ -87,6 +87,7 @@ class ContainerReader:
         # repair (kept for good: an int each)
         self._stripe_cache: OrderedDict[int, dict[int, bytes]] = OrderedDict()
         self._stripes_beyond_repair: set[int] = set()
+        self._stripes_in_repair: dict[int, threading.Event] = {}
         self._stripe_cache_bytes = 0
         self.stripe_repairs = 0  # repairs run (not served from the cache)
         self._correction_budget: WorkBudget | None = None
@@ -508,14 +509,27 @@ class ContainerReader:
     def _stripe_outcome(self, stripe: int) -> dict[int, bytes] | None:
         """The repaired data chunks of ``stripe`` (None: beyond repair), from the
         cache or from one :meth:`_repair_stripe`, whose outcome is then kept."""
+        while True:
+            with self._lock:
+                if stripe in self._stripes_beyond_repair:
+                    return None
+                if stripe in self._stripe_cache:
+                    self._stripe_cache.move_to_end(stripe)
+                    return self._stripe_cache[stripe]
+                running = self._stripes_in_repair.get(stripe)
+                if running is None:
+                    running = self._stripes_in_repair[stripe] = threading.Event()
+                    break
+            running.wait()  # another thread is repairing this stripe: take its outcome
+        try:
+            outcome = self._repair_stripe(stripe)
+        except BaseException:
+            with self._lock:
+                del self._stripes_in_repair[stripe]
+            running.set()
+            raise
         with self._lock:
-            if stripe in self._stripes_beyond_repair:
-                return None
-            if stripe in self._stripe_cache:
-                self._stripe_cache.move_to_end(stripe)
-                return self._stripe_cache[stripe]
-        outcome = self._repair_stripe(stripe)
-        with self._lock:
+            del self._stripes_in_repair[stripe]
             self.stripe_repairs += 1
             if outcome is None:
                 self._stripes_beyond_repair.add(stripe)
@@ -525,6 +539,7 @@ class ContainerReader:
                 while self._stripe_cache_bytes > C.STRIPE_CACHE_BYTES and len(self._stripe_cache) > 1:
                     _old, chunks = self._stripe_cache.popitem(last=False)
                     self._stripe_cache_bytes -= sum(len(x) for x in chunks.values())
+        running.set()
         return outcome
 
     def _repair_stripe(self, stripe: int) -> dict[int, bytes] | None:
