@@ -79,6 +79,8 @@ __all__ = [
     "DEFAULT_PART_SIZE",
     "DEFAULT_PREFETCH_WINDOW",
     "TEMP_SUFFIX",
+    "is_plain_name",
+    "child_inside",
 ]
 
 PathOrURL = Union[str, "os.PathLike[str]"]
@@ -1184,6 +1186,32 @@ def remove(f: PathOrURL, storage_options: dict | None = None, *, missing_ok: boo
             raise CheckpointNotFoundError("no such file", file=name) from e
     except Exception as e:
         raise _storage_error("remove failed", e, file=name) from e
+
+
+def is_plain_name(name) -> bool:
+    """Whether ``name`` (read from a file) is a plain file name: a non-empty
+    string naming an entry directly inside a folder, with no separator, no
+    ``.``/``..``, no drive or NUL. Names taken from files are joined to a
+    folder only after passing this test."""
+    if not isinstance(name, str) or not name or name in (".", "..") or len(name) > 255:
+        return False
+    return not any(c in name for c in ("/", "\\", "\x00", ":")) and name == name.strip()
+
+
+def child_inside(folder: PathOrURL, name: str, storage_options: dict | None = None, *,
+                 also_under: Sequence[str] = ()) -> bool:
+    """Whether ``folder``/``name`` stays inside ``folder`` once symlinks are
+    resolved (local paths; or inside one of the folders ``also_under``, relative
+    to ``folder``). Object stores have no symlinks: a plain name stays inside."""
+    if not is_plain_name(name):
+        return False
+    r = _resolve(folder, storage_options, allow_fileobj=False)
+    if r[0] != "local":
+        return True
+    base = os.path.realpath(r[1])
+    target = os.path.realpath(os.path.join(base, name))
+    roots = [base] + [os.path.realpath(os.path.join(base, extra)) for extra in also_under]
+    return any(os.path.commonpath([root, target]) == root and target != root for root in roots)
 
 
 def read_bytes(f: FileLike, storage_options: dict | None = None) -> bytes:
