@@ -204,17 +204,17 @@ def _sniff(f, storage_options, partial: bool = False):
 
 
 def _bind(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, errors="recover",
-          storage_options=None, report=False, max_workers=None, **pickle_load_args):
+          storage_options=None, report=False, max_workers=None, partial=False, **pickle_load_args):
     """torch.load's signature plus torch_dtdr's keywords, as a dict."""
     return {"map_location": map_location, "errors": errors, "storage_options": storage_options,
-            "report": report, "max_workers": max_workers}
+            "report": report, "max_workers": max_workers, "partial": partial}
 
 
-def _load_dtdr(src, orig_f, map_location, errors, storage_options, report, max_workers=None):
+def _load_dtdr(src, orig_f, map_location, errors, storage_options, report, max_workers=None, partial=False):
     from .api import load as _api_load
 
     out = _api_load(src, map_location, errors=errors, storage_options=storage_options, report=report,
-                    max_workers=max_workers)
+                    max_workers=max_workers, partial=partial)
     if hasattr(orig_f, "read"):
         try:  # leave a file object after the data, as a reader that consumed it would
             orig_f.seek(0, os.SEEK_END)
@@ -231,7 +231,7 @@ def _open_url(url: str, storage_options):
 
 def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None = None, mmap: bool | None = None,
          errors: str = "recover", storage_options: Mapping | None = None, report: bool = False,
-         max_workers: int | None = None, **pickle_load_args) -> Any:
+         max_workers: int | None = None, partial: bool = False, **pickle_load_args) -> Any:
     """Load a DTDR file, or hand anything else to :func:`torch.load`.
 
     ``f`` is a local path, an fsspec URL (``s3://``, ``gs://``, ``memory://``,
@@ -248,7 +248,9 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     dict of saved-location remaps, a callable ``(storage, location)``);
     ``errors="recover"`` (default) repairs and degrades gracefully with a
     :class:`~torch_dtdr.errors.DamageWarning`, ``"strict"`` raises unless
-    every tensor is bit-exact; ``report=True`` returns ``(obj, Report)``;
+    every tensor is bit-exact; a lost tensor raises
+    :class:`~torch_dtdr.errors.IntegrityError` naming every lost tensor unless
+    ``partial=True``, which returns ``None`` in its place; ``report=True`` returns ``(obj, Report)``;
     ``max_workers`` bounds the concurrent range requests to a remote store
     (default :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`). Nothing is unpickled, so ``pickle_module``, ``weights_only`` and extra
     pickle arguments have no effect; ``mmap=True`` is accepted and has no
@@ -265,7 +267,7 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     """
     kind, src = _sniff(f, storage_options, partial=True)
     if kind == "dtdr":
-        return _load_dtdr(src, f, map_location, errors, storage_options, report, max_workers)
+        return _load_dtdr(src, f, map_location, errors, storage_options, report, max_workers, partial)
     if kind == "missing":
         raise CheckpointNotFoundError("no such file", file=src)
     kwargs = dict(pickle_load_args)
@@ -316,8 +318,8 @@ def _make_load_wrapper(prev):
             except TypeError:
                 return prev(f, *args, **kwargs)  # the same TypeError torch.load gives
             return _load_dtdr(src, f, b["map_location"], b["errors"], b["storage_options"], b["report"],
-                              b["max_workers"])
-        if not {"report", "storage_options", "max_workers"} & kwargs.keys():
+                              b["max_workers"], b["partial"])
+        if not {"report", "storage_options", "max_workers", "partial"} & kwargs.keys():
             if kind == "url":
                 with _open_url(src, None) as fh:
                     return prev(fh, *args, **kwargs)
@@ -327,6 +329,7 @@ def _make_load_wrapper(prev):
         so = kw.pop("storage_options", None)
         report = kw.pop("report", False)
         kw.pop("max_workers", None)
+        kw.pop("partial", None)
         if kind == "url":
             with _open_url(src, so) as fh:
                 obj = prev(fh, *args, **kw)

@@ -418,7 +418,7 @@ def _dtdr_format(name: str, codec: str, parity: str) -> Format:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DamageWarning)
-            obj, rep = dtdr_load(path, report=True)
+            obj, rep = dtdr_load(path, report=True, partial=True)
         if not isinstance(obj, Mapping):
             raise TypeError(f"torch_dtdr.load returned {type(obj).__name__}, expected the saved dict")
         return dict(obj), rep
