@@ -81,6 +81,7 @@ __all__ = [
     "TEMP_SUFFIX",
     "is_plain_name",
     "child_inside",
+    "check_regular_file",
 ]
 
 PathOrURL = Union[str, "os.PathLike[str]"]
@@ -508,20 +509,44 @@ class Prefetch:
         self.close()
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def check_regular_file(path: str) -> None:
+    """Raise CheckpointNotFoundError unless ``path`` (symlinks followed) is a
+    regular file: a directory, FIFO, socket or device is refused at once,
+    before anything opens it (opening a FIFO blocks until a writer comes)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError("no such file", file=path) from e
+    except OSError as e:
+        raise _storage_error("cannot stat", e, file=path) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointNotFoundError(f"is {_file_kind(st.st_mode)}, not a regular file", file=path)
+
+
 class _LocalSource(Source):
     def __init__(self, path: str):
+        check_regular_file(path)
         try:
-            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
+            # O_NONBLOCK: should the path have become a FIFO since the check, open does not block
+            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError as e:
             raise CheckpointNotFoundError("no such file", file=path) from e
         except IsADirectoryError as e:  # Windows
-            raise CheckpointNotFoundError("is a directory, not a file", file=path) from e
+            raise CheckpointNotFoundError("is a directory, not a regular file", file=path) from e
         except OSError as e:
             raise _storage_error("cannot open", e, file=path) from e
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise CheckpointNotFoundError("is a directory, not a file", file=path)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointNotFoundError(f"is {_file_kind(st.st_mode)}, not a regular file", file=path)
         except BaseException:
             os.close(fd)
             raise
