@@ -353,14 +353,13 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], target: str, metadata, s
     tensors = _unshare(tensors)
     metadata = {str(k): str(v) for k, v in metadata.items()} if metadata else None
     if "://" not in target:
-        import secrets
+        from .storage import _fsync_dir, local_temp_path, remove_stale_temps
 
-        from .storage import _fsync_dir
-
-        d, base = os.path.split(os.path.abspath(target))
-        tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}.tmp")
+        d = os.path.dirname(os.path.abspath(target))
+        tmp = local_temp_path(os.path.abspath(target))
         if not os.path.isdir(d):
             raise StorageError("the destination's directory does not exist", file=target)
+        remove_stale_temps(d)
         try:
             try:
                 save_file(tensors, tmp, metadata=metadata)

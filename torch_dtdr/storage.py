@@ -54,7 +54,9 @@ import bisect
 import collections
 import io
 import os
+import re
 import secrets
+import socket
 import stat
 import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -82,6 +84,8 @@ __all__ = [
     "is_plain_name",
     "child_inside",
     "check_regular_file",
+    "local_temp_path",
+    "remove_stale_temps",
 ]
 
 PathOrURL = Union[str, "os.PathLike[str]"]
@@ -800,6 +804,58 @@ class Sink:
         return f"<{type(self).__name__} {self.name!r} {self._state} written={self._written}>"
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:64] or "host"
+
+
+_TEMP_RE = re.compile(r"\..+\.[0-9a-f]{12}\.(\d{1,10})@([A-Za-z0-9_-]{1,64})" + re.escape(TEMP_SUFFIX))
+
+
+def local_temp_path(dest: str) -> str:
+    """A fresh temporary path beside ``dest``: ``.<name>.<random>.<pid>@<host>.dtdr-tmp``.
+    The writer's pid and host in the name let a later save tell a temp file
+    left by a killed writer from one a live writer is still filling."""
+    d, base = os.path.split(dest)
+    return os.path.join(d, f".{base}.{secrets.token_hex(6)}.{os.getpid()}@{_host_tag()}{TEMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we can reason about: keep its file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Delete the temp files in ``directory`` whose writer is no longer running:
+    written on this host (by name) by a pid that does not exist. A live writer's
+    file, one from another host (a shared file system) and temp files of older
+    versions (no pid in the name) are left alone. Best effort; returns the
+    removed paths."""
+    removed = []
+    host, me = _host_tag(), os.getpid()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.fullmatch(entry.name)
+        if m is None or m.group(2) != host or int(m.group(1)) == me or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
+
+
 def _fsync_dir(d: str) -> None:
     if os.name == "nt":
         return
@@ -831,7 +887,7 @@ class _LocalSink(Sink):
         except OSError:
             dest_mode = None
         for _ in range(64):
-            tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+            tmp = local_temp_path(path)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o666)
                 break
@@ -844,6 +900,7 @@ class _LocalSink(Sink):
         else:  # pragma: no cover
             raise StorageError("cannot pick a free temporary file name", file=path)
         self._tmp = tmp
+        remove_stale_temps(d)  # what killed saves into this directory left behind
         try:
             if dest_mode is not None and hasattr(os, "fchmod"):
                 os.fchmod(fd, dest_mode)  # replacing a file keeps its permissions
