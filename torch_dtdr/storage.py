@@ -86,6 +86,7 @@ __all__ = [
     "check_regular_file",
     "local_temp_path",
     "remove_stale_temps",
+    "remove_symlink",
 ]
 
 PathOrURL = Union[str, "os.PathLike[str]"]
@@ -1294,6 +1295,21 @@ def child_inside(folder: PathOrURL, name: str, storage_options: dict | None = No
     target = os.path.realpath(os.path.join(base, name))
     roots = [base] + [os.path.realpath(os.path.join(base, extra)) for extra in also_under]
     return any(os.path.commonpath([root, target]) == root and target != root for root in roots)
+
+
+def remove_symlink(f: PathOrURL, storage_options: dict | None = None) -> bool:
+    """Delete ``f`` if it is a local symbolic link (not its target); True when one was removed.
+    Object stores have no links."""
+    r = _resolve(f, storage_options, allow_fileobj=False)
+    if r[0] != "local" or not os.path.islink(r[1]):
+        return False
+    try:
+        os.unlink(r[1])
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise _storage_error("cannot remove a symlink", e, file=_fspath(f)) from e
+    return True
 
 
 def read_bytes(f: FileLike, storage_options: dict | None = None) -> bytes:
