@@ -213,3 +213,18 @@ def test_load_errors_argument_is_typed(tmp_path):
         with pytest.raises(ArgumentError) as ei:
             call()
         assert ei.value.field == "errors"
+
+
+def test_convert_from_a_fifo_is_a_typed_error_not_a_hang(tmp_path):
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    code = ("import sys, torch_dtdr\nfrom torch_dtdr.errors import DTDRError\n"
+            "try:\n    torch_dtdr.convert(sys.argv[1], sys.argv[2])\n"
+            "except DTDRError as e:\n    print('TYPED', e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, str(fifo), str(tmp_path / "o.dtdr")], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=root))
+    assert "TYPED" in proc.stdout and "not a regular file" in proc.stdout, proc.stdout + proc.stderr

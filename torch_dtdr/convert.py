@@ -38,7 +38,7 @@ import torch
 from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
                      ObjectTypeError, StorageError)
 from .format.constants import MAGIC
-from .storage import child_inside, is_plain_name
+from .storage import check_regular_file, child_inside, is_plain_name
 
 __all__ = ["convert", "METADATA_KEY"]
 
@@ -183,6 +183,8 @@ def _read_source(src, storage_options) -> tuple[str, Any, dict]:
 
         raise CheckpointNotFoundError("no such file or folder", file=fsx.target)
     if not fsx.isdir():
+        if fsx.local:
+            check_regular_file(fsx.path)  # a FIFO would block the read below
         kind = _sniff_bytes(fsx.head(fsx.path, 16), fsx.fs.size(fsx.path))
         if kind == "torch":
             from .shim import is_dtdr
