@@ -149,3 +149,13 @@ def test_load_model_raises_integrity_error_listing_the_lost(tmp_path):
         with pytest.raises(IntegrityError) as ei:
             torch_dtdr.load_model(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 256)), p)
     assert "1.bias" in str(ei.value)
+
+
+def test_load_model_of_a_non_state_dict_is_a_typed_type_error(tmp_path):
+    from torch_dtdr.errors import ObjectTypeError
+
+    p = tmp_path / "list.dtdr"
+    torch_dtdr.save([torch.ones(2)], p)
+    with pytest.raises(ObjectTypeError) as ei:
+        torch_dtdr.load_model(torch.nn.Linear(2, 2), p)
+    assert isinstance(ei.value, TypeError) and str(p) in str(ei.value)
