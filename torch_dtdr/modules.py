@@ -10,6 +10,7 @@ names only one of them (a Hugging Face checkpoint converted with
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Mapping
 
@@ -67,7 +68,7 @@ def load_model(module: torch.nn.Module, f, strict: bool = True, device="cpu", *,
         from .errors import ObjectTypeError
 
         raise ObjectTypeError(f"the file holds a {type(state).__name__}, not a state dict",
-                              file=str(getattr(f, "name", f)))
+                              file=os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", f))
     state = dict(state)
     tied = _tied_groups(module.state_dict())
     result = module.load_state_dict(state, strict=False)
