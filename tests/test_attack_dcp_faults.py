@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -13,9 +12,9 @@ import torch
 import torch_dtdr
 from torch_dtdr import dcp as tdcp
 from torch_dtdr.cli import main as cli_main
-from torch_dtdr.errors import DTDRError, FormatError
+from torch_dtdr.errors import DTDRError
 
-from .test_dcp import _one_process_load, _plain_state, _quiet_dcp, _save, full_state
+from .test_dcp import _one_process_load, _plain_state, _save, full_state
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 

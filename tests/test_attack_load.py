@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import torch_dtdr
-from torch_dtdr.errors import (CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
-                               TruncatedError)
+from torch_dtdr.errors import DamageWarning, DTDRError, FormatError, IntegrityError, TruncatedError
 
 from .helpers import pseudo
 
