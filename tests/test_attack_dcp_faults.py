@@ -16,7 +16,6 @@ from torch_dtdr.errors import DTDRError
 
 from .test_dcp import _one_process_load, _plain_state, _save, full_state
 
-dcp = pytest.importorskip("torch.distributed.checkpoint")
 
 
 def _shards(path):
