@@ -343,7 +343,7 @@ def test_random_damage_never_gives_nan(saved, tmp_path):
         q.write_bytes(bytes(d))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DamageWarning)
-            back, rep = torch_dtdr.load(q, report=True)
+            back, rep = torch_dtdr.load(q, report=True, partial=True)
         for k, v in sd.items():
             if back[k] is None:
                 assert {t.name: t.status for t in rep.tensors}[k] == "lost"
@@ -378,7 +378,7 @@ def test_truncation(saved, tmp_path, keep):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DamageWarning)
-            back, rep = torch_dtdr.load(q, report=True)
+            back, rep = torch_dtdr.load(q, report=True, partial=True)
     except (TruncatedError, FormatError):
         assert keep < 0.5
         return

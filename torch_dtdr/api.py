@@ -20,7 +20,7 @@ import torch
 from . import codecs, tree
 from ._cpu import compute_cores
 from .codecs.base import Codec
-from .errors import CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
+from .errors import ArgumentError, CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
 from .format import constants as C
 from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
 from .format.reader import ContainerReader, SegmentData, merge_ranges
@@ -91,15 +91,37 @@ def _raw_for(tensor: torch.Tensor, cache: dict) -> Codec:
 
 
 def _parity(parity) -> tuple[int, int, int]:
+    """``(k, m, inner nsym)`` of a parity argument; anything else is an ArgumentError."""
     if parity is None or parity is False:
         return PARITY_LEVELS["off"]
     if isinstance(parity, str):
         try:
             return PARITY_LEVELS[parity]
         except KeyError:
-            raise ValueError(f"unknown parity level {parity!r}; known: {sorted(PARITY_LEVELS)} or (k, m)") from None
-    k, m, *inner = parity
-    return int(k), int(m), int(inner[0]) if inner else 0
+            raise ArgumentError(f"unknown parity level {parity!r}; known: {sorted(PARITY_LEVELS)} or (k, m)",
+                                field="parity") from None
+    try:
+        values = tuple(parity)
+    except TypeError:
+        values = ()
+    if len(values) not in (2, 3) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ArgumentError(f"parity must be a level name or (k, m) / (k, m, inner) integers, got {parity!r}",
+                            field="parity")
+    k, m, inner = values[0], values[1], values[2] if len(values) == 3 else 0
+    if not 1 <= k <= C.MAX_K or not 0 <= m <= C.MAX_M or k + m > 255:
+        raise ArgumentError(f"parity (k={k}, m={m}) out of range: 1 <= k <= {C.MAX_K}, 0 <= m <= {C.MAX_M}, "
+                            "k + m <= 255", field="parity")
+    if inner and (inner % 2 or not 2 <= inner <= 128):
+        raise ArgumentError(f"inner parity symbols must be 0 or even in [2, 128], got {inner}", field="parity")
+    return k, m, inner
+
+
+def _check_errors(errors, partial: bool = False) -> None:
+    if errors not in ("recover", "strict"):
+        raise ArgumentError(f"errors must be 'recover' or 'strict', got {errors!r}", field="errors")
+    if partial and errors != "recover":
+        raise ArgumentError("partial=True returns what errors='recover' recovers; it cannot apply to "
+                            "errors='strict'", field="partial")
 
 
 def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = None, parity="default",
@@ -118,8 +140,8 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
     ``workers`` threads encode segments ahead of the writer (default
     ``DEFAULT_WORKERS``); memory stays bounded by a few segments.
     """
-    skeleton, entries = tree.flatten(obj)
     k, m, inner = _parity(parity)
+    skeleton, entries = tree.flatten(obj)
     meta = {str(a): str(b) for a, b in (metadata or {}).items()}
     cache: dict = {}
     infos = []
@@ -183,8 +205,7 @@ class _Decoder:
     """Decodes tensors from a reader and accumulates the report."""
 
     def __init__(self, reader: ContainerReader, errors: str):
-        if errors not in ("recover", "strict"):
-            raise ValueError(f"errors must be 'recover' or 'strict', got {errors!r}")
+        _check_errors(errors)
         self.reader = reader
         self.errors = errors
         self.report = Report(reader.name, f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", list(reader.events), reader.truncated)
@@ -311,11 +332,23 @@ def _place(t: torch.Tensor, map_location, saved_device: str, file, name: str) ->
                           "pass map_location", file=file, tensor=name) from None
 
 
-def _load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None
-                      ) -> tuple[Any, Report]:
+def lost_tensors_error(rep: Report) -> IntegrityError | None:
+    """The error for a report with lost tensors (every name listed), or None when nothing was lost."""
+    lost = [t.name for t in rep.tensors if t.status == LOST]
+    if not lost:
+        return None
+    shown = ", ".join(repr(n) for n in lost[:20]) + (f", ... ({len(lost) - 20} more)" if len(lost) > 20 else "")
+    cls = TruncatedError if rep.truncated else IntegrityError
+    return cls(f"{len(lost)} tensor(s) are lost: {shown}; pass partial=True to get the rest with None in "
+               "their place", file=rep.file, tensor=lost[0])
+
+
+def _load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None,
+                      partial: bool = False) -> tuple[Any, Report]:
     """Decode every tensor (``workers`` at a time, so reading, checking and
     decoding overlap, while a prefetch downloads ahead from remote stores), then
-    rebuild the object around them."""
+    rebuild the object around them. A lost tensor raises IntegrityError naming
+    every lost tensor, unless ``partial`` (then it is None in the object)."""
     dec = _Decoder(reader, errors)
     devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
     n = len(reader.tensors)
@@ -331,12 +364,16 @@ def _load_from_reader(reader: ContainerReader, map_location, errors: str, worker
                 loaded = list(pool.map(decode, range(n)))
         else:
             loaded = [decode(i) for i in range(n)]
+    rep = dec.finish()
+    error = None if partial else lost_tensors_error(rep)
+    if error is not None:
+        raise error
     obj = tree.unflatten(reader.index.tree, loaded.__getitem__)
-    return obj, dec.finish()
+    return obj, rep
 
 
 def load(f, map_location=None, *, errors: str = "recover", storage_options: Mapping | None = None,
-         report: bool = False, max_workers: int | None = None):
+         report: bool = False, max_workers: int | None = None, partial: bool = False):
     """Load an object saved by :func:`save`.
 
     ``map_location`` takes torch.load's forms (a device string or
@@ -345,12 +382,19 @@ def load(f, map_location=None, *, errors: str = "recover", storage_options: Mapp
     parity can, degrades damaged float regions gracefully and warns with a
     :class:`~torch_dtdr.errors.DamageWarning`; ``"strict"`` raises
     :class:`~torch_dtdr.errors.IntegrityError` unless every tensor is bit-exact.
+    A tensor that cannot be recovered at all (lost: a truncated file, say)
+    raises :class:`~torch_dtdr.errors.IntegrityError` (``TruncatedError``
+    for a truncated file) naming every lost tensor, whatever ``errors`` is;
+    ``partial=True`` (with ``errors="recover"``) returns the rest instead,
+    with ``None`` in place of each lost tensor, and the report and the
+    DamageWarning list the lost ones.
     With ``report=True`` returns ``(obj, Report)``. ``max_workers`` bounds the
     concurrent range requests to a remote store (default
     :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`).
     """
+    _check_errors(errors, partial)
     with open_source(f, storage_options, max_workers=max_workers) as src:
-        obj, rep = _load_from_reader(ContainerReader(src), map_location, errors)
+        obj, rep = _load_from_reader(ContainerReader(src), map_location, errors, partial=partial)
     return (obj, rep) if report else obj
 
 

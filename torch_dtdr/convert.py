@@ -35,8 +35,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError
+from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
+                     ObjectTypeError, StorageError)
 from .format.constants import MAGIC
+from .storage import check_regular_file, child_inside, is_plain_name
 
 __all__ = ["convert", "METADATA_KEY"]
 
@@ -181,6 +183,8 @@ def _read_source(src, storage_options) -> tuple[str, Any, dict]:
 
         raise CheckpointNotFoundError("no such file or folder", file=fsx.target)
     if not fsx.isdir():
+        if fsx.local:
+            check_regular_file(fsx.path)  # a FIFO would block the read below
         kind = _sniff_bytes(fsx.head(fsx.path, 16), fsx.fs.size(fsx.path))
         if kind == "torch":
             from .shim import is_dtdr
@@ -208,7 +212,8 @@ def _pick(names: list[str], preferred: str, what: str, where: str) -> str | None
         return preferred
     if len(names) == 1:
         return names[0]
-    raise ValueError(f"{where} holds several {what} ({', '.join(names)}); convert one of them explicitly")
+    raise ArgumentError(f"the folder holds several {what} ({', '.join(names)}); convert one of them explicitly",
+                        file=where)
 
 
 def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
@@ -219,6 +224,7 @@ def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
     if index is None:
         single = _pick([n for n in names if n.endswith(_ST_SUFFIX)], _DEFAULT_ST_NAME, "safetensors files", where)
         if single is not None:
+            _check_inside(fsx, single, single, "weights file")
             tensors, meta = _read_safetensors(fsx, fsx.child_path(single))
             return kind, tensors, {"source": kind, "folder": True, "index": None, "index_metadata": None,
                                    "files": [{"name": single, "tensors": list(tensors), "metadata": meta}]}
@@ -229,16 +235,18 @@ def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
             single = _pick([n for n in names if n.endswith(_TORCH_SUFFIXES)], "pytorch_model.bin",
                            "torch weight files", where)
             if single is None:
-                raise ValueError(f"{where} holds no .safetensors, .bin or .pt weights")
+                raise FormatError("the folder holds no .safetensors, .bin or .pt weights", file=where)
+            _check_inside(fsx, single, single, "weights file")
             obj = _read_torch(fsx, fsx.child_path(single))
             return kind, obj, {"source": kind, "folder": True, "index": None, "index_metadata": None,
                                "files": [{"name": single, "tensors": list(obj) if _is_tensor_dict(obj) else None,
                                           "metadata": None}]}
-    idx = json.loads(fsx.cat(fsx.child_path(index)))
-    weight_map = idx.get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise FormatError("index file has no weight_map", file=fsx.join(index))
+    _check_inside(fsx, index, index, "index file")
+    idx, weight_map = _read_index(fsx, index)
     shards = sorted(set(weight_map.values()))  # "model-00001-of-00003..." sort in shard order
+    for shard in shards:
+        tensor = next(k for k, v in weight_map.items() if v == shard)
+        _check_inside(fsx, shard, index, f"weight_map[{tensor!r}]")
     tensors: dict[str, torch.Tensor] = {}
     files = []
     for shard in shards:
@@ -258,6 +266,42 @@ def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
         raise FormatError(f"the index names tensors no shard holds: {sorted(missing)[:5]}", file=fsx.join(index))
     return kind, tensors, {"source": kind, "folder": True, "index": index,
                            "index_metadata": idx.get("metadata"), "files": files}
+
+
+def _hf_cache_extra(fsx: _FS) -> tuple[str, ...]:
+    """Where a Hugging Face hub cache snapshot's files may link (``snapshots/<rev>`` -> ``../../blobs``)."""
+    if fsx.local and posixpath.basename(os.path.dirname(fsx.path.rstrip(os.sep))) == "snapshots":
+        return (os.path.join("..", "..", "blobs"),)
+    return ()
+
+
+def _check_inside(fsx: _FS, name, where: str, field: str) -> None:
+    """A file name taken from a folder's listing or index must name a file inside
+    that folder, symlinks resolved (or the hub cache's blobs, see ``_hf_cache_extra``)."""
+    if not is_plain_name(name) or not child_inside(fsx.target, name, fsx.storage_options,
+                                                    also_under=_hf_cache_extra(fsx)):
+        raise FormatError(f"{name!r} is not a file inside the source folder; refusing to read it",
+                          file=fsx.join(where) if isinstance(where, str) and is_plain_name(where) else fsx.target,
+                          field=field)
+
+
+def _read_index(fsx: _FS, index: str) -> tuple[dict, dict[str, str]]:
+    """The parsed HF index and its ``weight_map`` of tensor name -> shard file name."""
+    where = fsx.join(index)
+    try:
+        idx = json.loads(fsx.cat(fsx.child_path(index)))
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"the index is not valid JSON: {e}", file=where, field="index") from None
+    if not isinstance(idx, dict):
+        raise FormatError(f"the index is a JSON {type(idx).__name__}, not an object", file=where, field="index")
+    weight_map = idx.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise FormatError("index file has no weight_map object", file=where, field="weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise FormatError(f"a shard name must be a string, got {type(shard).__name__}", file=where,
+                              field=f"weight_map[{name!r}]")
+    return idx, weight_map
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -311,14 +355,19 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], target: str, metadata, s
     tensors = _unshare(tensors)
     metadata = {str(k): str(v) for k, v in metadata.items()} if metadata else None
     if "://" not in target:
-        import secrets
+        from .storage import _fsync_dir, local_temp_path, remove_stale_temps
 
-        from .storage import _fsync_dir
-
-        d, base = os.path.split(os.path.abspath(target))
-        tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}.tmp")
+        d = os.path.dirname(os.path.abspath(target))
+        tmp = local_temp_path(os.path.abspath(target))
+        if not os.path.isdir(d):
+            raise StorageError("the destination's directory does not exist", file=target)
+        remove_stale_temps(d)
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            try:
+                save_file(tensors, tmp, metadata=metadata)
+            except Exception as e:  # noqa: BLE001 - safetensors' own error type names the temp file
+                raise StorageError(f"safetensors could not write the file: {type(e).__name__}",
+                                   file=target) from None
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
@@ -409,6 +458,40 @@ def _plan_files(names: list[str], layout, user_meta: dict, dst: str):
     return out, (_st_index_name(index) if index else None)
 
 
+def _check_layout(layout, src: str) -> None:
+    """The recorded shard layout is untrusted: its file names become paths in
+    the destination, so each must be a plain name (no ``..``, separator or
+    absolute path), and every member must have its type. Checked before
+    anything is written."""
+    base = f"metadata[{METADATA_KEY}]"
+
+    def fail(message, field):
+        raise FormatError(message, file=src, field=f"{base}{field}")
+
+    if not isinstance(layout, dict):
+        fail(f"the recorded layout is a JSON {type(layout).__name__}, not an object", "")
+    files = layout.get("files")
+    if files is not None and not isinstance(files, list):
+        fail("files must be a list", ".files")
+    for i, f in enumerate(files or []):
+        if not isinstance(f, dict):
+            fail("each file must be an object", f".files[{i}]")
+        if not is_plain_name(f.get("name")):
+            fail(f"file name {f.get('name')!r} is not a plain name inside the destination", f".files[{i}].name")
+        tensors = f.get("tensors")
+        if tensors is not None and not (isinstance(tensors, list) and all(isinstance(t, str) for t in tensors)):
+            fail("tensors must be a list of names", f".files[{i}].tensors")
+        meta = f.get("metadata")
+        if meta is not None and not isinstance(meta, dict):
+            fail("metadata must be an object", f".files[{i}].metadata")
+    for key in ("index_metadata", "promoted"):
+        if layout.get(key) is not None and not isinstance(layout[key], dict):
+            fail(f"{key} must be an object", f".{key}")
+    index = layout.get("index")
+    if index is not None and not (is_plain_name(index) and is_plain_name(_st_index_name(index))):
+        fail(f"index name {index!r} is not a plain name inside the destination", ".index")
+
+
 def _write_safetensors(names: list[str], get: Callable[[str], torch.Tensor | None], layout, user_meta: dict,
                        dst: str, metadata, storage_options, src_name: str) -> list[str]:
     files, index = _plan_files(names, layout, user_meta, dst)
@@ -448,16 +531,18 @@ def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_option
         else:
             obj = h.load()
             if not _is_tensor_dict(obj):
-                raise TypeError(f"{src} holds a {type(obj).__name__} that is not a flat {{name: tensor}} mapping; "
-                                "only state dicts convert to safetensors")
+                raise ObjectTypeError(f"the file holds a {type(obj).__name__} that is not a flat {{name: tensor}} "
+                                      "mapping; only state dicts convert to safetensors", file=src)
             names, get = list(obj), obj.__getitem__
         dmeta = h.metadata()
         layout = None
         if METADATA_KEY in dmeta:
             try:
                 layout = json.loads(dmeta[METADATA_KEY])
-            except ValueError:
+            except (ValueError, RecursionError):
                 layout = None
+            else:
+                _check_layout(layout, src)
         user_meta = {k: v for k, v in dmeta.items() if k != METADATA_KEY}
         written = _write_safetensors(names, get, layout, user_meta, dst, metadata, storage_options, src)
         rep = h.report()
@@ -484,7 +569,7 @@ def _infer_to(src_kind: str, dst: str, storage_options) -> str:
             return "safetensors"  # a folder, or a new name without extension (as HF folders are)
     except Exception:
         pass
-    raise ValueError(f"cannot tell what to write to {dst!r} from a DTDR file: name it *.safetensors or *.dtdr, "
+    raise ArgumentError(f"cannot tell what to write to {dst!r} from a DTDR file: name it *.safetensors or *.dtdr, "
                      "use an existing folder (or end it with '/'), or pass to='safetensors' / to='dtdr'")
 
 
@@ -518,7 +603,7 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
     Returns a summary: ``{"from", "to", "files", "tensors"}``.
     """
     if to not in (None, "dtdr", "safetensors", "dcp"):
-        raise ValueError(f"to must be 'dtdr', 'safetensors' or 'dcp', got {to!r}")
+        raise ArgumentError(f"to must be 'dtdr', 'safetensors' or 'dcp', got {to!r}", field="to")
     src_s = os.fsdecode(os.fspath(src))
     dst_s = os.fsdecode(os.fspath(dst))
     from . import dcp
@@ -560,7 +645,8 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
                                           storage_options=storage_options)
     else:
         if not _is_tensor_dict(obj):
-            raise TypeError(f"{src_s} holds a {type(obj).__name__}, not a flat {{name: tensor}} mapping")
+            raise ObjectTypeError(f"the file holds a {type(obj).__name__}, not a flat {{name: tensor}} mapping",
+                                  file=src_s)
         written = _write_safetensors(list(obj), obj.__getitem__, layout, {}, dst_s, metadata, storage_options, src_s)
         n = len(obj)
     return {"from": kind, "to": "safetensors", "files": written, "tensors": n}

@@ -83,7 +83,7 @@ from .errors import (CheckpointNotFoundError, DamageWarning, FormatError, Incomp
                      UnsupportedVersionError)
 from .integrity.checksum import hash64
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, exit_code, worst
-from .storage import exists, isdir, listdir, makedirs, remove
+from .storage import child_inside, exists, isdir, listdir, makedirs, remove, remove_symlink
 
 __all__ = [
     "DTDRWriter",
@@ -152,6 +152,24 @@ def _join(base: str, name: str) -> str:
     if _is_url(base):
         return base.rstrip("/") + "/" + name
     return os.path.join(base, name)
+
+
+def _read_path(base: str, name: str, storage_options=None) -> str:
+    """The path of a file to read from the checkpoint folder; a symlink that
+    resolves outside the folder is refused (FormatError)."""
+    if not child_inside(base, name, storage_options):
+        raise FormatError(f"{name!r} resolves outside the checkpoint folder (a symlink?); refusing to read it",
+                          file=_join(base, name))
+    return _join(base, name)
+
+
+def _write_path(base: str, name: str, storage_options=None) -> str:
+    """The path of a file to write into the checkpoint folder. A symlink
+    planted there is removed first, so the save replaces the link and never
+    writes through it to its target."""
+    path = _join(base, name)
+    remove_symlink(path, storage_options)
+    return path
 
 
 # --------------------------------------------------------------------------- metadata <-> JSON
@@ -427,7 +445,7 @@ def _write_metadata(base: str, names, doc: dict, storage_options, parity) -> Non
     meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "xxh3": f"{hash64(data):016x}",
             "bytes": str(len(data))}
     for name in names:  # each copy committed atomically, one after the other
-        save({_META_KEY: payload}, _join(base, name), codec="raw", parity=parity, metadata=meta,
+        save({_META_KEY: payload}, _write_path(base, name, storage_options), codec="raw", parity=parity, metadata=meta,
              storage_options=storage_options)
 
 
@@ -467,7 +485,7 @@ def _load_plain_metadata(base: str, storage_options, rank: int | None = None) ->
     for name in _metadata_names(rank):
         path = _join(base, name)
         try:
-            doc, rep = _read_metadata_file(path, storage_options)
+            doc, rep = _read_metadata_file(_read_path(base, name, storage_options), storage_options)
         except CheckpointNotFoundError:
             missing += 1
             continue
@@ -707,7 +725,7 @@ def _build_classes():
                 results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
                                            storage_data=_DTDRStorageInfo(file, key, self.save_id)))
             if items:
-                save(items, _join(self.path, file), codec=_codec_chooser(self.codec, keys),
+                save(items, _write_path(self.path, file, self.storage_options), codec=_codec_chooser(self.codec, keys),
                      block_size=self.block_size, parity=self.parity,
                      metadata={_SAVE_ID_KEY: self.save_id, "torch_dtdr.dcp.format": FORMAT_NAME},
                      storage_options=self.storage_options)
@@ -814,7 +832,7 @@ def _build_classes():
                                       tensor=req.storage_index.fqn)
                 per_file.setdefault(info.file, []).append((info, req))
             for file, reqs in per_file.items():
-                path = _join(self.path, file)
+                path = _read_path(self.path, file, self.storage_options)
                 reqs.sort(key=lambda x: x[0].key)
                 with dtdr_open(path, errors=self.errors, storage_options=self.storage_options) as f:
                     got = f.metadata().get(_SAVE_ID_KEY)
@@ -1081,7 +1099,7 @@ def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress:
                 rep.metadata.append(Report(_join(base, name), unreadable="missing"))
                 continue
             try:
-                d, r = _read_metadata_file(_join(base, name), storage_options)
+                d, r = _read_metadata_file(_read_path(base, name, storage_options), storage_options)
             except (DTDRError, OSError) as e:
                 rep.metadata.append(Report(_join(base, name), unreadable=str(e)))
                 continue
@@ -1115,6 +1133,12 @@ def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress:
         if name not in names:
             rep.files.append(Report(fpath, unreadable="missing"))
             rep.problems.append(f"{name}: shard file is missing")
+            continue
+        try:
+            _read_path(base, name, storage_options)
+        except FormatError as e:
+            rep.files.append(Report(fpath, unreadable=str(e)))
+            rep.problems.append(f"{name}: {e.message}")
             continue
         r = verify(fpath, storage_options=storage_options, max_workers=max_workers)
         rep.files.append(r)

@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "IncompleteCheckpointError",
     "ArgumentError",
+    "ObjectTypeError",
     "CodecError",
     "DeviceError",
     "StorageError",
@@ -92,6 +93,11 @@ class IncompleteCheckpointError(CheckpointNotFoundError):
 class ArgumentError(DTDRError, ValueError):
     """Arguments that cannot describe the requested operation (e.g. fault
     injection asked for both a fraction and a count)."""
+
+
+class ObjectTypeError(DTDRError, TypeError):
+    """A valid file holds an object of a kind the operation cannot take (a list
+    where a ``{name: tensor}`` state dict is needed, say)."""
 
 
 class CodecError(DTDRError, ValueError):

@@ -254,9 +254,11 @@ class FaultRecord:
         return cls.from_dict(d)
 
     def save(self, path) -> None:
-        """Write the record as a local JSON file (not a checkpoint)."""
-        with open(os.fspath(path), "w", encoding="utf-8") as f:
-            f.write(self.to_json())
+        """Write the record as a local JSON file (not a checkpoint), atomically:
+        a failed write leaves no partial record."""
+        from .storage import write_bytes_atomic
+
+        write_bytes_atomic(os.fspath(path), self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path) -> "FaultRecord":
@@ -657,6 +659,7 @@ def corrupt(
     storage_options: dict | None = None,
     burst_length: int = 64,
     sector_size: int = 4096,
+    record=None,
 ) -> FaultRecord:
     """Damage ``path`` deterministically and return a :class:`FaultRecord`.
 
@@ -664,6 +667,10 @@ def corrupt(
     ``count`` / ``region`` and the exact sampling procedure. ``out`` (a path or
     URL) receives the damaged copy and leaves ``path`` untouched;
     ``storage_options`` are passed to fsspec for both ``path`` and ``out``.
+
+    ``record`` (a local path) receives the undo record (:meth:`FaultRecord.save`)
+    *before* the file is damaged in place: when it cannot be written, the
+    error is raised and the file is left untouched.
 
     Raises :class:`FaultArgumentError` (a ``ValueError``) for bad arguments and
     :class:`~torch_dtdr.errors.CheckpointNotFoundError` if ``path`` names no
@@ -811,14 +818,7 @@ def corrupt(
     changes = _runs_to_changes(starts, ends, old_all, new_all)
     if keep < size:
         changes.append((keep, tail, b""))
-    if in_place_local:
-        if changes:
-            _write_local(p, starts, ends - starts, new_all, truncate_to=keep if keep < size else None)
-    elif in_place_remote:
-        if changes:
-            fs.pipe_file(p, sink.getvalue())
-
-    return FaultRecord(
+    result = FaultRecord(
         path=url,
         out=out_url,
         mode=mode,
@@ -830,6 +830,15 @@ def corrupt(
         damaged_sha256=sha_new,
         changes=changes,
     )
+    if record is not None:
+        result.save(record)  # the undo record exists before any damage does
+    if in_place_local:
+        if changes:
+            _write_local(p, starts, ends - starts, new_all, truncate_to=keep if keep < size else None)
+    elif in_place_remote:
+        if changes:
+            fs.pipe_file(p, sink.getvalue())
+    return result
 
 
 # --------------------------------------------------------------------------- undo

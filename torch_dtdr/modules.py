@@ -10,6 +10,7 @@ names only one of them (a Hugging Face checkpoint converted with
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Mapping
 
@@ -64,7 +65,10 @@ def load_model(module: torch.nn.Module, f, strict: bool = True, device="cpu", *,
         raise TypeError(f"load_model expects an nn.Module, got {type(module).__name__}")
     state = load(f, map_location=device, errors=errors, storage_options=storage_options, weights_only=True)
     if not isinstance(state, Mapping):
-        raise TypeError(f"{getattr(f, 'name', f)!s} holds a {type(state).__name__}, not a state dict")
+        from .errors import ObjectTypeError
+
+        raise ObjectTypeError(f"the file holds a {type(state).__name__}, not a state dict",
+                              file=os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", f))
     state = dict(state)
     tied = _tied_groups(module.state_dict())
     result = module.load_state_dict(state, strict=False)

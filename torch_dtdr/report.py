@@ -94,6 +94,9 @@ class Report:
         c = self.counts()
         parts = [f"{n} {k}" for k, n in c.items() if n]
         text = f"{self.file}: " + (", ".join(parts) if parts else "no tensors")
+        lost = [t.name for t in self.tensors if t.status == LOST]
+        if lost:
+            text += "; lost: " + ", ".join(lost[:20]) + (f", ... ({len(lost) - 20} more)" if len(lost) > 20 else "")
         if self.truncated:
             text += "; file truncated"
         if self.events:

@@ -20,6 +20,7 @@ edited (training frameworks, ``transformers``' ``.bin`` loading, ...)::
 
 from __future__ import annotations
 
+import builtins
 import functools
 import io
 import os
@@ -31,7 +32,7 @@ import torch
 import torch.serialization
 
 from . import tree
-from .errors import CheckpointNotFoundError, DTDRError, DTDRWarning
+from .errors import CheckpointNotFoundError, DTDRError, DTDRWarning, FormatError
 from .format.constants import MAGIC
 
 __all__ = ["load", "is_dtdr", "patch", "unpatch", "is_patched", "original_load", "original_save"]
@@ -188,6 +189,9 @@ def _sniff(f, storage_options, partial: bool = False):
                 return ("dtdr", f) if _judge(src, partial) else ("url", s)
         if not s or not os.path.lexists(s):
             return ("missing", s)
+        from .storage import check_regular_file
+
+        check_regular_file(s)  # a directory, FIFO or device: a typed error now (a FIFO would block open)
         try:
             src = open_source(s)
         except (OSError, ValueError):
@@ -204,17 +208,17 @@ def _sniff(f, storage_options, partial: bool = False):
 
 
 def _bind(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, errors="recover",
-          storage_options=None, report=False, max_workers=None, **pickle_load_args):
+          storage_options=None, report=False, max_workers=None, partial=False, **pickle_load_args):
     """torch.load's signature plus torch_dtdr's keywords, as a dict."""
     return {"map_location": map_location, "errors": errors, "storage_options": storage_options,
-            "report": report, "max_workers": max_workers}
+            "report": report, "max_workers": max_workers, "partial": partial}
 
 
-def _load_dtdr(src, orig_f, map_location, errors, storage_options, report, max_workers=None):
+def _load_dtdr(src, orig_f, map_location, errors, storage_options, report, max_workers=None, partial=False):
     from .api import load as _api_load
 
     out = _api_load(src, map_location, errors=errors, storage_options=storage_options, report=report,
-                    max_workers=max_workers)
+                    max_workers=max_workers, partial=partial)
     if hasattr(orig_f, "read"):
         try:  # leave a file object after the data, as a reader that consumed it would
             orig_f.seek(0, os.SEEK_END)
@@ -231,7 +235,7 @@ def _open_url(url: str, storage_options):
 
 def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None = None, mmap: bool | None = None,
          errors: str = "recover", storage_options: Mapping | None = None, report: bool = False,
-         max_workers: int | None = None, **pickle_load_args) -> Any:
+         max_workers: int | None = None, partial: bool = False, **pickle_load_args) -> Any:
     """Load a DTDR file, or hand anything else to :func:`torch.load`.
 
     ``f`` is a local path, an fsspec URL (``s3://``, ``gs://``, ``memory://``,
@@ -248,7 +252,9 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     dict of saved-location remaps, a callable ``(storage, location)``);
     ``errors="recover"`` (default) repairs and degrades gracefully with a
     :class:`~torch_dtdr.errors.DamageWarning`, ``"strict"`` raises unless
-    every tensor is bit-exact; ``report=True`` returns ``(obj, Report)``;
+    every tensor is bit-exact; a lost tensor raises
+    :class:`~torch_dtdr.errors.IntegrityError` naming every lost tensor unless
+    ``partial=True``, which returns ``None`` in its place; ``report=True`` returns ``(obj, Report)``;
     ``max_workers`` bounds the concurrent range requests to a remote store
     (default :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`). Nothing is unpickled, so ``pickle_module``, ``weights_only`` and extra
     pickle arguments have no effect; ``mmap=True`` is accepted and has no
@@ -265,7 +271,7 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     """
     kind, src = _sniff(f, storage_options, partial=True)
     if kind == "dtdr":
-        return _load_dtdr(src, f, map_location, errors, storage_options, report, max_workers)
+        return _load_dtdr(src, f, map_location, errors, storage_options, report, max_workers, partial)
     if kind == "missing":
         raise CheckpointNotFoundError("no such file", file=src)
     kwargs = dict(pickle_load_args)
@@ -281,8 +287,78 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
         with _open_url(src, storage_options) as fh:
             obj = _STATE["load"](fh, map_location, **kwargs)
     else:
-        obj = _STATE["load"](f, map_location, **kwargs)
+        head = _peek(f)
+        try:
+            obj = _STATE["load"](f, map_location, **kwargs)
+        except Exception as e:
+            looked = None if head is None else _not_torch(head)
+            if looked is None:
+                raise  # a torch file (or one we cannot peek): torch's own error, unchanged
+            _strip_unsafe_advice(e)
+            raise FormatError(f"neither a DTDR file nor a torch file: it looks like {looked}; torch.load "
+                              f"says {type(e).__name__}", file=_display_name(f)) from e
     return (obj, None) if report else obj
+
+
+def _display_name(f) -> str:
+    if isinstance(f, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(f))
+    return str(getattr(f, "name", f"<{type(f).__name__}>"))
+
+
+def _peek(f, n: int = 512) -> bytes | None:
+    """The first ``n`` bytes of a local path, or of a seekable file object from
+    its current position (put back); None when they cannot be read."""
+    try:
+        if isinstance(f, (str, os.PathLike)):
+            with builtins.open(os.fspath(f), "rb") as fh:
+                return fh.read(n)
+        if hasattr(f, "read") and callable(getattr(f, "seekable", None)) and f.seekable():
+            pos = f.tell()
+            try:
+                head = f.read(n)
+            finally:
+                f.seek(pos)
+            return head if isinstance(head, bytes) else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
+def _not_torch(head: bytes) -> str | None:
+    """None when ``head`` begins like a file torch.save writes (a zip archive, a
+    protocol-2+ pickle, a legacy tar); else what it looks like, in words."""
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or head[257:262] == b"ustar":
+        return None
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return None
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2**27:
+        return "a safetensors file (convert it with torch_dtdr.convert, or load it with safetensors)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+        try:
+            text = head[:-3].decode("utf-8") if len(head) >= 512 else None  # a character cut at the end
+        except UnicodeDecodeError:
+            text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"text ({text[:40]!r}...)"
+    return f"unrecognised binary data (first bytes {head[:8].hex()})"
+
+
+def _strip_unsafe_advice(e: BaseException) -> None:
+    """Drop torch's suggestion to retry with ``weights_only=False`` from ``e``'s
+    text: for a file that is not a torch file, that advice only runs a pickle."""
+    text = str(e)
+    if "weights_only" not in text:
+        return
+    detail = text[text.find("WeightsUnpickler error:"):].splitlines()[0] if "WeightsUnpickler error:" in text \
+        else "the weights-only unpickler refused the data"
+    try:
+        e.args = (detail,)
+    except (AttributeError, TypeError):  # pragma: no cover - exceptions with read-only args
+        pass
 
 
 def _version_tuple(v: str) -> tuple[int, int]:
@@ -316,8 +392,8 @@ def _make_load_wrapper(prev):
             except TypeError:
                 return prev(f, *args, **kwargs)  # the same TypeError torch.load gives
             return _load_dtdr(src, f, b["map_location"], b["errors"], b["storage_options"], b["report"],
-                              b["max_workers"])
-        if not {"report", "storage_options", "max_workers"} & kwargs.keys():
+                              b["max_workers"], b["partial"])
+        if not {"report", "storage_options", "max_workers", "partial"} & kwargs.keys():
             if kind == "url":
                 with _open_url(src, None) as fh:
                     return prev(fh, *args, **kwargs)
@@ -327,6 +403,7 @@ def _make_load_wrapper(prev):
         so = kw.pop("storage_options", None)
         report = kw.pop("report", False)
         kw.pop("max_workers", None)
+        kw.pop("partial", None)
         if kind == "url":
             with _open_url(src, so) as fh:
                 obj = prev(fh, *args, **kw)

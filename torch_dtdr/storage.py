@@ -54,7 +54,9 @@ import bisect
 import collections
 import io
 import os
+import re
 import secrets
+import socket
 import stat
 import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -79,6 +81,12 @@ __all__ = [
     "DEFAULT_PART_SIZE",
     "DEFAULT_PREFETCH_WINDOW",
     "TEMP_SUFFIX",
+    "is_plain_name",
+    "child_inside",
+    "check_regular_file",
+    "local_temp_path",
+    "remove_stale_temps",
+    "remove_symlink",
 ]
 
 PathOrURL = Union[str, "os.PathLike[str]"]
@@ -506,20 +514,44 @@ class Prefetch:
         self.close()
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def check_regular_file(path: str) -> None:
+    """Raise CheckpointNotFoundError unless ``path`` (symlinks followed) is a
+    regular file: a directory, FIFO, socket or device is refused at once,
+    before anything opens it (opening a FIFO blocks until a writer comes)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError("no such file", file=path) from e
+    except OSError as e:
+        raise _storage_error("cannot stat", e, file=path) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointNotFoundError(f"is {_file_kind(st.st_mode)}, not a regular file", file=path)
+
+
 class _LocalSource(Source):
     def __init__(self, path: str):
+        check_regular_file(path)
         try:
-            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
+            # O_NONBLOCK: should the path have become a FIFO since the check, open does not block
+            fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError as e:
             raise CheckpointNotFoundError("no such file", file=path) from e
         except IsADirectoryError as e:  # Windows
-            raise CheckpointNotFoundError("is a directory, not a file", file=path) from e
+            raise CheckpointNotFoundError("is a directory, not a regular file", file=path) from e
         except OSError as e:
             raise _storage_error("cannot open", e, file=path) from e
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise CheckpointNotFoundError("is a directory, not a file", file=path)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointNotFoundError(f"is {_file_kind(st.st_mode)}, not a regular file", file=path)
         except BaseException:
             os.close(fd)
             raise
@@ -773,6 +805,58 @@ class Sink:
         return f"<{type(self).__name__} {self.name!r} {self._state} written={self._written}>"
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:64] or "host"
+
+
+_TEMP_RE = re.compile(r"\..+\.[0-9a-f]{12}\.(\d{1,10})@([A-Za-z0-9_-]{1,64})" + re.escape(TEMP_SUFFIX))
+
+
+def local_temp_path(dest: str) -> str:
+    """A fresh temporary path beside ``dest``: ``.<name>.<random>.<pid>@<host>.dtdr-tmp``.
+    The writer's pid and host in the name let a later save tell a temp file
+    left by a killed writer from one a live writer is still filling."""
+    d, base = os.path.split(dest)
+    return os.path.join(d, f".{base}.{secrets.token_hex(6)}.{os.getpid()}@{_host_tag()}{TEMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we can reason about: keep its file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Delete the temp files in ``directory`` whose writer is no longer running:
+    written on this host (by name) by a pid that does not exist. A live writer's
+    file, one from another host (a shared file system) and temp files of older
+    versions (no pid in the name) are left alone. Best effort; returns the
+    removed paths."""
+    removed = []
+    host, me = _host_tag(), os.getpid()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.fullmatch(entry.name)
+        if m is None or m.group(2) != host or int(m.group(1)) == me or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
+
+
 def _fsync_dir(d: str) -> None:
     if os.name == "nt":
         return
@@ -804,7 +888,7 @@ class _LocalSink(Sink):
         except OSError:
             dest_mode = None
         for _ in range(64):
-            tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+            tmp = local_temp_path(path)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_CLOEXEC, 0o666)
                 break
@@ -817,6 +901,7 @@ class _LocalSink(Sink):
         else:  # pragma: no cover
             raise StorageError("cannot pick a free temporary file name", file=path)
         self._tmp = tmp
+        remove_stale_temps(d)  # what killed saves into this directory left behind
         try:
             if dest_mode is not None and hasattr(os, "fchmod"):
                 os.fchmod(fd, dest_mode)  # replacing a file keeps its permissions
@@ -1184,6 +1269,47 @@ def remove(f: PathOrURL, storage_options: dict | None = None, *, missing_ok: boo
             raise CheckpointNotFoundError("no such file", file=name) from e
     except Exception as e:
         raise _storage_error("remove failed", e, file=name) from e
+
+
+def is_plain_name(name) -> bool:
+    """Whether ``name`` (read from a file) is a plain file name: a non-empty
+    string naming an entry directly inside a folder, with no separator, no
+    ``.``/``..``, no drive or NUL. Names taken from files are joined to a
+    folder only after passing this test."""
+    if not isinstance(name, str) or not name or name in (".", "..") or len(name) > 255:
+        return False
+    return not any(c in name for c in ("/", "\\", "\x00", ":")) and name == name.strip()
+
+
+def child_inside(folder: PathOrURL, name: str, storage_options: dict | None = None, *,
+                 also_under: Sequence[str] = ()) -> bool:
+    """Whether ``folder``/``name`` stays inside ``folder`` once symlinks are
+    resolved (local paths; or inside one of the folders ``also_under``, relative
+    to ``folder``). Object stores have no symlinks: a plain name stays inside."""
+    if not is_plain_name(name):
+        return False
+    r = _resolve(folder, storage_options, allow_fileobj=False)
+    if r[0] != "local":
+        return True
+    base = os.path.realpath(r[1])
+    target = os.path.realpath(os.path.join(base, name))
+    roots = [base] + [os.path.realpath(os.path.join(base, extra)) for extra in also_under]
+    return any(os.path.commonpath([root, target]) == root and target != root for root in roots)
+
+
+def remove_symlink(f: PathOrURL, storage_options: dict | None = None) -> bool:
+    """Delete ``f`` if it is a local symbolic link (not its target); True when one was removed.
+    Object stores have no links."""
+    r = _resolve(f, storage_options, allow_fileobj=False)
+    if r[0] != "local" or not os.path.islink(r[1]):
+        return False
+    try:
+        os.unlink(r[1])
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise _storage_error("cannot remove a symlink", e, file=_fspath(f)) from e
+    return True
 
 
 def read_bytes(f: FileLike, storage_options: dict | None = None) -> bytes:

@@ -418,7 +418,7 @@ def _dtdr_format(name: str, codec: str, parity: str) -> Format:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DamageWarning)
-            obj, rep = dtdr_load(path, report=True)
+            obj, rep = dtdr_load(path, report=True, partial=True)
         if not isinstance(obj, Mapping):
             raise TypeError(f"torch_dtdr.load returned {type(obj).__name__}, expected the saved dict")
         return dict(obj), rep
@@ -1012,9 +1012,7 @@ def _cmd_corrupt(args) -> int:
     rec = corrupt(args.path, mode=args.mode, fraction=args.fraction, count=args.count, seed=args.seed,
                   region=_region_arg(args.region), out=args.output,
                   storage_options=storage_options(args.storage_option),
-                  burst_length=args.burst_length, sector_size=args.sector_size)
-    if args.record:
-        rec.save(args.record)
+                  burst_length=args.burst_length, sector_size=args.sector_size, record=args.record)
     if args.json:
         d = rec.to_dict()
         d.pop("changes")
