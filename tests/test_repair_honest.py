@@ -159,9 +159,12 @@ def test_repair_salvages_surviving_tensors_into_a_partial_file(tmp_path):
         assert_same(f.get_tensor("a"), sd["a"])
         with pytest.raises(IntegrityError):
             f.get_tensor("b")
+    with pytest.raises(IntegrityError, match="lost"):
+        api.load(out)
     with pytest.warns(DamageWarning, match="lost"):
-        obj = api.load(out)
+        obj = api.load(out, partial=True)
     assert_same(obj["a"], sd["a"])
+    assert obj["b"] is None
 
 
 def test_golden_repaired_degraded_file_decodes_with_its_marker():
@@ -174,8 +177,10 @@ def test_golden_repaired_degraded_file_decodes_with_its_marker():
     assert {t.name: t.status for t in rep.tensors} == {k: v["status"] for k, v in want.items()}
     assert {t.name: t.provenance for t in rep.tensors} == {k: v["provenance"] for k, v in want.items()}
     assert rep.exit_code == 2 and not rep.truncated and not rep.events
+    with pytest.raises(IntegrityError, match="lost"):
+        api.load(path)
     with pytest.warns(DamageWarning):
-        back = api.load(path)
+        back = api.load(path, partial=True)
     for k, v in want.items():
         if v["sha256"] is None:
             assert back[k] is None
