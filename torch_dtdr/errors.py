@@ -12,6 +12,7 @@ __all__ = [
     "DTDRError",
     "FormatError",
     "UnsupportedVersionError",
+    "UnregisteredTypeError",
     "IntegrityError",
     "TruncatedError",
     "CheckpointNotFoundError",
@@ -69,6 +70,13 @@ class FormatError(DTDRError, ValueError):
 
 class UnsupportedVersionError(FormatError):
     """The file was written by a newer, incompatible major format version."""
+
+
+class UnregisteredTypeError(FormatError):
+    """The file holds an object of a type the loading program has not
+    registered with :func:`torch_dtdr.register_type` (nothing a file names is
+    ever imported); register it, or load inside
+    :func:`torch_dtdr.unknown_types_as_dicts` to get plain dicts."""
 
 
 class IntegrityError(DTDRError, IOError):
