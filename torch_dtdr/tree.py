@@ -618,8 +618,9 @@ class _Encoder:
         units.sort(key=lambda u: u[0])
         return units
 
-    def build_unit(self, members):
-        """Return (data tensor, {rid: (offset, stride)})."""
+    def build_unit(self, members, stage=None):
+        """Return (data tensor, {rid: (offset, stride)}); ``stage`` (if given)
+        makes the CPU copy of the data instead of ``Tensor.cpu``."""
         recs = [self.records[r] for r in members]
         if len(members) == 1:
             t = recs[0].t
@@ -657,15 +658,21 @@ class _Encoder:
             for rid, r in zip(members, recs):
                 isz = r.t.element_size()
                 views[rid] = ((r.t.storage_offset() * isz - lo) // isz, list(r.t.stride()))
-        if data.device.type != "cpu":
+        if stage is not None:
+            data = stage(data)
+        elif data.device.type != "cpu":
             data = data.cpu()
         if not data.is_contiguous():  # pragma: no cover - defensive
             data = data.contiguous()
         return data, views
 
 
-def flatten(obj) -> tuple[dict, list[TensorEntry]]:
+def flatten(obj, *, stage: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict, list[TensorEntry]]:
     """Encode ``obj`` into ``(skeleton, entries)``.
+
+    ``stage(data)``, if given, is called once per stored tensor (on its
+    original device) and returns the CPU tensor to store: a snapshot copy for
+    an asynchronous save. Without it, CPU data is referenced, not copied.
 
     ``skeleton`` is JSON-serialisable (see the module docstring); ``entries`` are
     the tensors to store, ordered by first appearance in ``obj``. Raises
@@ -679,7 +686,7 @@ def flatten(obj) -> tuple[dict, list[TensorEntry]]:
     tensor_recs: list[dict | None] = [None] * len(enc.records)
     used: set[str] = set()
     for members in enc.units():
-        data, views = enc.build_unit(members)
+        data, views = enc.build_unit(members, stage)
         base = enc.records[members[0]].name
         name = base
         n = 1
