@@ -15,6 +15,7 @@ from . import errors
 from .api import info, repair, save, verify
 from .convert import convert
 from .lazy import open
+from .manager import CheckpointManager
 from .modules import load_model, save_model
 from .shim import load, patch, unpatch
 from .report import Report, TensorReport
@@ -25,4 +26,5 @@ __version__ = "0.1.0"
 
 __all__ = ["save", "load", "open", "verify", "repair", "errors", "Report", "TensorReport", "__version__",
            "patch", "unpatch", "save_model", "load_model", "convert", "info",
-           "register_type", "unregister_type", "unknown_types_as_dicts", "async_save"]
+           "register_type", "unregister_type", "unknown_types_as_dicts", "async_save",
+           "CheckpointManager"]

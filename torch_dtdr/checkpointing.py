@@ -27,7 +27,7 @@ from . import tree
 from .api import save
 from .errors import DTDRWarning
 
-__all__ = ["SaveFuture", "async_save", "snapshot", "run_in_background", "wait_for_saves"]
+__all__ = ["SaveFuture", "async_save", "snapshot", "run_in_background", "wait_for_room", "wait_for_saves"]
 
 _cond = threading.Condition()
 _in_flight: list["SaveFuture"] = []
@@ -94,7 +94,8 @@ def snapshot(obj: Any, *, copy: bool = True) -> Any:
     return tree.unflatten(skeleton, staged.__getitem__)
 
 
-def _wait_for_room(max_in_flight: int) -> None:
+def wait_for_room(max_in_flight: int) -> None:
+    """Block until fewer than ``max_in_flight`` background saves are running."""
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     with _cond:
@@ -142,7 +143,7 @@ def async_save(obj: Any, f, *, copy: bool = True, max_in_flight: int = 1, **save
     """
     if not isinstance(f, (str, bytes)) and not hasattr(f, "__fspath__"):
         raise TypeError(f"async_save writes to a path or URL, not {type(f).__name__}")
-    _wait_for_room(max_in_flight)
+    wait_for_room(max_in_flight)
     staged = snapshot(obj, copy=copy)
     return run_in_background(f, lambda: save(staged, f, **save_kwargs))
 

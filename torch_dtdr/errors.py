@@ -17,12 +17,14 @@ __all__ = [
     "TruncatedError",
     "CheckpointNotFoundError",
     "IncompleteCheckpointError",
+    "NoIntactCheckpointError",
     "ArgumentError",
     "CodecError",
     "DeviceError",
     "StorageError",
     "DTDRWarning",
     "DamageWarning",
+    "CheckpointFallbackWarning",
 ]
 
 
@@ -97,6 +99,15 @@ class IncompleteCheckpointError(CheckpointNotFoundError):
     that wrote it was interrupted (or it is not a DTDR DCP checkpoint)."""
 
 
+class NoIntactCheckpointError(CheckpointNotFoundError):
+    """No step of a :class:`~torch_dtdr.CheckpointManager` directory loads
+    exactly; ``problems`` maps each step to what was wrong with it."""
+
+    def __init__(self, message: str, *, problems=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.problems = dict(problems or {})
+
+
 class ArgumentError(DTDRError, ValueError):
     """Arguments that cannot describe the requested operation (e.g. fault
     injection asked for both a fraction and a count)."""
@@ -119,6 +130,11 @@ class StorageError(DTDRError, OSError):
 
 class DTDRWarning(UserWarning):
     """Base class of torch_dtdr's warnings."""
+
+
+class CheckpointFallbackWarning(DTDRWarning):
+    """:meth:`torch_dtdr.CheckpointManager.restore` skipped a damaged, torn or
+    uncommitted step and fell back to an older one."""
 
 
 class DamageWarning(DTDRWarning):
