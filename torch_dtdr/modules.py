@@ -10,6 +10,7 @@ names only one of them (a Hugging Face checkpoint converted with
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Mapping
 
@@ -100,7 +101,7 @@ def load_model(module: torch.nn.Module, f, strict: bool = True, device="cpu", *,
 
 def _load_dtdr_in_place(module: torch.nn.Module, f, device, errors, storage_options):
     """Decode a DTDR file's tensors into ``module``'s own tensors, one at a time."""
-    from .errors import IntegrityError
+    from .errors import DamageWarning, IntegrityError
     from .lazy import open as open_lazy
 
     targets = module.state_dict(keep_vars=True)
@@ -139,6 +140,9 @@ def _load_dtdr_in_place(module: torch.nn.Module, f, device, errors, storage_opti
                     target.copy_(value)
                 stored.release()
             filled.add(where)
+        report = stored.report()
+    if report.status != "exact":  # as torch_dtdr.load does: repaired or degraded data is said so
+        warnings.warn(DamageWarning(report.summary()), stacklevel=3)
     if assigned:
         module.load_state_dict(assigned, strict=False, assign=True)
     missing = [k for k in targets if k not in given]
