@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
-pytest.importorskip("accelerate", reason="the 'accelerate' extra (installed by .ci/run)")
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-
-import torch_dtdr  # noqa: E402
-from torch_dtdr.integrations.accelerate import use_dtdr  # noqa: E402
+import torch_dtdr
+from torch_dtdr.integrations.accelerate import use_dtdr
 
 
 def _setup():

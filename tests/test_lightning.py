@@ -8,14 +8,12 @@ import warnings
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-lightning = pytest.importorskip("lightning", reason="the 'lightning' extra (installed by .ci/run)")
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.plugins.io import AsyncCheckpointIO  # noqa: E402
-
-import torch_dtdr  # noqa: E402
-from torch_dtdr.integrations.lightning import DTDRCheckpointIO  # noqa: E402
+import torch_dtdr
+from torch_dtdr.integrations.lightning import DTDRCheckpointIO
 
 
 class Tiny(LightningModule):

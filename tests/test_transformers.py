@@ -8,15 +8,13 @@ import os
 
 import pytest
 import torch
+from transformers import AutoModel, AutoTokenizer, BertModel
 
-pytest.importorskip("transformers", reason="the 'hf' extra")
-from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: E402
+import torch_dtdr
+from torch_dtdr.errors import IntegrityError
+from torch_dtdr.integrations import transformers as dtdr_hf
 
-import torch_dtdr  # noqa: E402
-from torch_dtdr.errors import IntegrityError  # noqa: E402
-from torch_dtdr.integrations import transformers as dtdr_hf  # noqa: E402
-
-from .helpers import minilm_path, zero_range  # noqa: E402
+from .helpers import minilm_path, zero_range
 
 SENTENCES = ["Checkpoints should survive bit rot.", "A monkey is playing drums.", "hello"]
 
