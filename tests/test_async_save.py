@@ -113,3 +113,18 @@ def test_a_failure_nobody_looked_at_is_reported_at_exit(tmp_path):
     """, tmp_path)
     assert "lost.dtdr" in proc.stderr and "encoder exploded" in proc.stderr and DTDRWarning.__name__ in proc.stderr
     assert not (tmp_path / "lost.dtdr").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_are_staged_once_into_pinned_memory(tmp_path):
+    w = torch.randn(256, 256, device="cuda")
+    state = {"w": w, "w_t": w.t(), "cpu": torch.arange(4)}
+    staged = snapshot(state)
+    assert staged["w"].device.type == "cpu" and staged["w"].is_pinned()
+    assert staged["w_t"].untyped_storage().data_ptr() == staged["w"].untyped_storage().data_ptr()
+    expected = w.cpu()
+    future = torch_dtdr.async_save(state, tmp_path / "cuda.dtdr")
+    w.zero_()
+    future.result(timeout=60)
+    back = torch_dtdr.load(tmp_path / "cuda.dtdr", map_location="cpu", errors="strict")
+    assert torch.equal(back["w"], expected) and torch.equal(back["w_t"], expected.t())
