@@ -178,6 +178,8 @@ def test_a_file_naming_a_module_never_imports_or_calls_it():
     ["defaultdict", "int", "k"],
     ["defaultdict"],
     ["namespace", 1, 2],
+    ["namespace", "__class__", 1],
+    ["namespace", "__dict__", 1],
     ["set", 1, 1],
     ["set", ["list"]],
     ["frozenset", ["dict"]],
@@ -264,3 +266,46 @@ def test_golden_tree_kinds_file_decodes_unchanged():
         _assert_same(golden.golden_object(), torch_dtdr.load(path, errors="strict"))
     finally:
         torch_dtdr.unregister_type(golden.Phase)
+
+
+def test_random_mutations_of_the_new_nodes_only_raise_format_errors():
+    import copy
+    import random
+
+    obj = {"ns": argparse.Namespace(a=1, b=[2]), "s": {1, 2, "x"}, "fs": frozenset({3}),
+           "dd": defaultdict(list, {"k": [1]}), "p": pathlib.PurePosixPath("/a/b"),
+           "dt": datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone(datetime.timedelta(hours=3), "X")),
+           "d": datetime.date(2020, 1, 1), "t": datetime.time(1, 2), "td": datetime.timedelta(1, 2, 3),
+           "e": Phase.TRAIN, "dc": Schedule(1, 2.0, [3])}
+    skel, entries = tree.flatten(obj)
+    base = json.loads(tree.skeleton_to_json(skel))
+    values = [None, True, 0, -1, 2**70, 1.5, "", "x", "PosixPath", "__class__", "__dict__", "int", "type",
+              ["type", "x"], [], ["tz", 1, 0, None], 86400, -10**9, "os.system", {"a": 1}]
+
+    def positions(node, path=()):
+        yield path
+        if isinstance(node, list):
+            for i, child in enumerate(node):
+                yield from positions(child, path + (i,))
+
+    paths = [p for p in positions(base["root"]) if p]
+    rng = random.Random(16)
+    for _ in range(2000):
+        mutated = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            path = rng.choice(paths)
+            parent = mutated["root"]
+            try:
+                for step in path[:-1]:
+                    parent = parent[step]
+                if rng.random() < 0.2:
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = copy.deepcopy(rng.choice(values))
+            except (IndexError, TypeError):
+                pass
+        try:
+            tree.validate(mutated, len(entries))
+            tree.unflatten(mutated, lambda i: entries[i].tensor)
+        except FormatError:
+            pass

@@ -1015,7 +1015,10 @@ def _close(tag, vals, header, where, build):
     if tag == "namespace":
         if any(type(k) is not str for k in keys):
             raise _err("namespace attribute names must be strings", where)
-        return argparse.Namespace(**out)
+        try:
+            return argparse.Namespace(**out)
+        except (TypeError, AttributeError, ValueError) as e:  # "__class__", "__dict__" and the like
+            raise _err(f"bad namespace attribute ({e})", where) from None
     return out
 
 
