@@ -181,7 +181,7 @@ def test_non_contiguous_views(tmp_path):
 
 def test_unsupported_type_names_its_place(tmp_path):
     with pytest.raises(TypeError, match="opt"):
-        torch_dtdr.save({"opt": {"x": {1, 2}}}, tmp_path / "bad.dtdr")
+        torch_dtdr.save({"opt": {"x": {1, 2j, object()}}}, tmp_path / "bad.dtdr")
     assert not (tmp_path / "bad.dtdr").exists()
 
 

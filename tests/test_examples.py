@@ -61,3 +61,9 @@ def test_readme_demo_runs_on_the_real_model():
     assert "tensors finite 104/104, bit-exact 104/104" in lossless
     assert all("tensors finite 104/104" in line for line in finite if "dtdr" in line)
     assert "fp32 safetensors       mean cosine nan" in out
+
+
+def test_async_checkpointing_loop_reports_step_times_and_exact_checkpoints():
+    out = run_example("async_checkpointing.py")
+    assert out.count("loads bit-exact: True") == 2, out
+    assert "async" in out and "checkpoint steps median" in out

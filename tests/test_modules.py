@@ -213,3 +213,63 @@ def test_checkpoint_holds_every_rng_type_exactly(tmp_path):
     _set_rng_state(state)
     assert torch.equal(draws[0], torch.rand(3)) and (draws[1] == np.random.normal(size=2)).all()
     assert draws[2] == random.random()
+
+
+# ----------------------------------------------------------------------------- decoding in place (issue 16, item 8)
+
+
+class Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.big = torch.nn.Linear(1200, 1000)  # 1.2M elements: more than one segment
+        self.small = torch.nn.Linear(8, 4)
+        self.register_buffer("steps", torch.arange(5))
+
+
+def test_load_model_decodes_into_the_parameters_own_memory(tmp_path):
+    torch.manual_seed(0)
+    a = Wide()
+    torch_dtdr.save_model(a, tmp_path / "w.dtdr")
+    torch.manual_seed(1)
+    b = Wide()
+    before = {k: v.data_ptr() for k, v in b.state_dict().items()}
+    assert torch_dtdr.load_model(b, tmp_path / "w.dtdr") == ([], [])
+    assert {k: v.data_ptr() for k, v in b.state_dict().items()} == before  # no new tensors
+    for k, v in a.state_dict().items():
+        assert_same(b.state_dict()[k], v)
+    assert b.big.weight.requires_grad and type(b.big.weight) is torch.nn.Parameter
+
+
+def test_load_model_assigns_on_a_meta_model_and_converts_dtypes(tmp_path):
+    torch.manual_seed(0)
+    a = Wide()
+    torch_dtdr.save_model(a, tmp_path / "w.dtdr")
+    with torch.device("meta"):
+        b = Wide()
+    torch_dtdr.load_model(b, tmp_path / "w.dtdr")
+    for k, v in a.state_dict().items():
+        assert b.state_dict()[k].device.type == "cpu"
+        assert_same(b.state_dict()[k], v)
+    c = Wide().double()  # another dtype: decoded, then copied with conversion, as load_state_dict does
+    torch_dtdr.load_model(c, tmp_path / "w.dtdr")
+    assert torch.equal(c.big.weight, a.big.weight.double())
+
+
+def test_load_model_size_mismatch_is_reported_like_load_state_dict(tmp_path):
+    torch.manual_seed(0)
+    torch_dtdr.save_model(torch.nn.Linear(4, 3), tmp_path / "l.dtdr")
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with shape "
+                                           r"torch.Size\(\[3, 4\]\)"):
+        torch_dtdr.load_model(torch.nn.Linear(5, 3), tmp_path / "l.dtdr", strict=False)
+
+
+def test_read_into_fills_the_given_tensor_or_declines(tmp_path):
+    x = torch.randn(1500, 1000)
+    torch_dtdr.save({"x": x, "x_t": x.t(), "h": x[:10].half()}, tmp_path / "r.dtdr")
+    with torch_dtdr.open(tmp_path / "r.dtdr") as stored:
+        out = torch.empty(1500, 1000)
+        assert stored.read_into("x", out) and torch.equal(out, x)
+        assert not stored.read_into("x", torch.empty(1500, 1000, dtype=torch.float64))
+        assert not stored.read_into("x_t", torch.empty(1000, 1500))  # a view of another entry
+        assert not stored.read_into("x", torch.empty(1000, 1500).t())  # not contiguous
+        assert stored.report().status == "exact"

@@ -9,6 +9,7 @@ import pickle
 import threading
 import uuid
 import warnings
+from fractions import Fraction
 
 import fsspec
 import pytest
@@ -335,9 +336,9 @@ def test_patch_save_writes_dtdr_and_falls_back_for_what_it_cannot_store(tmp_path
         _check(torch.load(buf))
         shim._save_fallback_warned = False
         with pytest.warns(DTDRWarning, match="pickle"):
-            torch.save({"s": {1, 2}}, tmp_path / "set.pt")  # sets need pickle
+            torch.save({"s": Fraction(1, 3)}, tmp_path / "set.pt")  # an unregistered class needs pickle
         assert (tmp_path / "set.pt").read_bytes()[:4] == b"PK\x03\x04"
-        assert torch.load(tmp_path / "set.pt", weights_only=False) == {"s": {1, 2}}
+        assert torch.load(tmp_path / "set.pt", weights_only=False) == {"s": Fraction(1, 3)}
         torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # pickle args: torch's own
         assert (tmp_path / "legacy.pt").read_bytes()[:8] != MAGIC
         with torch_dtdr.patch():  # save=False inside: torch.save is the original again

@@ -295,10 +295,9 @@ class SubTensor(torch.Tensor):
 @pytest.mark.parametrize(
     "make, where, what",
     [
-        (lambda: {"opt": {"state": [0, 1, 2, {1, 2}]}}, r"obj\['opt'\]\['state'\]\[3\]", "set"),
-        (lambda: [frozenset()], r"obj\[0\]", "frozenset"),
+        (lambda: {"opt": {"state": [0, 1, 2, {Custom()}]}}, r"obj\['opt'\]\['state'\]\[3\]\[0\]", "Custom"),
         (lambda: {"c": Custom()}, r"obj\['c'\]", "Custom"),
-        (lambda: {"d": defaultdict(int)}, r"obj\['d'\]", "defaultdict"),
+        (lambda: {"d": defaultdict(lambda: 0)}, r"obj\['d'\]", "default_factory"),
         (lambda: {"p": Point(1, 2)}, r"obj\['p'\]", "Point"),
         (lambda: {"k": {(1, 2): 3}}, r"obj\['k'\]", "tuple"),
         (lambda: {"f": len}, r"obj\['f'\]", "builtin_function_or_method"),

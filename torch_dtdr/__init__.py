@@ -15,11 +15,16 @@ from . import errors
 from .api import info, repair, save, verify
 from .convert import convert
 from .lazy import open
+from .manager import CheckpointManager
 from .modules import load_model, save_model
 from .shim import load, patch, unpatch
 from .report import Report, TensorReport
+from .checkpointing import async_save
+from .registry import register_type, unknown_types_as_dicts, unregister_type
 
 __version__ = "0.1.0"
 
 __all__ = ["save", "load", "open", "verify", "repair", "errors", "Report", "TensorReport", "__version__",
-           "patch", "unpatch", "save_model", "load_model", "convert", "info"]
+           "patch", "unpatch", "save_model", "load_model", "convert", "info",
+           "register_type", "unregister_type", "unknown_types_as_dicts", "async_save",
+           "CheckpointManager"]

@@ -211,10 +211,12 @@ class _Decoder:
         self.report = Report(reader.name, f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", list(reader.events), reader.truncated)
         self._reports: dict[int, TensorReport] = {}
 
-    def tensor(self, i: int, after_record: Callable[[RecordInfo, SegmentData], None] | None = None
-               ) -> torch.Tensor | None:
+    def tensor(self, i: int, after_record: Callable[[RecordInfo, SegmentData], None] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The stored tensor ``i`` on CPU, or None when it is lost.
-        ``after_record(record, segment)`` is called after each record is read."""
+        ``after_record(record, segment)`` is called after each record is read.
+        ``out`` (1-D, contiguous, CPU, the stored dtype and element count) receives
+        the values segment by segment instead of a new tensor."""
         r = self.reader
         info: TensorInfo = r.tensors[i]
         codec = codecs.from_dict(info.codec)
@@ -235,7 +237,6 @@ class _Decoder:
             rep.error_bound = None
             self._fail(rep, TruncatedError, "the file ends before this tensor's data", None)
             return None
-        out = None
         bound = 0.0
         for rec in info.records:
             seg = r.read_record(rec)
@@ -256,7 +257,7 @@ class _Decoder:
                 rep.degraded_elements += result.degraded_elements
                 bound = None if (bound is None or result.error_bound is None) else max(bound, result.error_bound)
             values = result.values
-            if len(info.records) == 1:
+            if len(info.records) == 1 and out is None:
                 out = values
             else:
                 if out is None:

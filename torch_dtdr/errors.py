@@ -12,10 +12,12 @@ __all__ = [
     "DTDRError",
     "FormatError",
     "UnsupportedVersionError",
+    "UnregisteredTypeError",
     "IntegrityError",
     "TruncatedError",
     "CheckpointNotFoundError",
     "IncompleteCheckpointError",
+    "NoIntactCheckpointError",
     "ArgumentError",
     "ObjectTypeError",
     "CodecError",
@@ -23,6 +25,7 @@ __all__ = [
     "StorageError",
     "DTDRWarning",
     "DamageWarning",
+    "CheckpointFallbackWarning",
 ]
 
 
@@ -72,6 +75,13 @@ class UnsupportedVersionError(FormatError):
     """The file was written by a newer, incompatible major format version."""
 
 
+class UnregisteredTypeError(FormatError):
+    """The file holds an object of a type the loading program has not
+    registered with :func:`torch_dtdr.register_type` (nothing a file names is
+    ever imported); register it, or load inside
+    :func:`torch_dtdr.unknown_types_as_dicts` to get plain dicts."""
+
+
 class IntegrityError(DTDRError, IOError):
     """Stored data failed its checksums and could not be restored bit-exactly
     (raised by ``errors="strict"``)."""
@@ -88,6 +98,15 @@ class CheckpointNotFoundError(DTDRError, FileNotFoundError):
 class IncompleteCheckpointError(CheckpointNotFoundError):
     """A distributed checkpoint folder holds no committed metadata: the save
     that wrote it was interrupted (or it is not a DTDR DCP checkpoint)."""
+
+
+class NoIntactCheckpointError(CheckpointNotFoundError):
+    """No step of a :class:`~torch_dtdr.CheckpointManager` directory loads
+    exactly; ``problems`` maps each step to what was wrong with it."""
+
+    def __init__(self, message: str, *, problems=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.problems = dict(problems or {})
 
 
 class ArgumentError(DTDRError, ValueError):
@@ -117,6 +136,11 @@ class StorageError(DTDRError, OSError):
 
 class DTDRWarning(UserWarning):
     """Base class of torch_dtdr's warnings."""
+
+
+class CheckpointFallbackWarning(DTDRWarning):
+    """:meth:`torch_dtdr.CheckpointManager.restore` skipped a damaged, torn or
+    uncommitted step and fell back to an older one."""
 
 
 class DamageWarning(DTDRWarning):

@@ -11,10 +11,18 @@ import torch
 
 from . import tree
 from .api import _Decoder, _load_from_reader, _place
-from .errors import DamageWarning
+from .errors import DamageWarning, IntegrityError
 from .format.reader import ContainerReader
 from .report import Report
 from .storage import open_source
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return strides[::-1]
 
 
 class DTDRFile:
@@ -59,6 +67,10 @@ class DTDRFile:
     def keys(self) -> list[str]:
         """Names of the tensors, as paths in the saved object (``"model.layer.0.weight"``)."""
         return list(self._refs)
+
+    def holds_mapping(self) -> bool:
+        """Whether the saved object is a mapping (as a state dict is), not a list or a tensor."""
+        return tree.root_is_mapping(self._reader.index.tree)
 
     def metadata(self) -> dict[str, str]:
         """The ``metadata`` mapping given to :func:`torch_dtdr.save`."""
@@ -110,6 +122,30 @@ class DTDRFile:
         sharing storage come back sharing it); frees memory between reads."""
         self._builder.loaded.clear()
         self._builder.built.clear()
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Decode tensor ``name`` straight into ``out``'s memory, one segment at
+        a time (no full-size temporary). Only when the tensor is stored whole as
+        its own entry and ``out`` is a contiguous CPU tensor of its dtype and
+        shape; returns False (nothing read) otherwise. Damage is handled per
+        ``errors``; a lost tensor raises :class:`~torch_dtdr.errors.IntegrityError`."""
+        try:
+            i = self._refs[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in {self._reader.name}") from None
+        e, dtype, offset, shape, stride, *_ = self._builder.tables.records[i]
+        entry = self._reader.tensors[e]
+        if (offset != 0 or tuple(out.shape) != tuple(shape) or out.dtype != dtype or entry.dtype != dtype
+                or out.device.type != "cpu" or not out.is_contiguous() or entry.numel != out.numel()
+                or (out.numel() and list(stride) != _contiguous_strides(shape))):
+            return False
+        with torch.no_grad():
+            flat = out.detach().view(-1)
+            with self._reader.prefetch(entry.records):
+                got = self._decoder.tensor(e, out=flat)
+        if got is None:
+            raise IntegrityError("tensor is lost", file=self._reader.name, tensor=name)
+        return True
 
     def codec(self, name: str) -> str:
         """Name of the codec that stored tensor ``name``."""

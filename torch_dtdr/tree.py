@@ -50,6 +50,48 @@ NODE is one of (a reader rejects anything else)::
     ["npscalar", NPDTYPE, NODE]     numpy scalar, e.g. ["npscalar","float32",0.5];
                                     NODE is bool / int / float / complex to match
 
+Added later in version 1 (files using them need a reader that knows them;
+files without them are unchanged)::
+
+    ["set", NODE, ...]              set; elements must be hashable and distinct
+    ["frozenset", NODE, ...]        frozenset, same rules
+    ["namespace", KEY, NODE, ...]   argparse.Namespace; KEYs are attribute names
+                                    (JSON strings), laid out as in "dict"
+    ["defaultdict", FACTORY, KEY, NODE, ...]
+                                    collections.defaultdict; FACTORY is null (no
+                                    factory), one of "list" "dict" "set"
+                                    "frozenset" "tuple" "int" "float" "complex"
+                                    "str" "bytes" "bool" "odict", or
+                                    ["type", TYPENAME] (a registered type)
+    ["path", FLAVOUR, TEXT]         pathlib path; FLAVOUR is "PosixPath",
+                                    "WindowsPath", "PurePosixPath" or
+                                    "PureWindowsPath" (a concrete path of the other
+                                    OS's flavour loads as its Pure variant)
+    ["date", Y, M, D]               datetime.date
+    ["time", h, m, s, us, FOLD, TZ] datetime.time
+    ["datetime", Y, M, D, h, m, s, us, FOLD, TZ]
+                                    datetime.datetime; all fields JSON integers,
+                                    FOLD 0 or 1; TZ is null or
+                                    ["tz", SECONDS, MICROSECONDS, NAME] (a fixed
+                                    offset datetime.timezone; NAME null or its
+                                    explicit name)
+    ["timedelta", DAYS, SECONDS, MICROSECONDS]
+                                    datetime.timedelta in its normalised fields
+    ["object", TYPENAME, NODE]      an object of a type registered with
+                                    torch_dtdr.register_type: NODE is the plain
+                                    value its to_plain returned (enum: member
+                                    name, or value for enum.Flag; dataclass: a
+                                    "dict" of its fields)
+
+TYPENAME matches ``[A-Za-z_][A-Za-z0-9_.<>:-]*`` (at most 256 characters). A
+reader looks it up in the registry of the program that loads and calls only
+the ``from_plain`` that program registered; it never imports or calls
+anything by the name in the file. An unregistered TYPENAME is an
+``UnregisteredTypeError`` (a FormatError), or inside
+``torch_dtdr.unknown_types_as_dicts()`` a plain
+``{"__dtdr_type__": TYPENAME, "value": PLAIN}`` dict (a defaultdict's
+unregistered factory becomes null). Validation checks the form only.
+
 KEY (dict keys) is restricted to: null, true, false, a JSON integer, a JSON
 number, a JSON string, or an "int", "float" or "str" node. Duplicate keys (as
 Python compares them) are malformed. Containers nest at most ``MAX_DEPTH``
@@ -103,26 +145,30 @@ is ``"<root>"``), made unique by appending ``"#2"``, ``"#3"``, ...
 
 Not preserved: the identity of containers that appear in several places (each
 occurrence is written out), NaN payloads, numpy byte order, tensor ``.grad``.
-Unsupported (``TypeError`` naming the path): sets, subclasses of the built-in
-containers and scalars, tensor subclasses other than ``nn.Parameter``, sparse /
+Unsupported (``TypeError`` naming the path): unregistered classes (enums and
+dataclasses included), defaultdicts whose factory is not a builtin or
+registered type, tzinfo other than ``datetime.timezone``, subclasses of the
+built-in containers and scalars, tensor subclasses other than ``nn.Parameter``, sparse /
 quantized / nested / named / meta tensors, object or string ndarrays, and any
 other type. A container that contains itself raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import math
 import re
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from . import registry, tree_stdlib
 from ._json import canonical_dumps, strict_loads
-from .errors import FormatError, UnsupportedVersionError
+from .errors import FormatError, UnregisteredTypeError, UnsupportedVersionError
 
 try:  # numpy is a dependency, but keep the module importable without it
     import numpy as np
@@ -193,8 +239,19 @@ _NP_NAMES = (
 )
 _NP_TORCH = {n: _ALL_DTYPES[n] for n in _NP_NAMES if n in _ALL_DTYPES}
 
-_CONTAINER_TAGS = frozenset(("list", "tuple", "dict", "odict"))
+#: Container tags and how many header items follow the tag before the children.
+_CONTAINERS = {"list": 0, "tuple": 0, "dict": 0, "odict": 0, "namespace": 0, "set": 0, "frozenset": 0,
+               "defaultdict": 1, "object": 1}
+_CONTAINER_TAGS = frozenset(_CONTAINERS)
+_MAPPING_TAGS = frozenset(("dict", "odict", "namespace", "defaultdict"))
 _PENDING = object()
+#: A path component that names nothing (the plain value inside an "object" node).
+_PASS = (None, None)
+#: defaultdict factories stored by name: builtin types only (registered ones as ["type", NAME]).
+_FACTORY_NAMES = {list: "list", dict: "dict", set: "set", frozenset: "frozenset", tuple: "tuple", int: "int",
+                  float: "float", complex: "complex", str: "str", bytes: "bytes", bool: "bool",
+                  OrderedDict: "odict"}
+_FACTORIES = {name: factory for factory, name in _FACTORY_NAMES.items()}
 
 
 @dataclass
@@ -211,7 +268,7 @@ class TensorEntry:
 
 
 def _where(path) -> str:
-    return "obj" + "".join(f"[{c!r}]" for _, c in path)
+    return "obj" + "".join(f"[{p[1]!r}]" for p in path if p is not _PASS)
 
 
 def _type_name(t: type) -> str:
@@ -293,6 +350,8 @@ _LEAF_ENCODERS: dict[type, Callable] = {
     torch.device: lambda x, p: ["device", str(x)],
     torch.Size: lambda x, p: ["size", *[int(d) for d in x]],
 }
+for _type, _encode in tree_stdlib.LEAF_ENCODERS.items():
+    _LEAF_ENCODERS[_type] = (lambda enc: lambda x, p: enc(x, _where(p)))(_encode)
 
 
 def _contiguous_strides(shape) -> list[int]:
@@ -323,6 +382,7 @@ class _Rec:
 
 
 def _path_name(path) -> str:
+    path = [p for p in path if p is not _PASS]
     if not path:
         return _ROOT_NAME
     name = ".".join(str(c) for _, c in path)
@@ -438,7 +498,8 @@ class _Encoder:
                 if count > MAX_NODES:
                     raise ValueError(f"object has more than MAX_NODES={MAX_NODES} nodes (at {_where(path)})")
                 t = type(x)
-                if t is dict or t is OrderedDict or t is list or t is tuple:
+                opened = self.container(x, t, path)
+                if opened is not None:
                     cid = id(x)
                     if cid in active:
                         raise ValueError(f"self-referencing container ({_type_name(t)}) at {_where(path)}")
@@ -446,13 +507,10 @@ class _Encoder:
                         raise ValueError(
                             f"containers nested deeper than MAX_DEPTH={MAX_DEPTH} at {_where(path)}"
                         )
-                    is_dict = t is dict or t is OrderedDict
-                    tag = "dict" if t is dict else "odict" if t is OrderedDict else "list" if t is list else "tuple"
-                    node = [tag]
+                    node, kind, items = opened
                     dest.append(node)
                     active.add(cid)
-                    it = iter(list(x.items())) if is_dict else enumerate(list(x))
-                    stack.append([is_dict, it, node, cid])
+                    stack.append([kind, iter(items), node, cid, x])
                 else:
                     dest.append(self.leaf(x, path))
                     if stack:
@@ -468,13 +526,51 @@ class _Encoder:
                     path.pop()
                 continue
             k, v = nxt
-            if frame[0]:
+            if frame[0] == "map":
                 path.append((True, k))
                 frame[2].append(_enc_key(k, path))
-            else:
+            elif frame[0] == "seq":
                 path.append((False, k))
+            else:
+                path.append(_PASS)
             pending = (v, frame[2])
         return holder[0]
+
+    def container(self, x, t, path):
+        """``(node header, "map" | "seq" | "pass", children)`` for a container, else None."""
+        if t is dict or t is OrderedDict:
+            return ["dict" if t is dict else "odict"], "map", list(x.items())
+        if t is list or t is tuple:
+            return ["list" if t is list else "tuple"], "seq", list(enumerate(x))
+        if t is set or t is frozenset:
+            return ["set" if t is set else "frozenset"], "seq", list(enumerate(x))
+        if t is defaultdict:
+            return ["defaultdict", self.factory(x.default_factory, path)], "map", list(x.items())
+        if t is argparse.Namespace:
+            items = list(vars(x).items())
+            for k, _ in items:
+                if type(k) is not str:
+                    raise TypeError(f"argparse.Namespace with a non-str attribute name at {_where(path)}")
+            return ["namespace"], "map", items
+        reg = registry.registration_for_type(t)
+        if reg is not None:
+            return ["object", reg.name], "pass", [(None, reg.to_plain(x))]
+        return None
+
+    @staticmethod
+    def factory(factory, path):
+        if factory is None:
+            return None
+        name = _FACTORY_NAMES.get(factory) if isinstance(factory, type) else None
+        if name is not None:
+            return name
+        reg = registry.registration_for_type(factory) if isinstance(factory, type) else None
+        if reg is not None:
+            return ["type", reg.name]
+        raise TypeError(
+            f"unsupported defaultdict default_factory {_short_repr(factory)} at {_where(path)}; only builtin "
+            "types (list, dict, set, int, ...), OrderedDict and registered types are stored"
+        )
 
     # -- storage units ------------------------------------------------------ #
     def units(self):
@@ -522,8 +618,9 @@ class _Encoder:
         units.sort(key=lambda u: u[0])
         return units
 
-    def build_unit(self, members):
-        """Return (data tensor, {rid: (offset, stride)})."""
+    def build_unit(self, members, stage=None):
+        """Return (data tensor, {rid: (offset, stride)}); ``stage`` (if given)
+        makes the CPU copy of the data instead of ``Tensor.cpu``."""
         recs = [self.records[r] for r in members]
         if len(members) == 1:
             t = recs[0].t
@@ -561,15 +658,21 @@ class _Encoder:
             for rid, r in zip(members, recs):
                 isz = r.t.element_size()
                 views[rid] = ((r.t.storage_offset() * isz - lo) // isz, list(r.t.stride()))
-        if data.device.type != "cpu":
+        if stage is not None:
+            data = stage(data)
+        elif data.device.type != "cpu":
             data = data.cpu()
         if not data.is_contiguous():  # pragma: no cover - defensive
             data = data.contiguous()
         return data, views
 
 
-def flatten(obj) -> tuple[dict, list[TensorEntry]]:
+def flatten(obj, *, stage: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict, list[TensorEntry]]:
     """Encode ``obj`` into ``(skeleton, entries)``.
+
+    ``stage(data)``, if given, is called once per stored tensor (on its
+    original device) and returns the CPU tensor to store: a snapshot copy for
+    an asynchronous save. Without it, CPU data is referenced, not copied.
 
     ``skeleton`` is JSON-serialisable (see the module docstring); ``entries`` are
     the tensors to store, ordered by first appearance in ``obj``. Raises
@@ -583,7 +686,7 @@ def flatten(obj) -> tuple[dict, list[TensorEntry]]:
     tensor_recs: list[dict | None] = [None] * len(enc.records)
     used: set[str] = set()
     for members in enc.units():
-        data, views = enc.build_unit(members)
+        data, views = enc.build_unit(members, stage)
         base = enc.records[members[0]].name
         name = base
         n = 1
@@ -795,6 +898,8 @@ def _dec_leaf(node, where, tensor_at):
         return complex(_dec_float_part(node[1], where), _dec_float_part(node[2], where))
     if tag == "npscalar":
         return _dec_npscalar(node, where, tensor_at)
+    if tag in tree_stdlib.LEAF_TAGS:
+        return tree_stdlib.decode_leaf(node, where)
     raise _err(f"unknown tag {_short_repr(tag)}", where)
 
 
@@ -807,8 +912,10 @@ def _dec_key(node, where):
     raise _err("dict key must be null, a boolean, a number, a string or an int/float/str node", where)
 
 
-def _decode(root, tensor_at):
-    """Iteratively decode a NODE; never recurses, so depth cannot blow the stack."""
+def _decode(root, tensor_at, build=True):
+    """Iteratively decode a NODE; never recurses, so depth cannot blow the stack.
+    With ``build=False`` (validation) registered types are checked for form
+    only: nothing is looked up or called."""
     stack: list = []  # frames: [tag, node, next_pos, values]
     count = 0
     x = root
@@ -819,9 +926,13 @@ def _decode(root, tensor_at):
         if type(x) is list and x and type(x[0]) is str and x[0] in _CONTAINER_TAGS:
             if len(stack) >= MAX_DEPTH:
                 raise _err(f"containers nested deeper than MAX_DEPTH={MAX_DEPTH}", _node_where(stack))
-            if x[0] in ("dict", "odict") and len(x) % 2 == 0:
+            tag = x[0]
+            start = 1 + _CONTAINERS[tag]
+            if len(x) < start or (tag == "object" and len(x) != 3):
+                raise _err(f"{tag!r} node has the wrong number of items", _node_where(stack))
+            if tag in _MAPPING_TAGS and (len(x) - start) % 2:
                 raise _err("dict node must hold key/value pairs", _node_where(stack))
-            stack.append([x[0], x, 1, []])
+            stack.append([tag, x, start, [], start, _open_header(tag, x, _node_where(stack), build)])
             v = _PENDING
         else:
             v = _dec_leaf(x, _node_where(stack), tensor_at)
@@ -831,9 +942,9 @@ def _decode(root, tensor_at):
                     return v
                 stack[-1][3].append(v)
             frame = stack[-1]
-            tag, node, pos, vals = frame
+            tag, node, pos, vals, start, header = frame
             if pos < len(node):
-                if (tag == "dict" or tag == "odict") and pos % 2 == 1:
+                if tag in _MAPPING_TAGS and (pos - start) % 2 == 0:
                     frame[2] = pos + 1
                     vals.append(_dec_key(node[pos], _node_where(stack)))
                     pos += 1
@@ -841,19 +952,92 @@ def _decode(root, tensor_at):
                 frame[2] = pos + 1
                 break
             stack.pop()
-            if tag == "list":
-                v = vals
-            elif tag == "tuple":
-                v = tuple(vals)
-            else:
-                keys = vals[0::2]
-                try:
-                    d = (dict if tag == "dict" else OrderedDict)(zip(keys, vals[1::2]))
-                except TypeError as e:  # pragma: no cover - keys are hashable by construction
-                    raise _err(f"bad dict key ({e})", _node_where(stack)) from None
-                if len(d) != len(keys):
-                    raise _err("duplicate dict key", _node_where(stack))
-                v = d
+            v = _close(tag, vals, header, _node_where(stack), build)
+
+
+class _Opaque:
+    """What an "object" node is while a skeleton is only being validated."""
+
+    __slots__ = ()
+
+
+def _open_header(tag, node, where, build):
+    """Check a container's header items; returns the defaultdict factory or the object's type name."""
+    if tag == "object":
+        if not registry.valid_type_name(node[1]):
+            raise _err(f"bad type name {_short_repr(node[1])}", where)
+        return node[1]
+    if tag != "defaultdict":
+        return None
+    spec = node[1]
+    if spec is None:
+        return None
+    if type(spec) is str:
+        factory = _FACTORIES.get(spec)
+        if factory is None:
+            raise _err(f"unknown defaultdict factory {_short_repr(spec)}", where)
+        return factory
+    if type(spec) is not list or len(spec) != 2 or spec[0] != "type" or not registry.valid_type_name(spec[1]):
+        raise _err("defaultdict factory must be null, a builtin type name or ['type', NAME]", where)
+    reg = registry.registration_for_name(spec[1]) if build else None
+    if reg is not None:
+        return reg.cls
+    if build and registry.unknown_types_mode() != "dict":
+        raise UnregisteredTypeError(
+            f"a defaultdict's factory is the type {spec[1]!r}, which this program has not registered "
+            "(torch_dtdr.register_type); nothing a file names is imported", field=where)
+    return None
+
+
+def _close(tag, vals, header, where, build):
+    """Build a container from its decoded children."""
+    if tag == "list":
+        return vals
+    if tag == "tuple":
+        return tuple(vals)
+    if tag == "set" or tag == "frozenset":
+        try:
+            out = (set if tag == "set" else frozenset)(vals)
+        except TypeError as e:
+            raise _err(f"unhashable {tag} element ({e})", where) from None
+        if len(out) != len(vals):
+            raise _err(f"duplicate {tag} element", where)
+        return out
+    if tag == "object":
+        return _rebuild_object(header, vals[0], where, build)
+    keys = vals[0::2]
+    if tag == "defaultdict":
+        out = defaultdict(header, zip(keys, vals[1::2]))
+    else:
+        out = (OrderedDict if tag == "odict" else dict)(zip(keys, vals[1::2]))
+    if len(out) != len(keys):
+        raise _err("duplicate dict key", where)
+    if tag == "namespace":
+        if any(type(k) is not str for k in keys):
+            raise _err("namespace attribute names must be strings", where)
+        try:
+            return argparse.Namespace(**out)
+        except (TypeError, AttributeError, ValueError) as e:  # "__class__", "__dict__" and the like
+            raise _err(f"bad namespace attribute ({e})", where) from None
+    return out
+
+
+def _rebuild_object(name, plain, where, build):
+    if not build:
+        return _Opaque()
+    reg = registry.registration_for_name(name)
+    if reg is None:
+        if registry.unknown_types_mode() == "dict":
+            return {registry.UNKNOWN_TYPE_KEY: name, "value": plain}
+        raise UnregisteredTypeError(
+            f"the file holds an object of type {name!r}, which this program has not registered "
+            "(torch_dtdr.register_type); nothing a file names is imported. Register it, or load inside "
+            "torch_dtdr.unknown_types_as_dicts() to get it as a plain dict", field=where)
+    try:
+        return reg.from_plain(plain)
+    except Exception as e:  # noqa: BLE001 - the file's data made the registered converter fail
+        raise FormatError(f"malformed skeleton: cannot rebuild a {name!r} from its stored value "
+                          f"({type(e).__name__}: {e})", field=where) from e
 
 
 class _Tables:
@@ -996,7 +1180,7 @@ def _check_root(skeleton, tables) -> None:
     def placeholder(i, where):
         return _dec_index_int(i, where, "tensor index", 0, n)
 
-    _decode(skeleton["root"], placeholder)
+    _decode(skeleton["root"], placeholder, build=False)
 
 
 def tensor_paths(skeleton) -> list[str]:
@@ -1093,6 +1277,12 @@ def entry_devices(skeleton, n_entries: int) -> list[str]:
     return [d or "cpu" for d in out]
 
 
+def root_is_mapping(skeleton) -> bool:
+    """Whether the saved object is a mapping (dict, OrderedDict, Namespace, defaultdict): a state dict's shape."""
+    root = skeleton.get("root") if isinstance(skeleton, dict) else None
+    return isinstance(root, list) and bool(root) and root[0] in _MAPPING_TAGS
+
+
 def tensor_refs(skeleton, n_entries: int) -> dict[str, int]:
     """Every path in the object that holds a tensor (``"model.layer.0.weight"``),
     mapped to its index in ``skeleton["tensors"]``; tied tensors appear under
@@ -1109,10 +1299,12 @@ def tensor_refs(skeleton, n_entries: int) -> dict[str, int]:
         children = []
         if tag == "tensor":
             out.setdefault(_path_name([(None, c) for c in path]), node[1])
-        elif tag in ("list", "tuple"):
+        elif tag in ("list", "tuple", "set", "frozenset"):
             children = [(path + (i,), v) for i, v in enumerate(node[1:])]
-        elif tag in ("dict", "odict"):
-            items = node[1:]
+        elif tag == "object" and len(node) == 3:
+            children = [(path, node[2])]
+        elif tag in _MAPPING_TAGS:
+            items = node[1 + _CONTAINERS[tag]:]
             children = [(path + (_key_text(items[j]),), items[j + 1]) for j in range(0, len(items) - 1, 2)]
         stack.extend(reversed(children))
     return out
