@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
-                     ObjectTypeError, StorageError)
+                     ObjectTypeError, StorageError, warn_caller)
 from .format.constants import MAGIC
 from .storage import check_regular_file, child_inside, is_plain_name
 
@@ -547,7 +547,7 @@ def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_option
         written = _write_safetensors(names, get, layout, user_meta, dst, metadata, storage_options, src)
         rep = h.report()
         if rep.status != "exact":  # as torch_dtdr.load does
-            warnings.warn(DamageWarning(rep.summary()), stacklevel=3)
+            warn_caller(DamageWarning(rep.summary()))
     return written, len(names)
 
 

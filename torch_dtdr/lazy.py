@@ -11,7 +11,7 @@ import torch
 
 from . import tree
 from .api import _Decoder, _load_from_reader, _place
-from .errors import DamageWarning
+from .errors import DamageWarning, warn_caller
 from .format.reader import ContainerReader
 from .report import Report
 from .storage import open_source
@@ -70,7 +70,9 @@ class DTDRFile:
             i = self._refs[name]
         except KeyError:
             raise KeyError(f"no tensor named {name!r} in {self._reader.name}") from None
-        return self._builder.tensor_at(i)
+        tensor = self._builder.tensor_at(i)
+        self._warn_if_damaged([self._builder.tables.records[i][0]])
+        return tensor
 
     @contextlib.contextmanager
     def prefetch(self, names: Iterable[str] | None = None) -> Iterator[None]:
@@ -131,6 +133,18 @@ class DTDRFile:
     def bytes_read(self) -> int:
         """Bytes fetched from storage so far (proof of laziness)."""
         return self._source.bytes_read
+
+    def _warn_if_damaged(self, entries: Iterable[int]) -> None:
+        """A DamageWarning at the caller's line for the stored tensors
+        ``entries`` that did not come back exact (or repaired), as
+        :func:`torch_dtdr.load` warns for a whole file."""
+        damaged = []
+        for e in entries:
+            rep = self._decoder.tensor_report(e)
+            if rep is not None and rep.status not in ("exact", "repaired"):
+                damaged.append(f"{rep.name!r} {rep.status}")
+        if damaged:
+            warn_caller(DamageWarning(f"{self._reader.name}: " + ", ".join(damaged)))
 
     def _entry(self, i: int) -> torch.Tensor | None:
         with self._plan_lock:
