@@ -30,7 +30,6 @@ import json
 import os
 import posixpath
 import struct
-import warnings
 from typing import Any, Callable, Mapping
 
 import torch
