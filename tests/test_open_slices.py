@@ -190,3 +190,20 @@ def test_slices_of_saved_views_follow_their_strides(tmp_path):
                 keys.append((slice(2, 5), 0))
             for key in keys:
                 assert torch.equal(f.get_slice(name)[key], ref[key]), (name, key)
+
+
+def test_a_slice_of_a_truncated_file_matches_the_recovered_tensor(tmp_path):
+    path = tmp_path / "cut.dtdr"
+    t = torch.randn(128, 256)
+    torch_dtdr.save({"a": t, "b": t * 2}, str(path), codec="raw")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DamageWarning)
+        with torch_dtdr.open(str(path)) as f:
+            for name in f.keys():
+                whole = f.get_tensor(name)
+                part = f.get_slice(name)[5:9, ::3]
+                assert (part is None) == (whole is None), name
+                if whole is not None:
+                    assert torch.equal(part, whole[5:9, ::3]), name

@@ -32,11 +32,13 @@ SAFETENSORS_DTYPES = {
 class DTDRFile:
     """An open DTDR file. Reads only the byte ranges a call needs.
 
-    Use as a context manager::
+    Use as a context manager, as safetensors' ``safe_open``::
 
         with torch_dtdr.open("model.dtdr") as f:
             for name in f.keys():
                 t = f.get_tensor(name)
+            rows = f.get_slice("embed.weight")[:1000]   # reads only those rows
+            some = f.get_tensors(["a.weight", "a.bias"])  # one planned read
     """
 
     def __init__(self, f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,
@@ -230,8 +232,7 @@ class DTDRFile:
         by_range = (codec.name == "raw" and self._reader.verifies_chunks
                     and all(len(rec.sections) == 1 and rec.sections[0].copies == 1 for rec in records))
         if sum(rec.elem_count for rec in info.records) < info.numel:
-            by_range = False
-            status = LOST
+            return values, LOST, []
         floating = info.dtype.is_floating_point or info.dtype.is_complex
         with contextlib.nullcontext() if by_range else self._reader.prefetch(records):
             for rec in records:
@@ -282,7 +283,9 @@ class DTDRFile:
 
 def open(f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,  # noqa: A001
          max_workers: int | None = None) -> DTDRFile:
-    """Open a DTDR file for lazy reading: ``keys()``, ``get_tensor(name)``, ``metadata()``.
+    """Open a DTDR file for lazy reading, in the shape of safetensors'
+    ``safe_open``: ``keys()``, ``metadata()``, ``get_tensor(name)``,
+    ``get_slice(name)[...]``, ``get_tensors(names)``.
 
     ``max_workers`` bounds the concurrent range requests to a remote store."""
     return DTDRFile(f, device=device, errors=errors, storage_options=storage_options, max_workers=max_workers)
