@@ -70,3 +70,19 @@ def test_a_clean_file_warns_nothing(tmp_path):
         with torch_dtdr.open(path) as f:
             f.get_tensor("w")
     assert not [w for w in caught if issubclass(w.category, DamageWarning)]
+
+
+def test_open_without_damage_warnings_leaves_them_to_the_caller(damaged):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch_dtdr.open(damaged, warn_damage=False) as f:
+            assert f.get_tensor("weight") is not None
+            assert f.get_slice("weight")[3:5] is not None
+            assert f.report().status == "degraded"
+    assert not [w for w in caught if issubclass(w.category, DamageWarning)]
+
+
+def test_convert_warns_once_at_the_caller(damaged, tmp_path):
+    found = damage_warnings(lambda: torch_dtdr.convert(damaged, str(tmp_path / "out.safetensors"), errors="recover"))
+    assert len(found) == 1, [str(w.message) for w in found]
+    assert_points_here(found)

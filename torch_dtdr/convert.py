@@ -523,7 +523,7 @@ def _write_safetensors(names: list[str], get: Callable[[str], torch.Tensor | Non
 def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_options) -> tuple[list[str], int]:
     from .lazy import open as dtdr_open
 
-    with dtdr_open(src, errors=errors, storage_options=storage_options) as h:
+    with dtdr_open(src, errors=errors, storage_options=storage_options, warn_damage=False) as h:
         names = _flat_tensor_names(h)
         if names is not None:
             get = h.get_tensor

@@ -42,7 +42,8 @@ class DTDRFile:
     """
 
     def __init__(self, f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,
-                 max_workers: int | None = None):
+                 max_workers: int | None = None, warn_damage: bool = True):
+        self._warn_damage = warn_damage
         self._source = open_source(f, storage_options, max_workers=max_workers)
         try:
             self._reader = ContainerReader(self._source)
@@ -174,6 +175,8 @@ class DTDRFile:
         """A DamageWarning at the caller's line for the stored tensors
         ``entries`` that did not come back exact (or repaired), as
         :func:`torch_dtdr.load` warns for a whole file."""
+        if not self._warn_damage:
+            return
         damaged = []
         for e in entries:
             rep = self._decoder.tensor_report(e)
@@ -202,9 +205,10 @@ class DTDRFile:
             if self._errors == "strict":
                 raise IntegrityError(f"slice of a {status} tensor", file=self._reader.name, tensor=name,
                                      byte_range=bad[0] if bad else None)
-            warn_caller(DamageWarning(f"{self._reader.name}: {name!r} lost"))
+            if self._warn_damage:
+                warn_caller(DamageWarning(f"{self._reader.name}: {name!r} lost"))
             return None
-        if status == DEGRADED:
+        if status == DEGRADED and self._warn_damage:
             warn_caller(DamageWarning(f"{self._reader.name}: {name!r} degraded (damaged elements of the slice "
                                       "are zero)"))
         parts = []
@@ -282,13 +286,18 @@ class DTDRFile:
 
 
 def open(f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,  # noqa: A001
-         max_workers: int | None = None) -> DTDRFile:
+         max_workers: int | None = None, warn_damage: bool = True) -> DTDRFile:
     """Open a DTDR file for lazy reading, in the shape of safetensors'
     ``safe_open``: ``keys()``, ``metadata()``, ``get_tensor(name)``,
     ``get_slice(name)[...]``, ``get_tensors(names)``.
 
-    ``max_workers`` bounds the concurrent range requests to a remote store."""
-    return DTDRFile(f, device=device, errors=errors, storage_options=storage_options, max_workers=max_workers)
+    ``max_workers`` bounds the concurrent range requests to a remote store.
+    A tensor or slice that comes back degraded (or lost) raises a
+    :class:`~torch_dtdr.errors.DamageWarning` at the caller's line;
+    ``warn_damage=False`` leaves that to the caller (who reads
+    :meth:`DTDRFile.report` at the end, as ``convert`` does)."""
+    return DTDRFile(f, device=device, errors=errors, storage_options=storage_options, max_workers=max_workers,
+                    warn_damage=warn_damage)
 
 
 class TensorSlice:
