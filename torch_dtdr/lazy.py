@@ -13,7 +13,7 @@ import torch
 from . import codecs, slicing, tree
 from .api import _Decoder, _load_from_reader, _place
 from .codecs.base import Damage
-from .errors import DamageWarning, IntegrityError, warn_caller
+from .errors import DamageWarning, FormatError, IntegrityError, warn_caller
 from .format.reader import ContainerReader
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, worst
 from .storage import open_source
@@ -200,6 +200,9 @@ class DTDRFile:
                           info.name)
         gap = max(1, self._reader.geometry.chunk_size // max(1, dtype.itemsize))
         pieces = slicing.merge(runs, gap)
+        if pieces[0][0] < 0 or pieces[-1][1] > info.numel:
+            raise FormatError(f"view of {pieces[-1][1]} elements over stored data of {info.numel}",
+                              file=self._reader.name, tensor=name)
         values, status, bad = self._read_pieces(e, pieces)
         if status == LOST or (status == DEGRADED and self._errors == "strict"):
             if self._errors == "strict":
