@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import warnings
 
-import torch
+# Quiet other libraries' progress bars (Hugging Face's weight loading), so that
+# only the report is printed. Set before those libraries are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch_dtdr
-from torch_dtdr import faults
-from torch_dtdr.errors import DamageWarning
+import torch  # noqa: E402
+
+import torch_dtdr  # noqa: E402
+from torch_dtdr import faults  # noqa: E402
+from torch_dtdr.errors import DamageWarning  # noqa: E402
 
 SENTENCES = ["A checkpoint that survives a bad disk.", "The cat sat on the mat.",
              "Self-healing weights for PyTorch.", "Stock prices fell sharply on Monday."]
@@ -34,7 +42,6 @@ def model_dir() -> str:
 
 def embed_with(state_dict):
     """Sentence embeddings of SENTENCES from the packaged model with ``state_dict`` loaded."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_dir(), device="cpu")
@@ -46,7 +53,8 @@ def embed_with(state_dict):
                                                     strict=False)
         assert not missing, missing
     with torch.no_grad():
-        return model.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True).double()
+        return model.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True,
+                            show_progress_bar=False).double()
 
 
 def describe(name, original, loaded):
@@ -73,12 +81,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-embeddings", action="store_true", help="skip the sentence-transformers comparison")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # lines stay in order with anything written to stderr
 
     from safetensors.torch import load as st_load, save_file
 
     src = os.path.join(model_dir(), "model.safetensors")
     with open(src, "rb") as f:
-        original = st_load(f.read())
+        unordered = st_load(f.read())
+    # safetensors returns the names in a different order in each process; the
+    # saved files (and so the bytes the seed damages) must not depend on it
+    original = {name: unordered[name] for name in sorted(unordered)}
     nbytes = sum(v.numel() * v.element_size() for v in original.values())
     print(f"all-MiniLM-L6-v2: {len(original)} tensors, {nbytes / 1e6:.1f} MB of weights")
 

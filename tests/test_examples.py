@@ -11,7 +11,14 @@ TIMEOUT = 300  # seconds; generous for a loaded 2-core CI machine (typical runs:
 
 
 def run_example(name: str, *args: str, small: bool = True) -> str:
-    env = dict(os.environ)
+    return run_example_process(name, *args, small=small).stdout
+
+
+def run_example_process(name: str, *args: str, small: bool = True, env: dict | None = None,
+                        hash_seed: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env)
+    if hash_seed is not None:
+        env["PYTHONHASHSEED"] = hash_seed
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["HF_HUB_OFFLINE"] = "1"
     env["DTDR_EXAMPLE_SMALL"] = "1"
@@ -19,7 +26,7 @@ def run_example(name: str, *args: str, small: bool = True) -> str:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *flags, *args],
                           capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    return proc
 
 
 def test_train_checkpoint_resumes_bit_identically():
@@ -51,8 +58,16 @@ def test_convert_hf_model_serves_dtdr_to_sentence_transformers():
 
 def test_readme_demo_runs_on_the_real_model():
     """The README's first command ends with this demo: damaged DTDR files come
-    back whole, damaged fp32 safetensors does not."""
-    out = run_example("demo.py", small=False)
+    back whole, damaged fp32 safetensors does not. Two processes print the
+    same report (the damage hits the same bytes whatever order safetensors
+    returns the names in), with no other library's progress bar around it."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "TRANSFORMERS_VERBOSITY")}
+    first, second = (run_example_process("demo.py", small=False, env=env, hash_seed=seed) for seed in ("1", "2"))
+    assert first.stdout == second.stdout, f"{first.stdout}\n---\n{second.stdout}"
+    for proc in (first, second):
+        assert "it/s" not in proc.stderr and "%|" not in proc.stderr, proc.stderr[-2000:]
+    out = first.stdout
     reports = [line for line in out.splitlines() if "report:" in line]
     assert len(reports) == 2 and all(line.rstrip().endswith("0 lost") for line in reports), out
     finite = [line for line in out.splitlines() if "tensors finite" in line]

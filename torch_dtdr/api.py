@@ -20,7 +20,7 @@ import torch
 from . import codecs, tree
 from ._cpu import compute_cores
 from .codecs.base import Codec
-from .errors import ArgumentError, CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
+from .errors import ArgumentError, CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError, warn_caller
 from .format import constants as C
 from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
 from .format.reader import ContainerReader, SegmentData, merge_ranges
@@ -286,6 +286,10 @@ class _Decoder:
             return None
         return out.view(info.shape)
 
+    def tensor_report(self, i: int) -> TensorReport | None:
+        """The report of stored tensor ``i`` once it has been decoded."""
+        return self._reports.get(i)
+
     def _fail(self, rep: TensorReport, cls, message: str, byte_range) -> None:
         if self.errors == "strict":
             raise cls(message, file=self.reader.name, tensor=rep.name, byte_range=byte_range)
@@ -295,7 +299,7 @@ class _Decoder:
         rep.tensors = [self._reports[i] for i in sorted(self._reports)]
         rep.truncated = self.reader.truncated
         if rep.status != EXACT:
-            warnings.warn(DamageWarning(rep.summary()), stacklevel=3)
+            warn_caller(DamageWarning(rep.summary()))
         return rep
 
 

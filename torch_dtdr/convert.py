@@ -30,13 +30,12 @@ import json
 import os
 import posixpath
 import struct
-import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 
 from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
-                     ObjectTypeError, StorageError)
+                     ObjectTypeError, StorageError, warn_caller)
 from .format.constants import MAGIC
 from .storage import check_regular_file, child_inside, is_plain_name
 
@@ -524,7 +523,7 @@ def _write_safetensors(names: list[str], get: Callable[[str], torch.Tensor | Non
 def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_options) -> tuple[list[str], int]:
     from .lazy import open as dtdr_open
 
-    with dtdr_open(src, errors=errors, storage_options=storage_options) as h:
+    with dtdr_open(src, errors=errors, storage_options=storage_options, warn_damage=False) as h:
         names = _flat_tensor_names(h)
         if names is not None:
             get = h.get_tensor
@@ -547,7 +546,7 @@ def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_option
         written = _write_safetensors(names, get, layout, user_meta, dst, metadata, storage_options, src)
         rep = h.report()
         if rep.status != "exact":  # as torch_dtdr.load does
-            warnings.warn(DamageWarning(rep.summary()), stacklevel=3)
+            warn_caller(DamageWarning(rep.summary()))
     return written, len(names)
 
 

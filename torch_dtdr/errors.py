@@ -8,6 +8,11 @@ the byte range involved, so a message alone is enough to locate the damage.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import warnings
+
 __all__ = [
     "DTDRError",
     "FormatError",
@@ -26,6 +31,7 @@ __all__ = [
     "DTDRWarning",
     "DamageWarning",
     "CheckpointFallbackWarning",
+    "warn_caller",
 ]
 
 
@@ -146,3 +152,26 @@ class CheckpointFallbackWarning(DTDRWarning):
 class DamageWarning(DTDRWarning):
     """A load returned data that was repaired, degraded or lost; the warning's
     text summarises the report."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# frames a call into torch_dtdr may pass through between the user's line and ours
+_PASS_THROUGH = (_PACKAGE_DIR, os.path.abspath(contextlib.__file__))
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the function calling
+    this one point at the first frame outside the torch_dtdr package: the
+    user's line. Counted by walking the stack (rather than fixed per call
+    site) so it stays right however deep the call goes inside the package."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PASS_THROUGH):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 2
+
+
+def warn_caller(warning: Warning) -> None:
+    """Issue ``warning`` at the caller's line (see :func:`caller_stacklevel`)."""
+    warnings.warn(warning, stacklevel=caller_stacklevel())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 import warnings
@@ -9,12 +10,23 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from . import tree
+from . import codecs, slicing, tree
 from .api import _Decoder, _load_from_reader, _place
-from .errors import DamageWarning, IntegrityError
+from .codecs.base import Damage
+from .errors import DamageWarning, FormatError, IntegrityError, warn_caller
 from .format.reader import ContainerReader
-from .report import Report
+from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, worst
 from .storage import open_source
+
+#: dtype names as safetensors' ``get_dtype()`` gives them
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
+    **{getattr(torch, n): code for n, code in [("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                                               ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")]
+       if isinstance(getattr(torch, n, None), torch.dtype)},
+}
 
 
 def _contiguous_strides(shape) -> list[int]:
@@ -28,15 +40,18 @@ def _contiguous_strides(shape) -> list[int]:
 class DTDRFile:
     """An open DTDR file. Reads only the byte ranges a call needs.
 
-    Use as a context manager::
+    Use as a context manager, as safetensors' ``safe_open``::
 
         with torch_dtdr.open("model.dtdr") as f:
             for name in f.keys():
                 t = f.get_tensor(name)
+            rows = f.get_slice("embed.weight")[:1000]   # reads only those rows
+            some = f.get_tensors(["a.weight", "a.bias"])  # one planned read
     """
 
     def __init__(self, f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,
-                 max_workers: int | None = None):
+                 max_workers: int | None = None, warn_damage: bool = True):
+        self._warn_damage = warn_damage
         self._source = open_source(f, storage_options, max_workers=max_workers)
         try:
             self._reader = ContainerReader(self._source)
@@ -82,7 +97,31 @@ class DTDRFile:
             i = self._refs[name]
         except KeyError:
             raise KeyError(f"no tensor named {name!r} in {self._reader.name}") from None
-        return self._builder.tensor_at(i)
+        tensor = self._builder.tensor_at(i)
+        self._warn_if_damaged([self._builder.tables.records[i][0]])
+        return tensor
+
+    def get_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor | None]:
+        """``{name: get_tensor(name)}`` for ``names``, fetched in one planned
+        read (see :meth:`prefetch`): on a remote store, concurrent large parts
+        instead of a round trip per tensor."""
+        names = list(names)
+        with self.prefetch(names):
+            return {name: self.get_tensor(name) for name in names}
+
+    def get_slice(self, name: str) -> "TensorSlice":
+        """A handle on tensor ``name`` that reads nothing until indexed:
+        ``get_shape()``, ``get_dtype()`` (safetensors' names, ``"F32"``) and
+        ``[...]`` with ints, slices (positive steps) and ``...``, as
+        safetensors' ``get_slice``. Indexing reads only the checksum chunks
+        that hold the selected elements of a ``raw`` tensor, and decodes only
+        the segments that hold them for the transform codecs (a segment is
+        ``segment_elems`` elements, 2**20 by default)."""
+        try:
+            i = self._refs[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in {self._reader.name}") from None
+        return TensorSlice(self, name, i)
 
     @contextlib.contextmanager
     def prefetch(self, names: Iterable[str] | None = None) -> Iterator[None]:
@@ -168,6 +207,112 @@ class DTDRFile:
         """Bytes fetched from storage so far (proof of laziness)."""
         return self._source.bytes_read
 
+    def _warn_if_damaged(self, entries: Iterable[int]) -> None:
+        """A DamageWarning at the caller's line for the stored tensors
+        ``entries`` that did not come back exact (or repaired), as
+        :func:`torch_dtdr.load` warns for a whole file."""
+        if not self._warn_damage:
+            return
+        damaged = []
+        for e in entries:
+            rep = self._decoder.tensor_report(e)
+            if rep is not None and rep.status not in ("exact", "repaired"):
+                damaged.append(f"{rep.name!r} {rep.status}")
+        if damaged:
+            warn_caller(DamageWarning(f"{self._reader.name}: " + ", ".join(damaged)))
+
+    def _read_slice(self, name: str, i: int, key) -> torch.Tensor | None:
+        e, dtype, offset, shape, strides, _device, _rg, kind, _np = self._builder.tables.records[i]
+        info = self._reader.tensors[e]
+        selection = slicing.axes(key, shape)
+        out_shape = slicing.result_shape(selection)
+        plain = kind != "ndarray" and dtype == info.dtype and info.provenance is None and not self._reader.truncated
+        if not plain:
+            whole = self.get_tensor(name)
+            return None if whole is None else whole[key]
+        runs = slicing.plan(selection, offset, strides)
+        if not runs:
+            return _place(torch.empty(out_shape, dtype=dtype), self._device, self._devices[e], self._reader.name,
+                          info.name)
+        gap = max(1, self._reader.geometry.chunk_size // max(1, dtype.itemsize))
+        pieces = slicing.merge(runs, gap)
+        if pieces[0][0] < 0 or pieces[-1][1] > info.numel:
+            raise FormatError(f"view of {pieces[-1][1]} elements over stored data of {info.numel}",
+                              file=self._reader.name, tensor=name)
+        values, status, bad = self._read_pieces(e, pieces)
+        if status == LOST or (status == DEGRADED and self._errors == "strict"):
+            if self._errors == "strict":
+                raise IntegrityError(f"slice of a {status} tensor", file=self._reader.name, tensor=name,
+                                     byte_range=bad[0] if bad else None)
+            if self._warn_damage:
+                warn_caller(DamageWarning(f"{self._reader.name}: {name!r} lost"))
+            return None
+        if status == DEGRADED and self._warn_damage:
+            warn_caller(DamageWarning(f"{self._reader.name}: {name!r} degraded (damaged elements of the slice "
+                                      "are zero)"))
+        parts = []
+        starts = [a for a, _b in pieces]
+        for run in runs:
+            k = bisect.bisect_right(starts, run.start) - 1
+            piece = values[k]
+            parts.append(piece.as_strided(run.sizes, run.strides, run.start - pieces[k][0]).reshape(-1))
+        out = torch.cat(parts).reshape(out_shape) if len(parts) > 1 else parts[0].reshape(out_shape).clone()
+        return _place(out, self._device, self._devices[e], self._reader.name, info.name)
+
+    def _read_pieces(self, e: int, pieces: list[tuple[int, int]]):
+        """The stored elements ``[a, b)`` of each piece of entry ``e``, their
+        worst status and the damaged byte ranges. A ``raw`` section stored
+        once is read byte range by byte range (checked, and repaired by
+        parity, chunk by chunk); any other codec decodes the whole segments
+        the pieces touch."""
+        info = self._reader.tensors[e]
+        codec = codecs.from_dict(info.codec)
+        itemsize = info.dtype.itemsize
+        values = [torch.empty(b - a, dtype=info.dtype) for a, b in pieces]
+        status, bad = EXACT, []
+        records = [rec for rec in info.records
+                   if any(a < rec.elem_start + rec.elem_count and b > rec.elem_start for a, b in pieces)]
+        by_range = (codec.name == "raw" and self._reader.verifies_chunks
+                    and all(len(rec.sections) == 1 and rec.sections[0].copies == 1 for rec in records))
+        if sum(rec.elem_count for rec in info.records) < info.numel:
+            return values, LOST, []
+        floating = info.dtype.is_floating_point or info.dtype.is_complex
+        with contextlib.nullcontext() if by_range else self._reader.prefetch(records):
+            for rec in records:
+                rec_end = rec.elem_start + rec.elem_count
+                wanted = [(k, max(a, rec.elem_start), min(b, rec_end)) for k, (a, b) in enumerate(pieces)
+                          if a < rec_end and b > rec.elem_start]
+                if by_range:
+                    for k, lo, hi in wanted:
+                        first = rec.body_start + (lo - rec.elem_start) * itemsize
+                        res = self._reader.read_logical(first, first + (hi - lo) * itemsize)
+                        damage = Damage({"data": [(x - first, y - first) for x, y in res.bad]}) if res.bad else None
+                        result = codec.decode({"data": res.data}, info.dtype, hi - lo, damage)
+                        if res.repaired:
+                            status = worst(status, REPAIRED)
+                        bad += res.bad
+                        status = worst(status, self._status_of(result, floating, damage))
+                        values[k][lo - pieces[k][0]: hi - pieces[k][0]] = result.values
+                    continue
+                seg = self._reader.read_record(rec)
+                if seg.repaired:
+                    status = worst(status, REPAIRED)
+                bad += seg.bad
+                result = codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
+                status = worst(status, self._status_of(result, floating, seg.damage))
+                for k, lo, hi in wanted:
+                    values[k][lo - pieces[k][0]: hi - pieces[k][0]] = result.values[lo - rec.elem_start:
+                                                                                    hi - rec.elem_start]
+        return values, status, bad
+
+    @staticmethod
+    def _status_of(result, floating: bool, damage) -> str:
+        """As the whole-tensor decoder rates a segment: without a bounded value it is lost."""
+        if result.exact:
+            return EXACT
+        missing = damage.missing if damage is not None else frozenset()
+        return DEGRADED if floating and not (missing - {"residual"}) else LOST
+
     def _entry(self, i: int) -> torch.Tensor | None:
         with self._plan_lock:
             planned = i in self._planned
@@ -180,9 +325,49 @@ class DTDRFile:
 
 
 def open(f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,  # noqa: A001
-         max_workers: int | None = None) -> DTDRFile:
-    """Open a DTDR file for lazy reading: ``keys()``, ``get_tensor(name)``, ``metadata()``.
+         max_workers: int | None = None, warn_damage: bool = True) -> DTDRFile:
+    """Open a DTDR file for lazy reading, in the shape of safetensors'
+    ``safe_open``: ``keys()``, ``metadata()``, ``get_tensor(name)``,
+    ``get_slice(name)[...]``, ``get_tensors(names)``.
 
-    ``max_workers`` bounds the concurrent range requests to a remote store."""
-    return DTDRFile(f, device=device, errors=errors, storage_options=storage_options, max_workers=max_workers)
+    ``max_workers`` bounds the concurrent range requests to a remote store.
+    A tensor or slice that comes back degraded (or lost) raises a
+    :class:`~torch_dtdr.errors.DamageWarning` at the caller's line;
+    ``warn_damage=False`` leaves that to the caller (who reads
+    :meth:`DTDRFile.report` at the end, as ``convert`` does)."""
+    return DTDRFile(f, device=device, errors=errors, storage_options=storage_options, max_workers=max_workers,
+                    warn_damage=warn_damage)
 
+
+class TensorSlice:
+    """What :meth:`DTDRFile.get_slice` returns: shape and dtype without
+    reading, the selected elements on ``[...]``."""
+
+    def __init__(self, file: DTDRFile, name: str, index: int):
+        self._file = file
+        self._name = name
+        self._index = index
+        record = file._builder.tables.records[index]
+        self.dtype: torch.dtype = record[1]
+        self.shape: tuple[int, ...] = tuple(record[3])
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        """The dtype as safetensors names it (``"F32"``, ``"BF16"``, ``"I64"``...);
+        the torch dtype is :attr:`dtype`."""
+        return SAFETENSORS_DTYPES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __getitem__(self, key) -> torch.Tensor | None:
+        """The selected elements (a new, contiguous tensor), or None when the
+        tensor is lost (``errors="recover"``)."""
+        return self._file._read_slice(self._name, self._index, key)
+
+    def __repr__(self) -> str:
+        return f"TensorSlice({self._name!r}, shape={self.get_shape()}, dtype={self.get_dtype()})"

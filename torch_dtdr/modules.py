@@ -11,13 +11,12 @@ names only one of them (a Hugging Face checkpoint converted with
 from __future__ import annotations
 
 import os
-import warnings
 from collections import defaultdict
 from typing import Mapping
 
 import torch
 
-from .errors import DamageWarning, IntegrityError, ObjectTypeError
+from .errors import DamageWarning, IntegrityError, ObjectTypeError, warn_caller
 
 __all__ = ["save_model", "load_model"]
 
@@ -112,7 +111,7 @@ def _load_dtdr_in_place(module: torch.nn.Module, f, device, errors, storage_opti
     mismatched: list[str] = []
     filled: set[tuple] = set()
     lost: list[str] = []
-    with open_lazy(f, errors=errors, storage_options=storage_options) as stored:
+    with open_lazy(f, errors=errors, storage_options=storage_options, warn_damage=False) as stored:
         if not stored.holds_mapping():
             raise ObjectTypeError("the file holds no state dict (its top-level object is not a mapping)",
                                   file=_file_name(f))
@@ -160,7 +159,7 @@ def _load_dtdr_in_place(module: torch.nn.Module, f, device, errors, storage_opti
         raise IntegrityError(f"{len(lost)} tensor(s) are lost: " + ", ".join(repr(n) for n in lost),
                              file=_file_name(f), tensor=lost[0])
     if report.status != "exact":  # as torch_dtdr.load does: repaired or degraded data is said so
-        warnings.warn(DamageWarning(report.summary()), stacklevel=3)
+        warn_caller(DamageWarning(report.summary()))
     if assigned:
         module.load_state_dict(assigned, strict=False, assign=True)
     missing = [k for k in targets if k not in given]

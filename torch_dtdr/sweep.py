@@ -71,6 +71,7 @@ __all__ = [
     "read_csv",
     "write_markdown",
     "plot",
+    "model_name",
     "register_cli",
 ]
 
@@ -703,17 +704,46 @@ def write_markdown(rows: Sequence[Mapping], path, *, title: str = "Robustness sw
     return text
 
 
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h")
+_LINESTYLES = ("-", "--", "-.", ":")
+_DODGE_DECADES = 0.05  # sideways nudge between formats, so lines that coincide stay visible
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _median_range(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the non-NaN ``values``; NaNs when there are none."""
+    real = sorted(v for v in values if not math.isnan(v))
+    if not real:
+        return math.nan, math.nan, math.nan
+    return real[len(real) // 2], real[0], real[-1]
+
+
 def plot(rows: Sequence[Mapping], path, *, formats: Sequence[str] | None = None, title: str | None = None,
-         dpi: int = 110) -> None:
-    """Plot mean rel. L2 (over valid tensors) and valid tensors against the
-    corruption fraction (log axes), one line per format (median over seeds),
-    the seed spread (min – max) shaded. A cross on the top edge marks a
-    fraction where some seed had invalid tensors or an unopenable container
-    (the all-tensor mean is infinite there)."""
+         dpi: int = 110):
+    """Draw the sweep picture and return its (closed) matplotlib Figure.
+
+    Three panels against the corruption fraction (log axis), one line per
+    format (median over seeds, min – max shaded): the mean relative L2 error
+    of the float tensors that came back valid; the share of tensors that came
+    back valid; the share that came back bit-exact (identical to the format's
+    own clean load, repaired ones included). A lossless format's exact runs
+    (relative L2 = 0) are drawn as stars on a row of their own, labelled
+    "exact", below the smallest real error; a cross on the top edge marks a
+    fraction where some seed had an invalid float tensor or a file that did
+    not open. Formats differ in colour, marker and line style and are nudged
+    sideways a little, so lines that coincide (every format at 100 %) stay
+    visible. The legend gives each format's file size."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     groups = _groups(rows)
     names = list(formats) if formats else list(groups)
@@ -722,62 +752,111 @@ def plot(rows: Sequence[Mapping], path, *, formats: Sequence[str] | None = None,
     nonzero = [f for f in fracs if f > 0]
     zero_x = (min(nonzero) / 10) if nonzero else 1e-8
 
-    def xpos(f):
-        return zero_x if f == 0 else f
+    def xpos(f: float, i: int) -> float:
+        return (zero_x if f == 0 else f) * 10 ** ((i - (len(names) - 1) / 2) * _DODGE_DECADES)
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_err, ax_valid, ax_exact) = plt.subplots(1, 3, figsize=(15, 4.9))
     cmap = plt.get_cmap("tab10")
-    all_rel = [float(r["mean_rel_l2_finite"]) for r in rows
-               if not math.isnan(float(r["mean_rel_l2_finite"])) and float(r["mean_rel_l2_finite"]) > 0]
+    all_rel = [float(r["mean_rel_l2_finite"]) for r in rows if float(r["mean_rel_l2_finite"]) > 0]
     floor = max(min(all_rel) / 3, 1e-12) if all_rel else 1e-8
-    top = max(all_rel) * 10 if all_rel else 1.0
+    top = max(max(all_rel) * 10, floor * 100) if all_rel else 1.0
+    exact_y = floor / 10
+    any_exact = False
+    handles = []
     for i, name in enumerate(names):
-        color = cmap(i % 10)
-        xs, med, lo, hi, vmed, vlo, vhi, bad_x = [], [], [], [], [], [], [], []
+        style = dict(color=cmap(i % 10), marker=_MARKERS[i % len(_MARKERS)],
+                     linestyle=_LINESTYLES[i % len(_LINESTYLES)], ms=5)
+        sizes = sorted({int(r["bytes_on_disk"]) for fr in groups[name].values() for r in fr
+                        if str(r.get("bytes_on_disk", "")) != ""})
+        label = name + (f" ({' / '.join(_human_bytes(n) for n in sizes)})" if sizes else "")
+        xs, err, valid, exact, exact_x, bad_x = [], [], [], [], [], []
         for f in sorted(groups[name]):
             rs = groups[name][f]
-            rel = sorted(float(r["mean_rel_l2_finite"]) for r in rs)
-            rel = [max(x, floor) if not math.isnan(x) else math.nan for x in rel]
-            real = [x for x in rel if not math.isnan(x)]
             total = max(1, int(rs[0]["tensors_total"]))
-            valid = sorted(100.0 * int(r["tensors_finite"]) / total for r in rs)
-            xs.append(xpos(f))
-            if real:
-                med.append(real[len(real) // 2]); lo.append(real[0]); hi.append(real[-1])
-            else:
-                med.append(math.nan); lo.append(math.nan); hi.append(math.nan)
-            vmed.append(valid[len(valid) // 2]); vlo.append(valid[0]); vhi.append(valid[-1])
+            x = xpos(f, i)
+            xs.append(x)
+            med, lo, hi = _median_range([float(r["mean_rel_l2_finite"]) for r in rs])
+            if med == 0:
+                exact_x.append(x)
+            err.append(tuple(exact_y if v == 0 else v for v in (med, lo, hi)))
+            valid.append(_median_range([100.0 * int(r["tensors_finite"]) / total for r in rs]))
+            exact.append(_median_range([100.0 * (int(r["tensors_exact"]) + int(r["tensors_repaired"])) / total
+                                        for r in rs]))
             if any(not r["container_ok"] or int(r["tensors_float_finite"]) < int(r["tensors_float"]) for r in rs):
-                bad_x.append(xpos(f))
-        ax1.plot(xs, med, "o-", color=color, label=name, ms=4)
-        ax1.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
+                bad_x.append(x)
+        for ax, series in ((ax_err, err), (ax_valid, valid), (ax_exact, exact)):
+            line, = ax.plot(xs, [m for m, _lo, _hi in series], label=label, **style)
+            ax.fill_between(xs, [lo for _m, lo, _hi in series], [hi for _m, _lo, hi in series],
+                            color=style["color"], alpha=0.15, lw=0)
+        handles.append(line)
+        if exact_x:
+            any_exact = True
+            ax_err.plot(exact_x, [exact_y] * len(exact_x), "*", color=style["color"], ms=12, mec="black",
+                        mew=0.5, gid="exact", label="_exact", zorder=3)
         if bad_x:
-            ax1.plot(bad_x, [top] * len(bad_x), "x", color=color, ms=8, mew=2, clip_on=False)
-        ax2.plot(xs, vmed, "o-", color=color, label=name, ms=4)
-        ax2.fill_between(xs, vlo, vhi, color=color, alpha=0.2, lw=0)
-    ticks = [xpos(f) for f in fracs]
-    labels = [_frac_label(f) for f in fracs]
-    for ax in (ax1, ax2):
+            ax_err.plot(bad_x, [top] * len(bad_x), "x", color=style["color"], ms=8, mew=2, clip_on=False,
+                        label="_invalid")
+    ticks = [xpos(f, (len(names) - 1) / 2) for f in fracs]
+    for ax in (ax_err, ax_valid, ax_exact):
         ax.set_xscale("log")
         ax.set_xticks(ticks)
-        ax.set_xticklabels(labels, rotation=45, fontsize=8)
+        ax.set_xticklabels([_frac_label(f) for f in fracs], rotation=45, fontsize=8)
         ax.minorticks_off()
         ax.set_xlabel("corruption fraction (bytes replaced)")
         ax.grid(True, which="major", alpha=0.3)
-    ax1.set_yscale("log")
-    ax1.set_ylim(floor, top * 1.5)
-    ax1.set_ylabel("mean rel. L2 error (valid tensors)")
-    ax1.set_title("error of the float tensors that came back (exact: bottom edge)\n"
-                  "x on top: some float tensor invalid or container failed", fontsize=9)
-    ax2.set_ylim(-3, 103)
-    ax2.set_ylabel("valid tensors (%)")
-    ax2.set_title("tensors that came back valid (right shape, finite)", fontsize=9)
-    ax2.legend(fontsize=8, loc="lower left")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    ax_err.set_yscale("log")
+    ax_err.set_ylim(exact_y / 3 if any_exact else floor, top * 1.5)
+    decades = range(math.ceil(math.log10(floor)), math.floor(math.log10(top)) + 1)
+    step = max(1, -(-len(decades) // 7))
+    yticks = [10.0 ** k for k in decades][::-1][::step][::-1]
+    ylabels = [f"$10^{{{round(math.log10(t))}}}$" for t in yticks]
+    if any_exact:
+        ax_err.axhline(math.sqrt(floor * exact_y), color="gray", lw=0.8, ls=":")
+        yticks, ylabels = [exact_y] + yticks, ["exact"] + ylabels
+    ax_err.set_yticks(yticks)
+    ax_err.set_yticklabels(ylabels)
+    ax_err.set_ylabel("mean rel. L2 error (valid float tensors)")
+    ax_err.set_title("error of the float tensors that came back\n"
+                     "star: bit-exact (error 0); x on top: a float tensor invalid or the file did not open",
+                     fontsize=9)
+    for ax, what in ((ax_valid, "valid tensors (%)"), (ax_exact, "bit-exact tensors (%)")):
+        ax.set_ylim(-4, 104)
+        ax.set_ylabel(what)
+    ax_valid.set_title("tensors that came back valid (right shape, finite)", fontsize=9)
+    ax_exact.set_title("tensors that came back bit-exact\n(identical to the format's own clean load; "
+                       "repaired ones count)", fontsize=9)
+    extra = [Line2D([], [], marker="*", ls="none", color="gray", mec="black", mew=0.5, ms=12,
+                    label="bit-exact run (rel. L2 = 0)"),
+             Line2D([], [], marker="x", ls="none", color="gray", mew=2, ms=8,
+                    label="some tensor invalid / file unreadable")]
+    fig.legend(handles=handles + extra, loc="lower center", ncol=min(len(handles) + 2, 6), fontsize=9,
+               frameon=False)
+    seeds = sorted({int(r["seed"]) for r in rows})
+    detail = ""
+    if rows:
+        detail = (f"{rows[0]['tensors_total']} tensors ({rows[0]['tensors_float']} floating point); "
+                  f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} per point: line = median, band = min – max")
+    fig.suptitle("\n".join(t for t in (title or "Robustness sweep", detail) if t), fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(os.fspath(path), dpi=dpi)
     plt.close(fig)
+    return fig
+
+
+_GENERIC_NAMES = {"model", "models", "weights", "checkpoint", "checkpoints", "snapshots", "main", "model.safetensors",
+                  "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json", "model.pt",
+                  "model.bin", "model.dtdr"}
+
+
+def model_name(source: str) -> str:
+    """A name for the model in ``source`` to title the sweep with: the last
+    part of the path that is not a generic file or folder name
+    (``.../all-MiniLM-L6-v2/model.safetensors`` -> ``all-MiniLM-L6-v2``)."""
+    parts = [p for p in os.fspath(source).replace("\\", "/").split("/") if p and not p.endswith(":")]
+    for part in reversed(parts):
+        if part.lower() not in _GENERIC_NAMES and not part.lower().startswith("model-0"):
+            return part
+    return parts[-1] if parts else os.fspath(source)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -873,7 +952,20 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
     not recomputed, so an interrupted sweep resumes. Runs use ``workers``
     processes. The encoded files live in ``out/.sweep-work`` while the sweep
     runs and are removed at the end unless ``keep_work``. ``title`` heads
-    ``summary.md`` and the plot.
+    ``summary.md`` and the plot (default: "Robustness sweep of <model>",
+    see :func:`model_name`).
+
+    ``out/sweep.json`` says which checkpoint the rows of ``sweep.csv``
+    belong to, so that a resumed sweep never mixes two checkpoints::
+
+        {"checkpoint": "model.safetensors",  # the path or URL given, as given
+         "fingerprint": "9f2c...",           # sha256 over every tensor's name, dtype, shape and bytes,
+                                             # in name order (independent of file format and path)
+         "tensors": 104,                     # number of tensors
+         "bytes": 90856960}                  # their raw size (numel * element size), in bytes
+
+    A sweep into a folder whose ``sweep.json`` has another fingerprint is
+    refused (ValueError), as is a ``sweep.csv`` without ``sweep.json``.
     """
     formats = list(formats)
     for name in formats:
@@ -955,7 +1047,7 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
     wanted_set = set(wanted)
     selected = [r for r in rows if _key(r) in wanted_set]
     if title is None:
-        title = f"Robustness sweep of {os.path.basename(source.rstrip('/')) or source}"
+        title = f"Robustness sweep of {model_name(source)}"
     write_markdown(selected, os.path.join(out, "summary.md"), title=title, formats=formats, source=source)
     plot(selected, os.path.join(out, "sweep.png"), formats=formats, title=title)
     return selected

@@ -122,6 +122,13 @@ class ContainerReader:
         self._inner = InnerCode(chunk_size, inner_nsym) if inner_nsym else None
 
     @property
+    def verifies_chunks(self) -> bool:
+        """Whether the file's chunk checksums were found, so that any byte
+        range read with :meth:`read_logical` is checked (and repaired) chunk by
+        chunk, without reading the rest of its record."""
+        return self._sums is not None
+
+    @property
     def correction_budget(self) -> WorkBudget:
         """What column correction may still spend on this open file: a multiple
         of the stream length (what a clean load decodes) plus a constant."""
