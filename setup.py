@@ -40,7 +40,7 @@ class OptionalBuildExt(build_ext):
 compile_args = []
 if os.name != "nt":
     # Exact IEEE semantics: no fused multiply-add, no fast-math reassociation.
-    compile_args = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c99"]
+    compile_args = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing", "-std=c99"]
 
 setup(
     ext_modules=[

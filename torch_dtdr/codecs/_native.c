@@ -169,56 +169,63 @@ static inline Py_ssize_t next_pow2(Py_ssize_t n) {
     return m;
 }
 
-/* Quantise one block already loaded into work[0:m] (finite float32, zero-padded). */
+/* Quantise one block already loaded into work[0:m] (finite float32, zero-padded).
+ * sgn[j] is the sign bit (1 << 31) where d_j = -1. Compiled with
+ * -fno-strict-aliasing: work is also read as its bit patterns. */
 DTDR_CLONES
-static float encode_block(float *restrict work, Py_ssize_t m, const uint8_t *restrict neg, int qbits,
+static float encode_block(float *restrict work, Py_ssize_t m, const uint32_t *restrict sgn, int qbits,
                           void *qdst) {
-    const int qmax = qbits == 8 ? 127 : 32767;
-    float amax = 0.0f, zmax = 0.0f;
+    const int32_t qmax = qbits == 8 ? 127 : 32767;
+    uint32_t *restrict wb = (uint32_t *)work;
+    uint32_t amax_bits = 0, zmax_bits = 0;
     Py_ssize_t j;
     int e = 0;
-    for (j = 0; j < m; j++) {
-        float a = fabsf(work[j]);
-        amax = a > amax ? a : amax;
+    for (j = 0; j < m; j++) { /* max |x|: for finite non-negative floats the bit order is the value order */
+        uint32_t u = wb[j] & 0x7FFFFFFFu;
+        amax_bits = u > amax_bits ? u : amax_bits;
     }
+    float amax = bits_f32(amax_bits);
     if (amax > 0.0f) frexpf(amax, &e);
     if (e >= -126) {
         /* 2^-e is a binary32 number: one rounded multiplication */
-        float pw = ldexpf(1.0f, -e);
-        for (j = 0; j < m; j++) work[j] = (neg[j] ? -work[j] : work[j]) * pw;
+        const float pw = ldexpf(1.0f, -e);
+        for (j = 0; j < m; j++) work[j] = bits_f32(wb[j] ^ sgn[j]) * pw;
     } else {
         /* the same correctly rounded product, computed where 2^-e fits */
-        double pw = ldexp(1.0, -e);
-        for (j = 0; j < m; j++) work[j] = (float)((double)(neg[j] ? -work[j] : work[j]) * pw);
+        const double pw = ldexp(1.0, -e);
+        for (j = 0; j < m; j++) work[j] = (float)((double)bits_f32(wb[j] ^ sgn[j]) * pw);
     }
     fwht_f32(work, m);
     for (j = 0; j < m; j++) {
-        float a = fabsf(work[j]);
-        zmax = a > zmax ? a : zmax;
+        uint32_t u = wb[j] & 0x7FFFFFFFu;
+        zmax_bits = u > zmax_bits ? u : zmax_bits;
     }
-    double two_e = ldexp(1.0, e);
-    float f = (float)(((double)zmax * two_e) / (double)((double)qmax * (double)m));
+    const float zmax = bits_f32(zmax_bits);
+    const double two_e = ldexp(1.0, e);
+    const float f = (float)(((double)zmax * two_e) / (double)((double)qmax * (double)m));
     float inv = 0.0f;
     if (f > 0.0f) {
         double iv = two_e / ((double)m * (double)f);
         if (iv > (double)F32_MAX) iv = (double)F32_MAX;
         inv = (float)iv;
     }
-    const float lim = (float)qmax;
+    /* |z * inv| <= 2 qmax (f >= half its exact value), so adding and removing
+     * 1.5 * 2^23 rounds to the nearest integer, ties to even, exactly as rint. */
+    const float magic = 12582912.0f;
     if (qbits == 8) {
-        int8_t *q = (int8_t *)qdst;
+        int8_t *restrict q = (int8_t *)qdst;
         for (j = 0; j < m; j++) {
-            float r = rintf(work[j] * inv);
-            r = r > lim ? lim : r;
-            r = r < -lim ? -lim : r;
+            int32_t r = (int32_t)((work[j] * inv + magic) - magic);
+            r = r > qmax ? qmax : r;
+            r = r < -qmax ? -qmax : r;
             q[j] = (int8_t)r;
         }
     } else {
-        int16_t *q = (int16_t *)qdst;
+        int16_t *restrict q = (int16_t *)qdst;
         for (j = 0; j < m; j++) {
-            float r = rintf(work[j] * inv);
-            r = r > lim ? lim : r;
-            r = r < -lim ? -lim : r;
+            int32_t r = (int32_t)((work[j] * inv + magic) - magic);
+            r = r > qmax ? qmax : r;
+            r = r < -qmax ? -qmax : r;
             q[j] = (int16_t)r;
         }
     }
@@ -227,41 +234,58 @@ static float encode_block(float *restrict work, Py_ssize_t m, const uint8_t *res
 
 static inline int dt_size(int dt) { return dt == DT_F16 || dt == DT_BF16 ? 2 : dt == DT_F32 ? 4 : 8; }
 
+DTDR_CLONES
+static void load_block_f32(float *restrict work, const uint32_t *restrict src, Py_ssize_t m) {
+    uint32_t *restrict wb = (uint32_t *)work;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        uint32_t u = src[j];
+        wb[j] = (u & 0x7F800000u) == 0x7F800000u ? 0u : u;
+    }
+}
+
+DTDR_CLONES
+static void load_block_bf16(float *restrict work, const uint16_t *restrict src, Py_ssize_t m) {
+    uint32_t *restrict wb = (uint32_t *)work;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        uint32_t u = (uint32_t)src[j] << 16;
+        wb[j] = (u & 0x7F800000u) == 0x7F800000u ? 0u : u;
+    }
+}
+
 static int encode_base_kernel(const void *x, int dt, Py_ssize_t numel, Py_ssize_t bs, const uint8_t *neg,
                               int qbits, char *q, float *f) {
     Py_ssize_t nfull = numel / bs, tail = numel % bs, b, j;
     Py_ssize_t qsz = qbits / 8;
     float *work = (float *)malloc(sizeof(float) * (size_t)bs);
-    if (!work) return -1;
+    uint32_t *sgn = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)bs);
+    if (!work || !sgn) { free(work); free(sgn); return -1; }
+    for (j = 0; j < bs; j++) sgn[j] = neg[j] ? 0x80000000u : 0u;
     for (b = 0; b < nfull; b++) {
         Py_ssize_t e0 = b * bs;
-        if (dt == DT_F32) {
-            memcpy(work, (const char *)x + 4 * e0, 4 * (size_t)bs);
-            for (j = 0; j < bs; j++)
-                if ((f32_bits(work[j]) & 0x7F800000u) == 0x7F800000u) work[j] = 0.0f;
-        } else {
-            for (j = 0; j < bs; j++) work[j] = load_work(x, dt, e0 + j);
-        }
-        f[b] = encode_block(work, bs, neg, qbits, q + e0 * qsz);
+        if (dt == DT_F32) load_block_f32(work, (const uint32_t *)x + e0, bs);
+        else if (dt == DT_BF16) load_block_bf16(work, (const uint16_t *)x + e0, bs);
+        else for (j = 0; j < bs; j++) work[j] = load_work(x, dt, e0 + j);
+        f[b] = encode_block(work, bs, sgn, qbits, q + e0 * qsz);
     }
     if (tail) {
         Py_ssize_t m = next_pow2(tail), e0 = nfull * bs;
         for (j = 0; j < tail; j++) work[j] = load_work(x, dt, e0 + j);
         for (; j < m; j++) work[j] = 0.0f;
-        f[nfull] = encode_block(work, m, neg, qbits, q + e0 * qsz);
+        f[nfull] = encode_block(work, m, sgn, qbits, q + e0 * qsz);
     }
     free(work);
+    free(sgn);
     return 0;
 }
 
 /* The normative decode (docs/codecs.md 2.5) of one block into dst (m outputs
- * computed, `count` written). */
+ * computed, `count` written). nm[j] is -1 where d_j = -1, else 0. */
 DTDR_CLONES
-static void decode_block(int32_t *restrict s, float *restrict sf, const void *qsrc, int qbits, Py_ssize_t m, Py_ssize_t count,
-                         float f, const uint8_t *restrict neg, int dt, double M, void *dst) {
+static void decode_block(int32_t *restrict s, float *restrict sf, const void *qsrc, int qbits, Py_ssize_t m,
+                         Py_ssize_t count, float f, const int32_t *restrict nm, int dt, double M, void *dst) {
     Py_ssize_t j;
     if (qbits == 8) {
-        const int8_t *q = (const int8_t *)qsrc;
+        const int8_t *restrict q = (const int8_t *)qsrc;
         for (j = 0; j < m; j++) s[j] = q[j];
     } else {
         const unsigned char *q = (const unsigned char *)qsrc;
@@ -269,35 +293,42 @@ static void decode_block(int32_t *restrict s, float *restrict sf, const void *qs
     }
     fwht_i32(s, m);
     if (qbits == 8) {
-        const float Mf = (float)M;
-        for (j = 0; j < count; j++) {
-            int32_t S = neg[j] ? -s[j] : s[j];
-            float v = (float)S * f;
-            v = v > Mf ? Mf : v;
-            v = v < -Mf ? -Mf : v;
-            sf[j] = v + 0.0f;
+        /* |S| <= 128 m, so the clamp is needed only when 128 m |f| may exceed M
+         * (fl32 is monotone and M is a binary32 number). */
+        const int clamp = 128.0 * (double)m * fabs((double)f) > M;
+        float *restrict o32 = dt == DT_F32 ? (float *)dst : sf;
+        for (j = 0; j < count; j++) o32[j] = (float)((s[j] ^ nm[j]) - nm[j]) * f;
+        if (clamp) {
+            const float Mf = (float)M;
+            for (j = 0; j < count; j++) {
+                float v = o32[j];
+                v = v > Mf ? Mf : v;
+                o32[j] = v < -Mf ? -Mf : v;
+            }
         }
+        for (j = 0; j < count; j++) o32[j] = o32[j] + 0.0f;
         switch (dt) {
-        case DT_F32: memcpy(dst, sf, 4 * (size_t)count); break;
+        case DT_F32: break;
         case DT_F64: {
-            double *o = (double *)dst;
+            double *restrict o = (double *)dst;
             for (j = 0; j < count; j++) o[j] = (double)sf[j];
             break;
         }
         case DT_BF16: {
-            uint16_t *o = (uint16_t *)dst;
-            for (j = 0; j < count; j++) o[j] = f32_to_bf16(sf[j]);
+            uint16_t *restrict o = (uint16_t *)dst;
+            const uint32_t *restrict u = (const uint32_t *)sf; /* finite values: no NaN case */
+            for (j = 0; j < count; j++) o[j] = (uint16_t)((u[j] + 0x7FFFu + ((u[j] >> 16) & 1u)) >> 16);
             break;
         }
         default: {
-            uint16_t *o = (uint16_t *)dst;
+            uint16_t *restrict o = (uint16_t *)dst;
             for (j = 0; j < count; j++) o[j] = f32_to_f16(sf[j]);
         }
         }
     } else {
         const double fd = (double)f;
         for (j = 0; j < count; j++) {
-            int32_t S = neg[j] ? -s[j] : s[j];
+            int32_t S = (s[j] ^ nm[j]) - nm[j];
             double v = (double)S * fd;
             v = v > M ? M : v;
             v = v < -M ? -M : v;
@@ -314,19 +345,22 @@ static void decode_block(int32_t *restrict s, float *restrict sf, const void *qs
 
 static int decode_base_kernel(const char *q, int qbits, const float *f, int dt, Py_ssize_t numel, Py_ssize_t bs,
                               const uint8_t *neg, double M, char *out) {
-    Py_ssize_t nfull = numel / bs, tail = numel % bs, b;
+    Py_ssize_t nfull = numel / bs, tail = numel % bs, b, j;
     Py_ssize_t qsz = qbits / 8, osz = dt_size(dt);
     int32_t *s = (int32_t *)malloc(sizeof(int32_t) * (size_t)bs);
     float *sf = (float *)malloc(sizeof(float) * (size_t)bs);
-    if (!s || !sf) { free(s); free(sf); return -1; }
+    int32_t *nm = (int32_t *)malloc(sizeof(int32_t) * (size_t)bs);
+    if (!s || !sf || !nm) { free(s); free(sf); free(nm); return -1; }
+    for (j = 0; j < bs; j++) nm[j] = neg[j] ? -1 : 0;
     for (b = 0; b < nfull; b++)
-        decode_block(s, sf, q + b * bs * qsz, qbits, bs, bs, f[b], neg, dt, M, out + b * bs * osz);
+        decode_block(s, sf, q + b * bs * qsz, qbits, bs, bs, f[b], nm, dt, M, out + b * bs * osz);
     if (tail) {
         Py_ssize_t m = next_pow2(tail);
-        decode_block(s, sf, q + nfull * bs * qsz, qbits, m, tail, f[nfull], neg, dt, M, out + nfull * bs * osz);
+        decode_block(s, sf, q + nfull * bs * qsz, qbits, m, tail, f[nfull], nm, dt, M, out + nfull * bs * osz);
     }
     free(s);
     free(sf);
+    free(nm);
     return 0;
 }
 
