@@ -522,53 +522,210 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
     return 0;
 }
 
-/* Encode the residual of one frame: payload = plane[n] | totals[nb] (u32) |
- * escapes (w-bit), lo = the packed low bits. Returns the payload length and
- * writes the lo length and whether x holds a non-finite value. */
+/* Width-specialised residual kernels: T is the unsigned and S the signed
+ * integer type of the float's width W. Pass 1 of every block is branch-free
+ * (vectorisable); the bit packing / unpacking pass is sequential. */
+#define RESIDUAL_KERNELS(W, T, S)                                                                              \
+    static inline T ord##W(T p) { return p ^ ((T)((S)p >> (W - 1)) >> 1); }                                  \
+                                                                                                             \
+    DTDR_CLONES                                                                                              \
+    static int enc_pass##W(const T *restrict px, const T *restrict pb, Py_ssize_t cnt, int A, int Zc, int kmax,   \
+                           int mant, uint32_t emask, T nfmask, uint8_t *restrict kk, T *restrict rr,             \
+                           uint8_t *restrict plane, uint32_t *restrict total, Py_ssize_t *restrict nesc) {       \
+        int nf = 0;                                                                                          \
+        uint32_t tot = 0;                                                                                    \
+        Py_ssize_t ne = 0;                                                                                   \
+        for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
+            T p = px[i], b = pb[i];                                                                          \
+            nf |= (p & nfmask) == nfmask;                                                                    \
+            int k = A - (int)((b >> mant) & emask);                                                          \
+            k = k < Zc ? k : Zc;                                                                             \
+            k = k < 0 ? 0 : k;                                                                               \
+            k = k > kmax ? kmax : k;                                                                         \
+            T delta = (T)(ord##W(p) - ord##W(b));                                                            \
+            T r = (T)((T)(delta << 1) ^ (T)((S)delta >> (W - 1)));                                           \
+            T hi = (T)(r >> k);                                                                              \
+            ne += hi >= 255;                                                                                 \
+            plane[i] = (uint8_t)(hi < 255 ? hi : 255);                                                       \
+            rr[i] = (T)(r & (T)(((T)1 << k) - 1));                                                           \
+            kk[i] = (uint8_t)k;                                                                              \
+            tot += (uint32_t)k;                                                                              \
+        }                                                                                                    \
+        *total = tot;                                                                                        \
+        *nesc = ne;                                                                                          \
+        return nf;                                                                                           \
+    }                                                                                                        \
+                                                                                                             \
+    static Py_ssize_t residual_encode_##W(const unsigned char *px8, const unsigned char *pb8, const int32_t *A,  \
+                                          const int32_t *Zc, Py_ssize_t n, Py_ssize_t bs, const DInfo *d,     \
+                                          unsigned char *payload, unsigned char *lo, Py_ssize_t *lolen,       \
+                                          int *nonfinite, uint8_t *kk, T *rr) {                              \
+        const T *px = (const T *)px8, *pb = (const T *)pb8;                                                  \
+        const uint32_t emask = (1u << d->ebits) - 1;                                                         \
+        const T nfmask = (T)((T)emask << d->mant);                                                           \
+        Py_ssize_t nb = (n + bs - 1) / bs, nesc = 0, out = 0;                                                \
+        unsigned char *plane = payload, *totals = payload + n, *esc = payload + n + 4 * nb;                  \
+        uint64_t acc = 0;                                                                                    \
+        int nacc = 0, nf = 0;                                                                                \
+        for (Py_ssize_t t = 0; t < nb; t++) {                                                                \
+            Py_ssize_t e0 = t * bs, cnt = (e0 + bs < n ? bs : n - e0), ne;                                   \
+            uint32_t total;                                                                                  \
+            nf |= enc_pass##W(px + e0, pb + e0, cnt, A[t], Zc[t], d->kmax, d->mant, emask, nfmask, kk, rr,   \
+                              plane + e0, &total, &ne);                                                      \
+            memcpy(totals + 4 * t, &total, 4);                                                               \
+            if (ne) {                                                                                        \
+                for (Py_ssize_t i = 0; i < cnt; i++) {                                                       \
+                    if (plane[e0 + i] == 255) {                                                              \
+                        T p = px[e0 + i], b = pb[e0 + i];                                                    \
+                        T delta = (T)(ord##W(p) - ord##W(b));                                                \
+                        T r = (T)((T)(delta << 1) ^ (T)((S)delta >> (W - 1)));                               \
+                        T v = (T)(r >> kk[i]);                                                               \
+                        memcpy(esc + (W / 8) * nesc++, &v, W / 8);                                           \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+            for (Py_ssize_t i = 0; i < cnt; i++) {                                                           \
+                acc |= (uint64_t)rr[i] << nacc;                                                              \
+                nacc += kk[i];                                                                               \
+                if (W < 64) {                                                                                \
+                    if (nacc >= 32) {                                                                        \
+                        uint32_t word = (uint32_t)acc;                                                       \
+                        memcpy(lo + out, &word, 4);                                                          \
+                        out += 4;                                                                            \
+                        acc >>= 32;                                                                          \
+                        nacc -= 32;                                                                          \
+                    }                                                                                        \
+                } else {                                                                                     \
+                    while (nacc >= 8) {                                                                      \
+                        lo[out++] = (unsigned char)acc;                                                      \
+                        acc >>= 8;                                                                           \
+                        nacc -= 8;                                                                           \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        while (nacc > 0) {                                                                                   \
+            lo[out++] = (unsigned char)acc;                                                                  \
+            acc >>= 8;                                                                                       \
+            nacc -= 8;                                                                                       \
+        }                                                                                                    \
+        *lolen = out;                                                                                        \
+        *nonfinite = nf;                                                                                     \
+        return n + 4 * nb + nesc * (W / 8);                                                                  \
+    }                                                                                                        \
+                                                                                                             \
+    DTDR_CLONES                                                                                              \
+    static uint32_t k_pass##W(const T *restrict pb, Py_ssize_t cnt, int A, int Zc, int kmax, int mant,          \
+                              uint32_t emask, uint8_t *restrict kk) {                                         \
+        uint32_t tot = 0;                                                                                    \
+        for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
+            int k = A - (int)((pb[i] >> mant) & emask);                                                      \
+            k = k < Zc ? k : Zc;                                                                             \
+            k = k < 0 ? 0 : k;                                                                               \
+            k = k > kmax ? kmax : k;                                                                         \
+            kk[i] = (uint8_t)k;                                                                              \
+            tot += (uint32_t)k;                                                                              \
+        }                                                                                                    \
+        return tot;                                                                                          \
+    }                                                                                                        \
+                                                                                                             \
+    DTDR_CLONES                                                                                              \
+    static void apply_pass##W(T *restrict bits, const T *restrict rr, Py_ssize_t cnt) {                      \
+        for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
+            T r = rr[i];                                                                                     \
+            T delta = (T)((T)(r >> 1) ^ (T)(-(T)(r & 1)));                                                   \
+            bits[i] = ord##W((T)(ord##W(bits[i]) + delta));                                                  \
+        }                                                                                                    \
+    }                                                                                                        \
+                                                                                                             \
+    static int residual_decode_##W(const unsigned char *payload, const unsigned char *lo, Py_ssize_t lolen,   \
+                                   const unsigned char *dmg, unsigned char *bits8, const int32_t *A,          \
+                                   const int32_t *Zc, const unsigned char *block_ok, Py_ssize_t n,            \
+                                   Py_ssize_t bs, const DInfo *d, unsigned char *lost, uint8_t *kk, T *rr) {  \
+        T *bits = (T *)bits8;                                                                                \
+        const uint32_t emask = (1u << d->ebits) - 1;                                                         \
+        Py_ssize_t nb = (n + bs - 1) / bs, ei = 0;                                                           \
+        const unsigned char *plane = payload, *totals = payload + n, *esc = payload + n + 4 * nb;            \
+        int any_lost = 0;                                                                                    \
+        uint64_t bstart = 0;                                                                                 \
+        for (Py_ssize_t t = 0; t < nb; t++) {                                                                \
+            Py_ssize_t e0 = t * bs, cnt = (e0 + bs < n ? bs : n - e0);                                       \
+            uint32_t tot;                                                                                    \
+            memcpy(&tot, totals + 4 * t, 4);                                                                 \
+            uint32_t csum = k_pass##W(bits + e0, cnt, A[t], Zc[t], d->kmax, d->mant, emask, kk);             \
+            if (!block_ok[t] || csum != tot) {                                                               \
+                for (Py_ssize_t i = e0; i < e0 + cnt; i++) {                                                 \
+                    ei += plane[i] == 255;                                                                   \
+                    lost[i] = 1;                                                                             \
+                }                                                                                            \
+                any_lost = 1;                                                                                \
+                bstart += tot;                                                                               \
+                continue;                                                                                    \
+            }                                                                                                \
+            /* a good block: its bits lie inside [bstart, bstart + tot) <= 8 * lolen */                     \
+            uint64_t pos = bstart;                                                                           \
+            int hit_any = 0;                                                                                 \
+            for (Py_ssize_t i = 0; i < cnt; i++) {                                                           \
+                int k = kk[i];                                                                               \
+                Py_ssize_t byte = (Py_ssize_t)(pos >> 3);                                                    \
+                T hi;                                                                                        \
+                if (plane[e0 + i] == 255) {                                                                  \
+                    memcpy(&hi, esc + (W / 8) * ei, W / 8);                                                  \
+                    ei++;                                                                                    \
+                } else {                                                                                     \
+                    hi = plane[e0 + i];                                                                      \
+                }                                                                                            \
+                if (dmg) {                                                                                   \
+                    Py_ssize_t last = (Py_ssize_t)((pos + (uint64_t)(k > 0 ? k : 1) - 1) >> 3) + 1;         \
+                    if (last > lolen) last = lolen;                                                          \
+                    int hit = 0;                                                                             \
+                    for (Py_ssize_t y = byte; y < last; y++) hit |= dmg[y] != 0;                             \
+                    if (hit) {                                                                               \
+                        lost[e0 + i] = 1;                                                                    \
+                        hit_any = 1;                                                                         \
+                        rr[i] = 0;                                                                           \
+                        pos += (uint64_t)k;                                                                  \
+                        continue;                                                                            \
+                    }                                                                                        \
+                }                                                                                            \
+                uint64_t word;                                                                               \
+                if (byte + 8 <= lolen) memcpy(&word, lo + byte, 8);                                          \
+                else word = read64(lo, lolen, byte);                                                         \
+                uint64_t lv = (word >> (pos & 7)) & (((uint64_t)1 << k) - 1);                                \
+                pos += (uint64_t)k;                                                                          \
+                rr[i] = (T)((T)(hi << k) | (T)lv);                                                           \
+            }                                                                                                \
+            if (hit_any) {                                                                                   \
+                any_lost = 1;                                                                                \
+                for (Py_ssize_t i = 0; i < cnt; i++)                                                         \
+                    if (!lost[e0 + i]) apply_pass##W(bits + e0 + i, rr + i, 1);                              \
+            } else {                                                                                         \
+                apply_pass##W(bits + e0, rr, cnt);                                                           \
+            }                                                                                                \
+            bstart += tot;                                                                                   \
+        }                                                                                                    \
+        return any_lost;                                                                                     \
+    }
+
+RESIDUAL_KERNELS(16, uint16_t, int16_t)
+RESIDUAL_KERNELS(32, uint32_t, int32_t)
+RESIDUAL_KERNELS(64, uint64_t, int64_t)
+
 static Py_ssize_t residual_encode_kernel(const unsigned char *px, const unsigned char *pb, const int32_t *A,
                                          const int32_t *Zc, Py_ssize_t n, Py_ssize_t bs, const DInfo *d,
                                          unsigned char *payload, unsigned char *lo, Py_ssize_t *lolen,
                                          int *nonfinite) {
-    const int w = d->w, isz = w / 8;
-    const uint64_t mask = wmask(w);
-    const uint64_t emask = (uint64_t)((1u << d->ebits) - 1) << d->mant;
-    Py_ssize_t nb = (n + bs - 1) / bs, nesc = 0, i, t;
-    unsigned char *plane = payload, *totals = payload + n, *esc = payload + n + 4 * nb;
-    uint64_t acc = 0;
-    int nacc = 0, nf = 0;
-    Py_ssize_t out = 0;
-    for (t = 0; t < nb; t++) {
-        Py_ssize_t e0 = t * bs, e1 = e0 + bs < n ? e0 + bs : n;
-        uint32_t total = 0;
-        for (i = e0; i < e1; i++) {
-            uint64_t p = load_w(px, w, i), b = load_w(pb, w, i);
-            nf |= (p & emask) == emask;
-            int k = k_of(b, d, A[t], Zc[t]);
-            uint64_t delta = (ordered_w(p, w) - ordered_w(b, w)) & mask;
-            uint64_t sgn = (delta >> (w - 1)) & 1 ? mask : 0;
-            uint64_t r = ((delta << 1) ^ sgn) & mask;
-            uint64_t hi = r >> k;
-            if (hi >= 255) {
-                plane[i] = 255;
-                store_w(esc, w, nesc++, hi);
-            } else {
-                plane[i] = (unsigned char)hi;
-            }
-            total += (uint32_t)k;
-            acc |= (r & (((uint64_t)1 << k) - 1)) << nacc;
-            nacc += k;
-            while (nacc >= 8) {
-                lo[out++] = (unsigned char)acc;
-                acc >>= 8;
-                nacc -= 8;
-            }
-        }
-        memcpy(totals + 4 * t, &total, 4); /* little-endian hosts only (checked at import) */
+    uint8_t *kk = (uint8_t *)malloc((size_t)bs);
+    uint64_t *rr = (uint64_t *)malloc(8 * (size_t)bs);
+    Py_ssize_t r = -1;
+    if (kk && rr) {
+        if (d->w == 16) r = residual_encode_16(px, pb, A, Zc, n, bs, d, payload, lo, lolen, nonfinite, kk, (uint16_t *)rr);
+        else if (d->w == 32) r = residual_encode_32(px, pb, A, Zc, n, bs, d, payload, lo, lolen, nonfinite, kk, (uint32_t *)rr);
+        else r = residual_encode_64(px, pb, A, Zc, n, bs, d, payload, lo, lolen, nonfinite, kk, rr);
     }
-    if (nacc > 0) lo[out++] = (unsigned char)acc;
-    *lolen = out;
-    *nonfinite = nf;
-    return n + 4 * nb + nesc * isz;
+    free(kk);
+    free(rr);
+    return r;
 }
 
 /* residual_encode_frame(px, pb, A, Zc, n, bs, w, mant, ebits, kmax, payload_out, lo_out)
@@ -603,6 +760,10 @@ static PyObject *py_residual_encode_frame(PyObject *self, PyObject *args) {
         plen = residual_encode_kernel(px.view.buf, pb.view.buf, A.view.buf, Z.view.buf, n, bs, &d, pay.view.buf,
                                       lo.view.buf, &lolen, &nonfinite);
         Py_END_ALLOW_THREADS
+        if (plen < 0) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
     }
     for (int i = 0; i < got; i++) buf_release(all[i]);
     if (!ok) return NULL;
@@ -617,12 +778,11 @@ static int residual_decode_kernel(const unsigned char *payload, Py_ssize_t plen,
                                   const int32_t *A, const int32_t *Zc, const unsigned char *block_ok, Py_ssize_t n,
                                   Py_ssize_t bs, const DInfo *d, unsigned char *lost) {
     const int w = d->w, isz = w / 8;
-    const uint64_t mask = wmask(w);
     Py_ssize_t nb = (n + bs - 1) / bs, fixed = n + 4 * nb, nesc = 0, i, t;
     if (plen < fixed) return -1;
     for (i = 0; i < n; i++) nesc += payload[i] == 255;
     if (plen != fixed + nesc * isz) return -1;
-    const unsigned char *plane = payload, *totals = payload + n, *esc = payload + fixed;
+    const unsigned char *totals = payload + n;
     uint64_t sum = 0;
     for (t = 0; t < nb; t++) {
         uint32_t tot;
@@ -630,56 +790,17 @@ static int residual_decode_kernel(const unsigned char *payload, Py_ssize_t plen,
         sum += tot;
     }
     if ((Py_ssize_t)((sum + 7) / 8) != lolen) return -1;
-    int any_lost = 0;
-    Py_ssize_t ei = 0;
-    uint64_t bstart = 0;
-    for (t = 0; t < nb; t++) {
-        Py_ssize_t e0 = t * bs, e1 = e0 + bs < n ? e0 + bs : n;
-        uint32_t tot;
-        memcpy(&tot, totals + 4 * t, 4);
-        uint64_t csum = 0;
-        for (i = e0; i < e1; i++) csum += (uint64_t)k_of(load_w(bits, w, i), d, A[t], Zc[t]);
-        if (!block_ok[t] || csum != tot) {
-            for (i = e0; i < e1; i++) {
-                ei += plane[i] == 255;
-                lost[i] = 1;
-            }
-            any_lost = 1;
-            bstart += tot;
-            continue;
-        }
-        /* a good block: its bits lie inside [bstart, bstart + tot) <= 8 * lolen */
-        uint64_t pos = bstart;
-        for (i = e0; i < e1; i++) {
-            uint64_t b = load_w(bits, w, i);
-            int k = k_of(b, d, A[t], Zc[t]);
-            Py_ssize_t byte = (Py_ssize_t)(pos >> 3);
-            uint64_t hi;
-            if (plane[i] == 255) hi = load_w(esc, w, ei++);
-            else hi = plane[i];
-            if (dmg) {
-                Py_ssize_t last = (Py_ssize_t)((pos + (uint64_t)(k > 0 ? k : 1) - 1) >> 3) + 1;
-                Py_ssize_t first = byte;
-                if (last > lolen) last = lolen;
-                int hit = 0;
-                for (Py_ssize_t y = first; y < last; y++) hit |= dmg[y] != 0;
-                if (hit) {
-                    lost[i] = 1;
-                    any_lost = 1;
-                    pos += (uint64_t)k;
-                    continue;
-                }
-            }
-            uint64_t lv = (read64(lo, lolen, byte) >> (pos & 7)) & (((uint64_t)1 << k) - 1);
-            pos += (uint64_t)k;
-            uint64_t r = ((hi << k) | lv) & mask;
-            uint64_t delta = (r >> 1) ^ ((r & 1) ? mask : 0);
-            uint64_t ob = (ordered_w(b, w) + delta) & mask;
-            store_w(bits, w, i, ordered_w(ob, w));
-        }
-        bstart += tot;
+    uint8_t *kk = (uint8_t *)malloc((size_t)bs);
+    uint64_t *rr = (uint64_t *)malloc(8 * (size_t)bs);
+    int r = -2;
+    if (kk && rr) {
+        if (w == 16) r = residual_decode_16(payload, lo, lolen, dmg, bits, A, Zc, block_ok, n, bs, d, lost, kk, (uint16_t *)rr);
+        else if (w == 32) r = residual_decode_32(payload, lo, lolen, dmg, bits, A, Zc, block_ok, n, bs, d, lost, kk, (uint32_t *)rr);
+        else r = residual_decode_64(payload, lo, lolen, dmg, bits, A, Zc, block_ok, n, bs, d, lost, kk, rr);
     }
-    return any_lost;
+    free(kk);
+    free(rr);
+    return r;
 }
 
 /* residual_decode_frame(payload, lo, lo_damage_or_None, bits, A, Zc, block_ok, n, bs, w, mant, ebits, kmax, lost)
@@ -714,6 +835,10 @@ static PyObject *py_residual_decode_frame(PyObject *self, PyObject *args) {
                                     nbuf == 8 ? (const unsigned char *)dmg.view.buf : NULL, bits.view.buf,
                                     A.view.buf, Z.view.buf, okb.view.buf, n, bs, &d, lost.view.buf);
         Py_END_ALLOW_THREADS
+        if (rc == -2) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
     }
     for (int i = 0; i < got; i++) buf_release(all[i]);
     if (!ok) return NULL;
