@@ -28,6 +28,7 @@ from torch_dtdr import codecs
 from torch_dtdr.codecs import _blocks as B
 from torch_dtdr.codecs import native
 from torch_dtdr.codecs.base import Damage
+from torch_dtdr.errors import CodecError
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 INTS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float64: torch.int64}
@@ -300,9 +301,13 @@ def test_compiled_kernels_reject_short_buffers():
     q = np.zeros(1024, np.int8)
     f = np.zeros(1, np.float32)
     out = np.zeros(1023, np.float32)  # one element short
-    with pytest.raises(ValueError):
+    with pytest.raises(CodecError):
         compiled.decode_base(q, 8, f, 2, 1024, 1024, np.zeros(1024, np.uint8), 1.0, out)
-    with pytest.raises(ValueError):
+    with pytest.raises(CodecError):
+        compiled.residual_decode_frame(b"", b"", None, np.zeros(10, np.int32), np.zeros(1, np.int32),
+                                       np.zeros(1, np.int32), np.ones(1, np.uint8), 16, 16, 32, 23, 8, 25,
+                                       np.zeros(16, np.uint8))  # bits shorter than n elements
+    with pytest.raises(CodecError):
         compiled.encode_base(np.zeros(1024, np.float32), 2, 1024, 1024, np.zeros(512, np.uint8), 8, q, f)
     with pytest.raises(TypeError):
         compiled.decode_base(q, 8, f, 2, 1, 1024, np.zeros(1024, np.uint8), 1.0, b"\0" * 4)  # read-only out

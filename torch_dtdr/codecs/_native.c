@@ -366,6 +366,13 @@ static int decode_base_kernel(const char *q, int qbits, const float *f, int dt, 
 
 /* ------------------------------------------------------------------ buffers */
 
+/* The exception raised for inconsistent sizes and parameters: ValueError until
+ * the package installs torch_dtdr.errors.CodecError (a ValueError) with
+ * set_error_class(). */
+static PyObject *error_class = NULL;
+
+static PyObject *err_cls(void) { return error_class ? error_class : PyExc_ValueError; }
+
 typedef struct {
     Py_buffer view;
     int held;
@@ -388,7 +395,7 @@ static int buf_get(PyObject *obj, Buf *b, int writable, const char *what) {
 
 static int check_len(Buf *b, Py_ssize_t need, const char *what) {
     if (need < 0 || b->view.len < need) {
-        PyErr_Format(PyExc_ValueError, "%s: buffer of %zd bytes, need %zd", what, b->view.len, need);
+        PyErr_Format(err_cls(), "%s: buffer of %zd bytes, need %zd", what, b->view.len, need);
         return -1;
     }
     return 0;
@@ -396,7 +403,7 @@ static int check_len(Buf *b, Py_ssize_t need, const char *what) {
 
 static int check_block(Py_ssize_t bs) {
     if (bs < 1 || bs > 65536 || (bs & (bs - 1))) {
-        PyErr_Format(PyExc_ValueError, "block_size must be a power of two <= 65536, got %zd", bs);
+        PyErr_Format(err_cls(), "block_size must be a power of two <= 65536, got %zd", bs);
         return -1;
     }
     return 0;
@@ -410,7 +417,7 @@ static PyObject *py_encode_base(PyObject *self, PyObject *args) {
     Buf x, neg, q, f;
     if (!PyArg_ParseTuple(args, "OinnOiOO", &ox, &dt, &numel, &bs, &oneg, &qbits, &oq, &of)) return NULL;
     if (dt < 0 || dt > 3 || (qbits != 8 && qbits != 16) || numel < 0 || check_block(bs) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad dtype code or qbits");
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad dtype code or qbits");
         return NULL;
     }
     Py_ssize_t nb = numel / bs + (numel % bs ? 1 : 0);
@@ -442,7 +449,7 @@ static PyObject *py_decode_base(PyObject *self, PyObject *args) {
     Buf q, f, neg, out;
     if (!PyArg_ParseTuple(args, "OiOinnOdO", &oq, &qbits, &of, &dt, &numel, &bs, &oneg, &M, &oout)) return NULL;
     if (dt < 0 || dt > 3 || (qbits != 8 && qbits != 16) || numel < 0 || check_block(bs) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad dtype code or qbits");
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad dtype code or qbits");
         return NULL;
     }
     Py_ssize_t nb = numel / bs + (numel % bs ? 1 : 0);
@@ -740,7 +747,7 @@ static PyObject *py_residual_encode_frame(PyObject *self, PyObject *args) {
                           &olo))
         return NULL;
     if (dinfo_of(w, mant, ebits, kmax, &d) < 0 || n < 0 || check_block(bs) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad residual parameters");
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad residual parameters");
         return NULL;
     }
     Py_ssize_t nb = (n + bs - 1) / bs, isz = w / 8;
@@ -815,7 +822,7 @@ static PyObject *py_residual_decode_frame(PyObject *self, PyObject *args) {
                           &ebits, &kmax, &olost))
         return NULL;
     if (dinfo_of(w, mant, ebits, kmax, &d) < 0 || n < 0 || check_block(bs) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad residual parameters");
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad residual parameters");
         return NULL;
     }
     Py_ssize_t nb = (n + bs - 1) / bs, isz = w / 8;
@@ -869,7 +876,18 @@ static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_error_class(PyObject *self, PyObject *cls) {
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_ValueError)) {
+        PyErr_SetString(PyExc_TypeError, "the error class must be a subclass of ValueError");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(error_class, cls);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"set_error_class", py_set_error_class, METH_O, "The exception class for inconsistent sizes (a ValueError)."},
     {"encode_base", py_encode_base, METH_VARARGS, "Quantise blocks (the base layer encode)."},
     {"decode_base", py_decode_base, METH_VARARGS, "The normative base-layer decode."},
     {"residual_encode_frame", py_residual_encode_frame, METH_VARARGS, "Encode one residual frame (before zstd)."},

@@ -39,6 +39,10 @@ def _load():
         else:
             try:
                 from . import _native as compiled  # the extension module built from _native.c
+
+                from ..errors import CodecError
+
+                compiled.set_error_class(CodecError)
             except ImportError as exc:
                 compiled = None
                 warnings.warn(
