@@ -395,3 +395,16 @@ def test_core_name_is_reported():
     assert native.core() in ("native", "reference")
     with native.forced("reference"):
         assert native.core() == "reference"
+
+
+def test_version_names_the_core():
+    for env_value, want in (("0", "reference"), (None, native.core() if "TORCH_DTDR_NATIVE" not in os.environ else None)):
+        env = {k: v for k, v in os.environ.items() if k != "TORCH_DTDR_NATIVE"}
+        if env_value is not None:
+            env["TORCH_DTDR_NATIVE"] = env_value
+        out = subprocess.run([sys.executable, "-m", "torch_dtdr.cli", "--version"], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"torch-dtdr {torch_dtdr.__version__} (codec core: ")
+        if want is not None:
+            assert f"codec core: {want})" in out.stdout
