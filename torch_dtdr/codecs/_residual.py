@@ -87,12 +87,9 @@ def c_of_m(m: np.ndarray) -> np.ndarray:
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
-    out = np.zeros(v.shape, np.int64)
-    v = v.copy()
-    while (v > 0).any():
-        out += v > 0
-        v >>= 1
-    return out
+    """``int.bit_length`` of every non-negative integer in ``v`` (< 2**53):
+    ``frexp`` writes ``v = mu 2**e`` with ``mu`` in [0.5, 1), so ``e`` is the bit length."""
+    return np.frexp(np.asarray(v, dtype=np.float64))[1].astype(np.int64)
 
 
 def block_param(f: np.ndarray, m: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
