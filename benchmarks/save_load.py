@@ -9,6 +9,16 @@ fresh subprocess per operation (ru_maxrss above the process's baseline).
 
     python benchmarks/save_load.py                 # all-MiniLM-L6-v2 and a synthetic LLM-shaped dict
     python benchmarks/save_load.py --model llm --dtype float16 --repeat 5
+    python benchmarks/save_load.py --model minilm4 --dtype float32,bfloat16,float16 --repeat 5
+
+``--model minilm4`` is all-MiniLM-L6-v2 repeated four times (363 MB in fp32),
+the size the codec-speed bars are stated for. ZipNN (``pip install
+'torch-dtdr[bench]'``), the lossless weight compressor, is measured as a peer
+on the same float bytes (all floating tensors concatenated): its size, and
+one-thread compress and decompress times (no container, no checksums, no
+file), next to ``dtdr``'s save and load with its checksums and parity. The
+``core`` line says which codec core ran (``TORCH_DTDR_NATIVE=0`` forces the
+reference).
 """
 
 from __future__ import annotations
@@ -34,9 +44,38 @@ FORMATS = ["safetensors", "torch", "dtdr", "dtdr8", "dtdr16", "raw"]
 
 
 def state_dict(model: str, dtype: str) -> dict:
-    sd = minilm_state_dict() if model == "minilm" else llm_state_dict(8, 512)
     dt = getattr(torch, dtype)
+    if model == "minilm4":
+        base = minilm_state_dict()
+        return {f"copy{r}.{k}": (v.to(dt) if v.is_floating_point() else v).clone()
+                for r in range(4) for k, v in base.items()}
+    sd = minilm_state_dict() if model == "minilm" else llm_state_dict(8, 512)
     return {k: (v.to(dt) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def zipnn_row(sd: dict, dtype: str, repeat: int) -> dict | None:
+    """ZipNN on the concatenated float bytes, one thread: size, compress, decompress."""
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    floats = [v.contiguous().reshape(-1).view(torch.uint8) for v in sd.values() if v.is_floating_point()]
+    raw = torch.cat(floats).numpy().tobytes()
+    zpn = ZipNN(input_format="byte", bytearray_dtype=dtype, threads=1)
+    # ZipNN 0.5.4's compress rewrites its input buffer in place (even a bytes
+    # object), so every run gets a fresh copy, made outside the timed region.
+    packed = zpn.compress(bytearray(raw))
+    if bytes(zpn.decompress(packed)) != raw:
+        raise AssertionError("ZipNN did not round-trip")
+    times = []
+    for _ in range(repeat):
+        scratch = bytearray(raw)
+        t0 = time.perf_counter()
+        zpn.compress(scratch)
+        times.append(time.perf_counter() - t0)
+    return {"format": "zipnn", "size": len(packed), "float_bytes": len(raw),
+            "save_s": statistics.median(times),
+            "load_s": timed(lambda: zpn.decompress(packed), repeat)}
 
 
 def save(fmt: str, sd: dict, path: str) -> None:
@@ -101,14 +140,20 @@ print(status('VmHWM:') - base)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["minilm", "llm", "both"], default="both")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", choices=["minilm", "minilm4", "llm", "both"], default="both")
+    ap.add_argument("--dtype", default="float32", help="one dtype or a comma-separated list")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    from torch_dtdr.codecs import native
+
+    print(native.describe())
     results = []
-    for model in (["minilm", "llm"] if args.model == "both" else [args.model]):
+    runs = [(m, d) for m in (["minilm", "llm"] if args.model == "both" else [args.model])
+            for d in args.dtype.split(",")]
+    for model, dtype in runs:
+        args.dtype = dtype
         sd = state_dict(model, args.dtype)
         nbytes = sum(v.numel() * v.element_size() for v in sd.values())
         with tempfile.TemporaryDirectory() as d:
@@ -129,15 +174,27 @@ def main() -> None:
                     row["load_peak"] = peak_memory("load", fmt, model, args.dtype, path)
                 rows[fmt] = row
             st, tt = rows["safetensors"], rows["torch"]
+            zrow = zipnn_row(sd, args.dtype, args.repeat)
             print(f"\n{model} ({args.dtype}): {len(sd)} tensors, {nbytes / 1e6:.1f} MB; medians of {args.repeat} runs")
-            print(f"{'format':<12}{'size':>8}{'save s':>9}{'load s':>9}{'save/st':>9}{'load/st':>9}"
+            print(f"{'format':<12}{'size':>8}{'size/st':>8}{'save s':>9}{'load s':>9}{'save/st':>9}{'load/st':>9}"
                   f"{'save/pt':>9}{'load/pt':>9}{'save mem':>10}{'load mem':>10}")
             for fmt, r in rows.items():
                 mem = ("" if args.no_memory else
                        f"{r['save_peak'] / nbytes:>9.2f}x{r['load_peak'] / nbytes:>9.2f}x")
-                print(f"{fmt:<12}{r['size'] / nbytes:>7.1%}{r['save_s']:>9.3f}{r['load_s']:>9.3f}"
+                print(f"{fmt:<12}{r['size'] / nbytes:>7.1%}{r['size'] / st['size']:>8.3f}{r['save_s']:>9.3f}{r['load_s']:>9.3f}"
                       f"{r['save_s'] / st['save_s']:>9.2f}{r['load_s'] / st['load_s']:>9.2f}"
                       f"{r['save_s'] / tt['save_s']:>9.2f}{r['load_s'] / tt['load_s']:>9.2f}{mem}")
+            if zrow is None:
+                print("zipnn: not installed (pip install 'torch-dtdr[bench]')")
+            else:
+                dt_row = rows["dtdr"]
+                raw_floats = zrow["float_bytes"]
+                print(f"{'zipnn':<12}{zrow['size'] / raw_floats:>7.1%}{'':>8}{zrow['save_s']:>9.3f}{zrow['load_s']:>9.3f}"
+                      f"   (1 thread, float bytes only; vs dtdr: size {dt_row['size'] / nbytes:.3f} of the state dict"
+                      f" vs {zrow['size'] / raw_floats:.3f} of its float bytes; dtdr save / zipnn compress "
+                      f"{dt_row['save_s'] / zrow['save_s']:.2f}, dtdr load / zipnn decompress "
+                      f"{dt_row['load_s'] / zrow['load_s']:.2f})")
+                rows["zipnn"] = zrow
             print(f"(lazy, for information: safetensors load_file {st['lazy_load_s'] * 1e3:.1f} ms, "
                   f"torch.load(mmap=True) {tt['lazy_load_s'] * 1e3:.1f} ms; "
                   "memory columns are peak RSS above baseline / state-dict bytes)")

@@ -44,7 +44,7 @@ try:
 except ImportError:  # the pure-Python loop below still works
     atheris = None
 
-PURE = atheris is None or "--pure" in sys.argv or "--make-seeds" in sys.argv
+PURE = atheris is None or any(a in sys.argv for a in ("--pure", "--make-seeds", "--replay"))
 
 if atheris is not None and not PURE:
     with atheris.instrument_imports(include=["torch_dtdr", "fuzz"]):
@@ -200,7 +200,21 @@ def pure_main(argv: list[str]) -> int:
     return 0
 
 
+def replay(paths: list[str]) -> int:
+    """Run every input (files, or every file of folders) once; for the sanitizer run."""
+    files = []
+    for p in paths:
+        files += [os.path.join(p, f) for f in sorted(os.listdir(p))] if os.path.isdir(p) else [p]
+    for path in files:
+        with open(path, "rb") as f:
+            run_one(decode_input(f.read()))
+    print(f"replayed {len(files)} inputs: no finding", flush=True)
+    return 0
+
+
 def main() -> int:
+    if "--replay" in sys.argv:
+        return replay(sys.argv[sys.argv.index("--replay") + 1 :])
     if "--make-seeds" in sys.argv:
         folder = sys.argv[sys.argv.index("--make-seeds") + 1]
         print(f"{write_seeds(folder)} seed inputs in {folder}")

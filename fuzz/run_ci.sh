@@ -22,6 +22,20 @@ trap 'rm -rf "$CORPUS"' EXIT
 
 "$PY" fuzz/fuzz_load.py --make-seeds "$CORPUS"
 
+# The codec decoders: the compiled core against the reference (differential), a third of the budget.
+CSECS=$(( SECS / 3 > 5 ? SECS / 3 : 5 ))
+CCORPUS="$CORPUS/codec"
+"$PY" fuzz/fuzz_codec.py --make-seeds "$CCORPUS"
+if "$PY" -c "import atheris" 2>/dev/null; then
+    echo "fuzz: codec decoders, atheris, ${CSECS} s"
+    "$PY" fuzz/fuzz_codec.py -max_total_time="$CSECS" -timeout=10 -rss_limit_mb=2560 \
+        -artifact_prefix="$CRASHES/" "$CCORPUS" 2>&1 | grep -v "^INFO: Instrumenting" | tail -3
+    test "${PIPESTATUS[0]}" -eq 0
+else
+    echo "fuzz: codec decoders, pure-Python loop, ${CSECS} s"
+    "$PY" fuzz/fuzz_codec.py --pure --seconds "$CSECS"
+fi
+
 if "$PY" -c "import atheris" 2>/dev/null; then
     echo "fuzz: atheris, ${SECS} s"
     # -timeout: one input may not take 10 s (a hang); -rss_limit_mb: nor push the

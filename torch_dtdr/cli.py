@@ -12,6 +12,7 @@ import importlib
 import json
 import sys
 
+from .codecs import native
 from .errors import DTDRError
 
 
@@ -110,6 +111,7 @@ def _max_workers_flag(sp) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtdr", description="Self-healing PyTorch checkpoints (DTDR).")
+    p.add_argument("--version", action="version", version=native.describe())
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, json_flag=True):

@@ -27,7 +27,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .hadamard import MAX_BLOCK, hadamard_rows, hadamard_rows_int8, is_pow2, next_pow2, sign_vector
+from . import native
+from .hadamard import (
+    MAX_BLOCK,
+    fwht_rows_f32,
+    hadamard_rows,
+    hadamard_rows_int8,
+    is_pow2,
+    next_pow2,
+    sign_bits,
+    sign_vector,
+)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,6 +47,8 @@ _CHUNK_ELEMS = 1 << 18
 
 _QMAX = {8: 127, 16: 32767}
 _QDTYPE = {8: torch.int8, 16: torch.int16}
+_QDTYPE_NP = {8: np.dtype(np.int8), 16: np.dtype("<i2")}
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -110,64 +122,83 @@ def _sums_dtype(qbits: int, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------- encode
 
 
-def _to_work(x: torch.Tensor) -> torch.Tensor:
+def _to_work(x: torch.Tensor) -> np.ndarray:
     """float32 working copy: non-finite -> 0, float64 clamped to the float32 range."""
     if x.dtype == torch.float64:
         x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).clamp_(-_F32_MAX, _F32_MAX)
-        return x.to(torch.float32)
+        return x.to(torch.float32).numpy()
     xf = x.to(torch.float32)
     if xf.data_ptr() == x.data_ptr():
         xf = xf.clone()
-    return torch.nan_to_num_(xf, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.nan_to_num_(xf, nan=0.0, posinf=0.0, neginf=0.0).numpy()
 
 
-def _encode_blocks(xb: torch.Tensor, d: torch.Tensor, qbits: int):
-    """Quantise the rows of ``xb`` (B, m) float32 (finite). Returns (q, f)."""
+def _encode_blocks(xb: np.ndarray, d: np.ndarray, qbits: int):
+    """Quantise the rows of ``xb`` (B, m) float32 (finite) with signs ``d``
+    (float32 +-1). Returns (q, f) as numpy arrays. This is the reference for the
+    compiled core's ``encode_block``: every operation is one IEEE operation in
+    the order docs/codecs.md 2.6 gives, so both produce the same bytes."""
     qmax = _QMAX[qbits]
     m = xb.shape[1]
-    amax = xb.abs().amax(dim=1)
+    amax = np.abs(xb).max(axis=1)
     # Normalise every block by a power of two so that the transform can neither
-    # overflow nor lose precision to subnormals.
-    _, e = torch.frexp(amax)
-    e = torch.where(amax > 0, e, torch.zeros_like(e))
-    pw = torch.ldexp(torch.ones_like(amax), -e)
+    # overflow nor lose precision to subnormals: xs = RNE32(d x 2**-e).
+    _, e = np.frexp(amax)
+    e = e.astype(np.int64)
+    small = e < -126  # 2**-e is not a float32: the same rounded product via float64
+    pw = np.ldexp(np.ones(len(e), np.float32), np.where(small, 0, -e)).astype(np.float32)
     xs = xb * d
-    xs.mul_(pw[:, None])
-    z = hadamard_rows(xs)  # unnormalised: z = H (d x 2**-e), |z| <= m
-    zmax = z.abs().amax(dim=1).double()
-    e64 = e.double()
+    xs *= pw[:, None]
+    if small.any():
+        xs[small] = (xs[small].astype(np.float64) * np.ldexp(1.0, -e[small])[:, None]).astype(np.float32)
+    z = fwht_rows_f32(xs)  # unnormalised: z = H (d x 2**-e), |z| <= m
+    zmax = np.abs(z).max(axis=1).astype(np.float64)
+    two_e = np.ldexp(1.0, e)
     # f = s / sqrt(m) where s = max|y| / qmax is the step in the orthonormal domain.
-    f = (zmax * torch.exp2(e64) / (qmax * m)).to(torch.float32)
-    f64 = f.double()
-    inv = torch.where(f64 > 0, torch.exp2(-e64).reciprocal() / (m * torch.where(f64 > 0, f64, 1.0)), 0.0)
-    inv = inv.clamp_(max=_F32_MAX).to(torch.float32)
-    z.mul_(inv[:, None])
-    torch.round_(z).clamp_(-qmax, qmax)
-    return z.to(_QDTYPE[qbits]), f
+    f = ((zmax * two_e) / float(qmax * m)).astype(np.float32)
+    f64 = f.astype(np.float64)
+    positive = f64 > 0
+    inv = np.where(positive, two_e / (m * np.where(positive, f64, 1.0)), 0.0)
+    inv = np.minimum(inv, _F32_MAX).astype(np.float32)
+    z *= inv[:, None]
+    np.rint(z, out=z)
+    np.clip(z, -qmax, qmax, out=z)
+    return z.astype(_QDTYPE_NP[qbits]), f
+
+
+def bits_view(x: torch.Tensor) -> np.ndarray:
+    """The bit patterns of a contiguous 1-D float CPU tensor as a numpy integer array (no copy)."""
+    return x.view(_INT_OF_WIDTH[x.element_size()]).numpy()
 
 
 def encode_base(x: torch.Tensor, block_size: int, seed: int, qbits: int = 8):
     """Quantise a 1-D float tensor. Returns ``(q, f)``: ``q`` int8/int16 of length
     ``layout.ncoef`` and ``f`` float32 of length ``layout.nblocks`` (CPU tensors)."""
     lay = layout(x.numel(), block_size)
-    q = torch.empty(lay.ncoef, dtype=_QDTYPE[qbits])
-    f = torch.empty(lay.nblocks, dtype=torch.float32)
+    q = np.empty(lay.ncoef, dtype=_QDTYPE_NP[qbits])
+    f = np.empty(lay.nblocks, dtype=np.float32)
+    compiled = native.module()
+    if compiled is not None:
+        x = x.contiguous()
+        code = native.DTYPE_CODES[str(x.dtype).removeprefix("torch.")]
+        compiled.encode_base(bits_view(x), code, lay.numel, block_size, sign_bits(seed, block_size), qbits, q, f)
+        return torch.from_numpy(q), torch.from_numpy(f)
     if lay.nfull:
-        d = sign_vector(seed, block_size)
+        d = sign_vector(seed, block_size).numpy()
         step = max(1, _CHUNK_ELEMS // block_size)
         for b0 in range(0, lay.nfull, step):
             b1 = min(b0 + step, lay.nfull)
-            xb = _to_work(x[b0 * block_size : b1 * block_size]).view(b1 - b0, block_size)
+            xb = _to_work(x[b0 * block_size : b1 * block_size]).reshape(b1 - b0, block_size)
             qb, fb = _encode_blocks(xb, d, qbits)
-            q[b0 * block_size : b1 * block_size] = qb.view(-1)
+            q[b0 * block_size : b1 * block_size] = qb.reshape(-1)
             f[b0:b1] = fb
     if lay.tail:
-        xt = torch.zeros(1, lay.tail_m, dtype=torch.float32)
+        xt = np.zeros((1, lay.tail_m), dtype=np.float32)
         xt[0, : lay.tail] = _to_work(x[lay.nfull * block_size :])
-        qb, fb = _encode_blocks(xt, sign_vector(seed, lay.tail_m), qbits)
-        q[lay.nfull * block_size :] = qb.view(-1)
+        qb, fb = _encode_blocks(xt, sign_vector(seed, lay.tail_m).numpy(), qbits)
+        q[lay.nfull * block_size :] = qb.reshape(-1)
         f[lay.nfull] = fb[0]
-    return q, f
+    return torch.from_numpy(q), torch.from_numpy(f)
 
 
 # --------------------------------------------------------------------------- decode
@@ -224,6 +255,13 @@ def decode_base(
     if numel == 0:
         return out
     M = dtype_max(dtype)
+    compiled = native.module()
+    if compiled is not None and dev.type == "cpu" and out.is_contiguous():
+        code = native.DTYPE_CODES[str(dtype).removeprefix("torch.")]
+        qn = q.contiguous().numpy()
+        fn = f.to(torch.float32).contiguous().numpy()
+        compiled.decode_base(qn, qbits, fn, code, numel, block_size, sign_bits(seed, block_size), M, bits_view(out))
+        return out
     qmax = _QMAX[qbits]
     fmax = float(f.abs().max()) if f.numel() else 0.0
     # The clamp is a no-op when no value can exceed M; skip it then.

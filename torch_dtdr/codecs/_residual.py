@@ -21,6 +21,7 @@ import zstandard
 
 from .._cpu import compute_cores
 from . import _blocks as B
+from . import native
 
 # Format constants (part of the on-disk contract; see docs/codecs.md).
 DELTA = {torch.float16: -2, torch.bfloat16: 1, torch.float32: -2, torch.float64: -2}
@@ -86,12 +87,9 @@ def c_of_m(m: np.ndarray) -> np.ndarray:
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
-    out = np.zeros(v.shape, np.int64)
-    v = v.copy()
-    while (v > 0).any():
-        out += v > 0
-        v >>= 1
-    return out
+    """``int.bit_length`` of every non-negative integer in ``v`` (< 2**53):
+    ``frexp`` writes ``v = mu 2**e`` with ``mu`` in [0.5, 1), so ``e`` is the bit length."""
+    return np.frexp(np.asarray(v, dtype=np.float64))[1].astype(np.int64)
 
 
 def block_param(f: np.ndarray, m: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -184,10 +182,27 @@ def encode_residual(x: torch.Tensor, b: torch.Tensor, f: np.ndarray, lay: B.Layo
     uint, sint = info.uint, info.sint
     top = sint((1 << (info.w - 1)) - 1)
     hi_le = np.dtype(uint).newbyteorder("<")
+    compiled = native.module()
+    if compiled is not None:
+        fe = min(fblocks * lay.block_size, lay.numel)
+        payload = np.empty(fe + 4 * fblocks + fe * info.itemsize, np.uint8)
+        lo_buf = np.empty((fe * info.kmax + 7) // 8 + 8, np.uint8)
     for j in range(nframes):
         b0, b1 = j * fblocks, min((j + 1) * fblocks, lay.nblocks)
         e0, e1 = b0 * lay.block_size, min(b1 * lay.block_size, lay.numel)
         pbj = pb[e0:e1]
+        if compiled is not None:
+            plen, lolen, nonfinite = compiled.residual_encode_frame(
+                px[e0:e1], pbj, kp.A32[b0:b1], kp.Zc32[b0:b1], e1 - e0, lay.block_size,
+                info.w, info.mant, info.ebits, info.kmax, payload, lo_buf,
+            )
+            if nonfinite:
+                flags |= FLAG_UNBOUNDED
+            z = cctx.compress(payload[:plen])
+            table[j] = (len(z), lolen)
+            parts.append(z)
+            parts.append(lo_buf[:lolen].tobytes())
+            continue
         if not flags and nonfinite_any(px[e0:e1], info):
             flags |= FLAG_UNBOUNDED
         kj = _k_frame(kp, pbj, b0, b1 - b0, e1 - e0)
@@ -266,6 +281,9 @@ class KParams:
         A, Z = block_param(f, B.block_sizes_m(lay), dtype)
         self.A16 = A.astype(np.int16)
         self.Zc16 = np.minimum(np.minimum(A - 1, Z), self.info.kmax).astype(np.int16)
+        # the compiled core's form of the same parameters
+        self.A32 = self.A16.astype(np.int32)
+        self.Zc32 = self.Zc16.astype(np.int32)
 
 
 class _FrameContext:
@@ -352,6 +370,9 @@ def _decode_frame(ctx: _FrameContext, dctx, j: int):
         return all_lost
     if bm is not None and bm[s : s + zlen].any():
         return all_lost
+    compiled = native.module()
+    if compiled is not None and ctx.pb is ctx.out_bits:
+        return _decode_frame_compiled(compiled, ctx, payload, s + zlen, lolen, b0, b1, e0, e1)
     fixed = n + 4 * nb
     if len(payload) < fixed:
         return all_lost
@@ -444,6 +465,24 @@ def _decode_frame(ctx: _FrameContext, dctx, j: int):
         return None
     np.copyto(target, ob, where=elem_ok)
     return ~elem_ok
+
+
+def _decode_frame_compiled(compiled, ctx: _FrameContext, payload, lo0: int, lolen: int, b0, b1, e0, e1):
+    """The compiled core's version of the rest of :func:`_decode_frame` (same
+    results; the payload checks happen inside it, bounds-checked)."""
+    info, n = ctx.info, e1 - e0
+    bm = ctx.bm
+    dmg = None
+    if bm is not None and lolen and bm[lo0 : lo0 + lolen].any():
+        dmg = bm[lo0 : lo0 + lolen].view(np.uint8)
+    lost = np.zeros(n, np.uint8)
+    status = compiled.residual_decode_frame(
+        payload, ctx.mv[lo0 : lo0 + lolen], dmg, ctx.out_bits[e0:e1], ctx.kp.A32[b0:b1], ctx.kp.Zc32[b0:b1],
+        ctx.block_ok[b0:b1].view(np.uint8), n, ctx.lay.block_size, info.w, info.mant, info.ebits, info.kmax, lost,
+    )
+    if status < 0:
+        return np.ones(n, bool)
+    return None if status == 0 else lost.view(bool)
 
 
 #: Threads used to decode the residual frames of one segment (frames are

@@ -33,6 +33,7 @@ __all__ = [
     "hadamard_matrix",
     "hadamard_rows",
     "hadamard_rows_int8",
+    "fwht_rows_f32",
     "is_pow2",
     "next_pow2",
 ]
@@ -182,3 +183,43 @@ def hadamard_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
         return torch.matmul(ha, w).view(B, n)
     torch.matmul(ha, w, out=out.view(B, a, b))
     return out
+
+
+def _butterfly_stages(v: np.ndarray, first: int, stop: int) -> np.ndarray:
+    """Butterfly stages with pair distances ``first, 2 first, ... < stop`` on the
+    rows of ``v`` (B, n), in that order; each sum and difference rounded to
+    float32. Ping-pongs between ``v`` and one scratch array."""
+    rows, n = v.shape
+    scratch = np.empty_like(v)
+    h = first
+    while h < stop:
+        src = v.reshape(rows, n // (2 * h), 2, h)
+        dst = scratch.reshape(rows, n // (2 * h), 2, h)
+        np.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
+        np.subtract(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
+        v, scratch = scratch, v
+        h *= 2
+    return v
+
+
+def fwht_rows_f32(x: np.ndarray) -> np.ndarray:
+    """The encoder's forward transform ``H_m`` of every row of ``x`` (B, m),
+    float32, as the specified butterfly (docs/codecs.md 2.6): stages
+    ``h = 1, 2, 4, ..., m/2`` in that order, stage ``h`` mapping every pair
+    ``(j, j + h)`` with bit ``h`` of ``j`` clear to ``(v_j + v_{j+h}, v_j - v_{j+h})``,
+    each rounded to float32. The compiled core computes the same operations, so
+    both give the same bits.
+
+    Implementation: the stages with ``h < b`` (``m = a b``) run on the transposed
+    ``(B, b, a)`` layout, where their pairs are ``h a`` apart (contiguous runs of
+    ``a``); the layout changes which memory an operation touches, never its operands.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, m = x.shape
+    if m == 1:
+        return x.copy()
+    a, b = _factor(m)
+    t = np.ascontiguousarray(x.reshape(rows, a, b).transpose(0, 2, 1)).reshape(rows, m)
+    t = _butterfly_stages(t, a, m)
+    y = np.ascontiguousarray(t.reshape(rows, b, a).transpose(0, 2, 1)).reshape(rows, m)
+    return _butterfly_stages(y, b, m)

@@ -434,12 +434,16 @@ class ContainerReader:
         b = -(-end // c) * c
         pieces = g.physical_ranges(a, b)
         raws = self._read_pieces(pieces)
-        buf = bytearray(b - a)
         missing_from = None
-        for (lstart, _p, n), raw in zip(pieces, raws):
-            buf[lstart - a: lstart - a + len(raw)] = raw
-            if len(raw) < n and missing_from is None:
-                missing_from = lstart + len(raw)
+        if all(len(raw) == n for (_l, _p, n), raw in zip(pieces, raws)):
+            # the common case: one gather copy, no zero fill first
+            buf = bytearray().join(raws)
+        else:
+            buf = bytearray(b - a)
+            for (lstart, _p, n), raw in zip(pieces, raws):
+                buf[lstart - a: lstart - a + len(raw)] = raw
+                if len(raw) < n and missing_from is None:
+                    missing_from = lstart + len(raw)
         for j in (range(a // c, b // c) if self._patched and patched else ()):
             if j in self._patched:
                 buf[j * c - a: (j + 1) * c - a] = self._patched[j]

@@ -1,0 +1,935 @@
+/*
+ * The compiled codec core of torch-dtdr: the per-block hot paths of the
+ * transform codecs (dtdr8, dtdr16) and of the lossless dtdr residual layer.
+ *
+ * It works on plain CPU buffers through the buffer protocol (numpy arrays,
+ * bytes, memoryviews) and never links against torch. Every kernel releases
+ * the GIL. The arithmetic is the one docs/codecs.md specifies; the numpy/torch
+ * implementation in _blocks.py / _residual.py is the reference, and the test
+ * suite checks that both give the same bytes and the same bits.
+ *
+ * Untrusted input: every length and offset read from file data (payload
+ * lengths, bit-stream positions, escape counts) is checked against the buffer
+ * it indexes; malformed input is reported as a status code, never read past.
+ *
+ * Floating point: build with -ffp-contract=off (no fused multiply-add) and
+ * without -ffast-math; every operation below is one IEEE binary32/binary64
+ * operation rounded to nearest-even, so the results match numpy's.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(DTDR_NO_CLONES)
+#define DTDR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DTDR_CLONES
+#endif
+
+enum { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_F64 = 3 };
+
+static const float F32_MAX = 3.4028234663852886e+38f;
+
+/* ------------------------------------------------------------------ scalars */
+
+static inline uint32_t f32_bits(float v) { uint32_t u; memcpy(&u, &v, 4); return u; }
+static inline float bits_f32(uint32_t u) { float v; memcpy(&v, &u, 4); return v; }
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return bits_f32(sign | 0x7F800000u | (man << 13));
+    if (exp == 0) {
+        float v = (float)man * 5.9604644775390625e-08f; /* man * 2^-24: exact */
+        return sign ? -v : v;
+    }
+    return bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+/* float32 -> float16, round to nearest even (subnormals honoured). */
+static inline uint16_t f32_to_f16(float v) {
+    uint32_t x = f32_bits(v);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    x &= 0x7FFFFFFFu;
+    if (x > 0x7F800000u) return sign | 0x7E00;
+    if (x >= 0x477FF000u) return sign | 0x7C00; /* rounds to >= 2^16: infinity */
+    if (x < 0x38800000u) {                      /* below 2^-14: a float16 subnormal or zero */
+        float a = bits_f32(x) * 16777216.0f;    /* exact: scaling up by 2^24 */
+        return sign | (uint16_t)rintf(a);       /* 1024 (the smallest normal) is correct too */
+    }
+    x -= 0x38000000u; /* rebias the exponent from 127 to 15 */
+    x += 0x0FFFu + ((x >> 13) & 1u);
+    return sign | (uint16_t)(x >> 13);
+}
+
+/* float32 -> bfloat16, round to nearest even. */
+static inline uint16_t f32_to_bf16(float v) {
+    uint32_t x = f32_bits(v);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40);
+    x += 0x7FFFu + ((x >> 16) & 1u);
+    return (uint16_t)(x >> 16);
+}
+
+/* The float32 working value of the encoder: non-finite -> 0, float64 clamped to
+ * the float32 range and rounded to nearest even. */
+static inline float load_work(const void *src, int dt, Py_ssize_t i) {
+    switch (dt) {
+    case DT_F16: {
+        uint16_t h;
+        memcpy(&h, (const char *)src + 2 * i, 2);
+        if ((h & 0x7C00) == 0x7C00) return 0.0f;
+        return f16_to_f32(h);
+    }
+    case DT_BF16: {
+        uint16_t h;
+        memcpy(&h, (const char *)src + 2 * i, 2);
+        if ((h & 0x7F80) == 0x7F80) return 0.0f;
+        return bits_f32((uint32_t)h << 16);
+    }
+    case DT_F32: {
+        float v;
+        memcpy(&v, (const char *)src + 4 * i, 4);
+        if ((f32_bits(v) & 0x7F800000u) == 0x7F800000u) return 0.0f;
+        return v;
+    }
+    default: {
+        double v;
+        memcpy(&v, (const char *)src + 8 * i, 8);
+        if (!isfinite(v)) return 0.0f;
+        if (v > (double)F32_MAX) v = (double)F32_MAX;
+        if (v < -(double)F32_MAX) v = -(double)F32_MAX;
+        return (float)v;
+    }
+    }
+}
+
+/* ------------------------------------------------------------------ transforms */
+
+/* The specified forward butterfly (docs/codecs.md 2.6): stages h = 1, 2, 4, ...,
+ * m/2 in that order; stage h maps every pair (j, j + h) with bit h of j clear to
+ * (v[j] + v[j+h], v[j] - v[j+h]), each rounded to binary32. */
+DTDR_CLONES
+static void fwht_f32(float *restrict v, Py_ssize_t m) {
+    Py_ssize_t i, j, h;
+    if (m >= 4) {
+        for (i = 0; i < m; i += 4) {
+            float a0 = v[i], a1 = v[i + 1], a2 = v[i + 2], a3 = v[i + 3];
+            float b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
+            v[i] = b0 + b2; v[i + 1] = b1 + b3; v[i + 2] = b0 - b2; v[i + 3] = b1 - b3;
+        }
+        h = 4;
+    } else {
+        h = 1;
+    }
+    /* two stages (h, 2h) per pass over the block: the same operations, half the memory traffic */
+    for (; 4 * h <= m; h <<= 2)
+        for (i = 0; i < m; i += 4 * h) {
+            float *restrict p0 = v + i, *restrict p1 = v + i + h, *restrict p2 = v + i + 2 * h, *restrict p3 = v + i + 3 * h;
+            for (j = 0; j < h; j++) {
+                float a0 = p0[j], a1 = p1[j], a2 = p2[j], a3 = p3[j];
+                float b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3; /* stage h */
+                p0[j] = b0 + b2; /* stage 2h */
+                p2[j] = b0 - b2;
+                p1[j] = b1 + b3;
+                p3[j] = b1 - b3;
+            }
+        }
+    for (; h < m; h <<= 1)
+        for (i = 0; i < m; i += 2 * h) {
+            float *restrict lo = v + i, *restrict hi = v + i + h;
+            for (j = 0; j < h; j++) {
+                float a = lo[j], b = hi[j];
+                lo[j] = a + b;
+                hi[j] = a - b;
+            }
+        }
+}
+
+/* The exact integer transform of the decoder (any order gives the same sums). */
+DTDR_CLONES
+static void fwht_i32(int32_t *restrict v, Py_ssize_t m) {
+    Py_ssize_t i, j, h;
+    if (m >= 4) {
+        for (i = 0; i < m; i += 4) {
+            int32_t a0 = v[i], a1 = v[i + 1], a2 = v[i + 2], a3 = v[i + 3];
+            int32_t b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
+            v[i] = b0 + b2; v[i + 1] = b1 + b3; v[i + 2] = b0 - b2; v[i + 3] = b1 - b3;
+        }
+        h = 4;
+    } else {
+        h = 1;
+    }
+    /* two stages (h, 2h) per pass over the block: the same operations, half the memory traffic */
+    for (; 4 * h <= m; h <<= 2)
+        for (i = 0; i < m; i += 4 * h) {
+            int32_t *restrict p0 = v + i, *restrict p1 = v + i + h, *restrict p2 = v + i + 2 * h, *restrict p3 = v + i + 3 * h;
+            for (j = 0; j < h; j++) {
+                int32_t a0 = p0[j], a1 = p1[j], a2 = p2[j], a3 = p3[j];
+                int32_t b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3; /* stage h */
+                p0[j] = b0 + b2; /* stage 2h */
+                p2[j] = b0 - b2;
+                p1[j] = b1 + b3;
+                p3[j] = b1 - b3;
+            }
+        }
+    for (; h < m; h <<= 1)
+        for (i = 0; i < m; i += 2 * h) {
+            int32_t *restrict lo = v + i, *restrict hi = v + i + h;
+            for (j = 0; j < h; j++) {
+                int32_t a = lo[j], b = hi[j];
+                lo[j] = a + b;
+                hi[j] = a - b;
+            }
+        }
+}
+
+/* ------------------------------------------------------------------ base layer */
+
+static inline Py_ssize_t next_pow2(Py_ssize_t n) {
+    Py_ssize_t m = 1;
+    while (m < n) m <<= 1;
+    return m;
+}
+
+/* Quantise one block already loaded into work[0:m] (finite float32, zero-padded).
+ * sgn[j] is the sign bit (1 << 31) where d_j = -1. Compiled with
+ * -fno-strict-aliasing: work is also read as its bit patterns. */
+DTDR_CLONES
+static float encode_block(float *restrict work, Py_ssize_t m, const uint32_t *restrict sgn, int qbits,
+                          void *qdst) {
+    const int32_t qmax = qbits == 8 ? 127 : 32767;
+    uint32_t *restrict wb = (uint32_t *)work;
+    uint32_t amax_bits = 0, zmax_bits = 0;
+    Py_ssize_t j;
+    int e = 0;
+    for (j = 0; j < m; j++) { /* max |x|: for finite non-negative floats the bit order is the value order */
+        uint32_t u = wb[j] & 0x7FFFFFFFu;
+        amax_bits = u > amax_bits ? u : amax_bits;
+    }
+    float amax = bits_f32(amax_bits);
+    if (amax > 0.0f) frexpf(amax, &e);
+    if (e >= -126) {
+        /* 2^-e is a binary32 number: one rounded multiplication */
+        const float pw = ldexpf(1.0f, -e);
+        for (j = 0; j < m; j++) work[j] = bits_f32(wb[j] ^ sgn[j]) * pw;
+    } else {
+        /* the same correctly rounded product, computed where 2^-e fits */
+        const double pw = ldexp(1.0, -e);
+        for (j = 0; j < m; j++) work[j] = (float)((double)bits_f32(wb[j] ^ sgn[j]) * pw);
+    }
+    fwht_f32(work, m);
+    for (j = 0; j < m; j++) {
+        uint32_t u = wb[j] & 0x7FFFFFFFu;
+        zmax_bits = u > zmax_bits ? u : zmax_bits;
+    }
+    const float zmax = bits_f32(zmax_bits);
+    const double two_e = ldexp(1.0, e);
+    const float f = (float)(((double)zmax * two_e) / (double)((double)qmax * (double)m));
+    float inv = 0.0f;
+    if (f > 0.0f) {
+        double iv = two_e / ((double)m * (double)f);
+        if (iv > (double)F32_MAX) iv = (double)F32_MAX;
+        inv = (float)iv;
+    }
+    /* |z * inv| <= 2 qmax (f >= half its exact value), so adding and removing
+     * 1.5 * 2^23 rounds to the nearest integer, ties to even, exactly as rint. */
+    const float magic = 12582912.0f;
+    if (qbits == 8) {
+        int8_t *restrict q = (int8_t *)qdst;
+        for (j = 0; j < m; j++) {
+            int32_t r = (int32_t)((work[j] * inv + magic) - magic);
+            r = r > qmax ? qmax : r;
+            r = r < -qmax ? -qmax : r;
+            q[j] = (int8_t)r;
+        }
+    } else {
+        int16_t *restrict q = (int16_t *)qdst;
+        for (j = 0; j < m; j++) {
+            int32_t r = (int32_t)((work[j] * inv + magic) - magic);
+            r = r > qmax ? qmax : r;
+            r = r < -qmax ? -qmax : r;
+            q[j] = (int16_t)r;
+        }
+    }
+    return f;
+}
+
+static inline int dt_size(int dt) { return dt == DT_F16 || dt == DT_BF16 ? 2 : dt == DT_F32 ? 4 : 8; }
+
+DTDR_CLONES
+static void load_block_f32(float *restrict work, const uint32_t *restrict src, Py_ssize_t m) {
+    uint32_t *restrict wb = (uint32_t *)work;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        uint32_t u = src[j];
+        wb[j] = (u & 0x7F800000u) == 0x7F800000u ? 0u : u;
+    }
+}
+
+DTDR_CLONES
+static void load_block_bf16(float *restrict work, const uint16_t *restrict src, Py_ssize_t m) {
+    uint32_t *restrict wb = (uint32_t *)work;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        uint32_t u = (uint32_t)src[j] << 16;
+        wb[j] = (u & 0x7F800000u) == 0x7F800000u ? 0u : u;
+    }
+}
+
+static int encode_base_kernel(const void *x, int dt, Py_ssize_t numel, Py_ssize_t bs, const uint8_t *neg,
+                              int qbits, char *q, float *f) {
+    Py_ssize_t nfull = numel / bs, tail = numel % bs, b, j;
+    Py_ssize_t qsz = qbits / 8;
+    float *work = (float *)malloc(sizeof(float) * (size_t)bs);
+    uint32_t *sgn = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)bs);
+    if (!work || !sgn) { free(work); free(sgn); return -1; }
+    for (j = 0; j < bs; j++) sgn[j] = neg[j] ? 0x80000000u : 0u;
+    for (b = 0; b < nfull; b++) {
+        Py_ssize_t e0 = b * bs;
+        if (dt == DT_F32) load_block_f32(work, (const uint32_t *)x + e0, bs);
+        else if (dt == DT_BF16) load_block_bf16(work, (const uint16_t *)x + e0, bs);
+        else for (j = 0; j < bs; j++) work[j] = load_work(x, dt, e0 + j);
+        f[b] = encode_block(work, bs, sgn, qbits, q + e0 * qsz);
+    }
+    if (tail) {
+        Py_ssize_t m = next_pow2(tail), e0 = nfull * bs;
+        for (j = 0; j < tail; j++) work[j] = load_work(x, dt, e0 + j);
+        for (; j < m; j++) work[j] = 0.0f;
+        f[nfull] = encode_block(work, m, sgn, qbits, q + e0 * qsz);
+    }
+    free(work);
+    free(sgn);
+    return 0;
+}
+
+/* The normative decode (docs/codecs.md 2.5) of one block into dst (m outputs
+ * computed, `count` written). nm[j] is -1 where d_j = -1, else 0. */
+DTDR_CLONES
+static void decode_block(int32_t *restrict s, float *restrict sf, const void *qsrc, int qbits, Py_ssize_t m,
+                         Py_ssize_t count, float f, const int32_t *restrict nm, int dt, double M, void *dst) {
+    Py_ssize_t j;
+    if (qbits == 8) {
+        const int8_t *restrict q = (const int8_t *)qsrc;
+        for (j = 0; j < m; j++) s[j] = q[j];
+    } else {
+        const unsigned char *q = (const unsigned char *)qsrc;
+        for (j = 0; j < m; j++) s[j] = (int16_t)(q[2 * j] | (q[2 * j + 1] << 8));
+    }
+    fwht_i32(s, m);
+    if (qbits == 8) {
+        /* |S| <= 128 m, so the clamp is needed only when 128 m |f| may exceed M
+         * (fl32 is monotone and M is a binary32 number). */
+        const int clamp = 128.0 * (double)m * fabs((double)f) > M;
+        float *restrict o32 = dt == DT_F32 ? (float *)dst : sf;
+        for (j = 0; j < count; j++) o32[j] = (float)((s[j] ^ nm[j]) - nm[j]) * f;
+        if (clamp) {
+            const float Mf = (float)M;
+            for (j = 0; j < count; j++) {
+                float v = o32[j];
+                v = v > Mf ? Mf : v;
+                o32[j] = v < -Mf ? -Mf : v;
+            }
+        }
+        for (j = 0; j < count; j++) o32[j] = o32[j] + 0.0f;
+        switch (dt) {
+        case DT_F32: break;
+        case DT_F64: {
+            double *restrict o = (double *)dst;
+            for (j = 0; j < count; j++) o[j] = (double)sf[j];
+            break;
+        }
+        case DT_BF16: {
+            uint16_t *restrict o = (uint16_t *)dst;
+            const uint32_t *restrict u = (const uint32_t *)sf; /* finite values: no NaN case */
+            for (j = 0; j < count; j++) o[j] = (uint16_t)((u[j] + 0x7FFFu + ((u[j] >> 16) & 1u)) >> 16);
+            break;
+        }
+        default: {
+            uint16_t *restrict o = (uint16_t *)dst;
+            for (j = 0; j < count; j++) o[j] = f32_to_f16(sf[j]);
+        }
+        }
+    } else {
+        const double fd = (double)f;
+        for (j = 0; j < count; j++) {
+            int32_t S = (s[j] ^ nm[j]) - nm[j];
+            double v = (double)S * fd;
+            v = v > M ? M : v;
+            v = v < -M ? -M : v;
+            v = v + 0.0;
+            switch (dt) {
+            case DT_F64: ((double *)dst)[j] = v; break;
+            case DT_F32: ((float *)dst)[j] = (float)v; break;
+            case DT_BF16: ((uint16_t *)dst)[j] = f32_to_bf16((float)v); break;
+            default: ((uint16_t *)dst)[j] = f32_to_f16((float)v);
+            }
+        }
+    }
+}
+
+static int decode_base_kernel(const char *q, int qbits, const float *f, int dt, Py_ssize_t numel, Py_ssize_t bs,
+                              const uint8_t *neg, double M, char *out) {
+    Py_ssize_t nfull = numel / bs, tail = numel % bs, b, j;
+    Py_ssize_t qsz = qbits / 8, osz = dt_size(dt);
+    int32_t *s = (int32_t *)malloc(sizeof(int32_t) * (size_t)bs);
+    float *sf = (float *)malloc(sizeof(float) * (size_t)bs);
+    int32_t *nm = (int32_t *)malloc(sizeof(int32_t) * (size_t)bs);
+    if (!s || !sf || !nm) { free(s); free(sf); free(nm); return -1; }
+    for (j = 0; j < bs; j++) nm[j] = neg[j] ? -1 : 0;
+    for (b = 0; b < nfull; b++)
+        decode_block(s, sf, q + b * bs * qsz, qbits, bs, bs, f[b], nm, dt, M, out + b * bs * osz);
+    if (tail) {
+        Py_ssize_t m = next_pow2(tail);
+        decode_block(s, sf, q + nfull * bs * qsz, qbits, m, tail, f[nfull], nm, dt, M, out + nfull * bs * osz);
+    }
+    free(s);
+    free(sf);
+    free(nm);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ buffers */
+
+/* The exception raised for inconsistent sizes and parameters: ValueError until
+ * the package installs torch_dtdr.errors.CodecError (a ValueError) with
+ * set_error_class(). */
+static PyObject *error_class = NULL;
+
+static PyObject *err_cls(void) { return error_class ? error_class : PyExc_ValueError; }
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static void buf_release(Buf *b) {
+    if (b->held) PyBuffer_Release(&b->view);
+    b->held = 0;
+}
+
+static int buf_get(PyObject *obj, Buf *b, int writable, const char *what) {
+    b->held = 0;
+    if (PyObject_GetBuffer(obj, &b->view, (writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a contiguous%s buffer", what, writable ? " writable" : "");
+        return -1;
+    }
+    b->held = 1;
+    return 0;
+}
+
+static int check_len(Buf *b, Py_ssize_t need, const char *what) {
+    if (need < 0 || b->view.len < need) {
+        PyErr_Format(err_cls(), "%s: buffer of %zd bytes, need %zd", what, b->view.len, need);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_block(Py_ssize_t bs) {
+    if (bs < 1 || bs > 65536 || (bs & (bs - 1))) {
+        PyErr_Format(err_cls(), "block_size must be a power of two <= 65536, got %zd", bs);
+        return -1;
+    }
+    return 0;
+}
+
+/* encode_base(x, dtype_code, numel, block_size, neg, qbits, q_out, f_out) */
+static PyObject *py_encode_base(PyObject *self, PyObject *args) {
+    PyObject *ox, *oneg, *oq, *of;
+    int dt, qbits, rc;
+    Py_ssize_t numel, bs;
+    Buf x, neg, q, f;
+    if (!PyArg_ParseTuple(args, "OinnOiOO", &ox, &dt, &numel, &bs, &oneg, &qbits, &oq, &of)) return NULL;
+    if (dt < 0 || dt > 3 || (qbits != 8 && qbits != 16) || numel < 0 || check_block(bs) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad dtype code or qbits");
+        return NULL;
+    }
+    Py_ssize_t nb = numel / bs + (numel % bs ? 1 : 0);
+    Py_ssize_t ncoef = (numel / bs) * bs + (numel % bs ? next_pow2(numel % bs) : 0);
+    if (buf_get(ox, &x, 0, "x") < 0) return NULL;
+    if (buf_get(oneg, &neg, 0, "neg") < 0) { buf_release(&x); return NULL; }
+    if (buf_get(oq, &q, 1, "q") < 0) { buf_release(&x); buf_release(&neg); return NULL; }
+    if (buf_get(of, &f, 1, "f") < 0) { buf_release(&x); buf_release(&neg); buf_release(&q); return NULL; }
+    rc = -2;
+    if (check_len(&x, numel * dt_size(dt), "x") == 0 && check_len(&neg, bs, "neg") == 0 &&
+        check_len(&q, ncoef * (qbits / 8), "q") == 0 && check_len(&f, 4 * nb, "f") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = encode_base_kernel(x.view.buf, dt, numel, bs, (const uint8_t *)neg.view.buf, qbits, (char *)q.view.buf,
+                                (float *)f.view.buf);
+        Py_END_ALLOW_THREADS
+        if (rc == -1) PyErr_NoMemory();
+    }
+    buf_release(&x); buf_release(&neg); buf_release(&q); buf_release(&f);
+    if (rc != 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* decode_base(q, qbits, f, dtype_code, numel, block_size, neg, M, out) */
+static PyObject *py_decode_base(PyObject *self, PyObject *args) {
+    PyObject *oq, *of, *oneg, *oout;
+    int dt, qbits, rc;
+    Py_ssize_t numel, bs;
+    double M;
+    Buf q, f, neg, out;
+    if (!PyArg_ParseTuple(args, "OiOinnOdO", &oq, &qbits, &of, &dt, &numel, &bs, &oneg, &M, &oout)) return NULL;
+    if (dt < 0 || dt > 3 || (qbits != 8 && qbits != 16) || numel < 0 || check_block(bs) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad dtype code or qbits");
+        return NULL;
+    }
+    Py_ssize_t nb = numel / bs + (numel % bs ? 1 : 0);
+    Py_ssize_t ncoef = (numel / bs) * bs + (numel % bs ? next_pow2(numel % bs) : 0);
+    if (buf_get(oq, &q, 0, "q") < 0) return NULL;
+    if (buf_get(of, &f, 0, "f") < 0) { buf_release(&q); return NULL; }
+    if (buf_get(oneg, &neg, 0, "neg") < 0) { buf_release(&q); buf_release(&f); return NULL; }
+    if (buf_get(oout, &out, 1, "out") < 0) { buf_release(&q); buf_release(&f); buf_release(&neg); return NULL; }
+    rc = -2;
+    if (check_len(&q, ncoef * (qbits / 8), "q") == 0 && check_len(&f, 4 * nb, "f") == 0 &&
+        check_len(&neg, bs, "neg") == 0 && check_len(&out, numel * dt_size(dt), "out") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = decode_base_kernel((const char *)q.view.buf, qbits, (const float *)f.view.buf, dt, numel, bs,
+                                (const uint8_t *)neg.view.buf, M, (char *)out.view.buf);
+        Py_END_ALLOW_THREADS
+        if (rc == -1) PyErr_NoMemory();
+    }
+    buf_release(&q); buf_release(&f); buf_release(&neg); buf_release(&out);
+    if (rc != 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ residual layer */
+
+typedef struct {
+    int w, mant, ebits, kmax;
+} DInfo;
+
+static inline uint64_t wmask(int w) { return w == 64 ? ~(uint64_t)0 : (((uint64_t)1 << w) - 1); }
+
+static inline uint64_t load_w(const unsigned char *p, int w, Py_ssize_t i) {
+    if (w == 16) { uint16_t v; memcpy(&v, p + 2 * i, 2); return v; }
+    if (w == 32) { uint32_t v; memcpy(&v, p + 4 * i, 4); return v; }
+    uint64_t v;
+    memcpy(&v, p + 8 * i, 8);
+    return v;
+}
+
+static inline void store_w(unsigned char *p, int w, Py_ssize_t i, uint64_t v) {
+    if (w == 16) { uint16_t t = (uint16_t)v; memcpy(p + 2 * i, &t, 2); }
+    else if (w == 32) { uint32_t t = (uint32_t)v; memcpy(p + 4 * i, &t, 4); }
+    else memcpy(p + 8 * i, &v, 8);
+}
+
+/* ord(p) = p XOR ((p >> (w-1)) AND (2^(w-1) - 1)) on w-bit patterns (own inverse). */
+static inline uint64_t ordered_w(uint64_t p, int w) {
+    uint64_t top = wmask(w) >> 1;
+    return (p >> (w - 1)) & 1 ? p ^ top : p;
+}
+
+static inline int k_of(uint64_t b, const DInfo *d, int A, int Zc) {
+    int e = (int)((b >> d->mant) & ((1u << d->ebits) - 1));
+    int k = A - e;
+    k = k < Zc ? k : Zc;
+    k = k < 0 ? 0 : k;
+    return k > d->kmax ? d->kmax : k;
+}
+
+/* Little-endian 64-bit read at byte `at` of a buffer of `len` bytes; bytes past
+ * the end read as zero. */
+static inline uint64_t read64(const unsigned char *p, Py_ssize_t len, Py_ssize_t at) {
+    uint64_t v = 0;
+    if (at >= 0 && at + 8 <= len) {
+        memcpy(&v, p + at, 8);
+        return v;
+    }
+    for (Py_ssize_t i = 0; i < 8; i++)
+        if (at + i >= 0 && at + i < len) v |= (uint64_t)p[at + i] << (8 * i);
+    return v;
+}
+
+static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
+    if (!((w == 16 || w == 32 || w == 64) && mant > 0 && ebits > 0 && mant + ebits < w && kmax >= 0 &&
+          kmax + 7 <= (w == 64 ? 63 : 32) && kmax < w))
+        return -1;
+    d->w = w; d->mant = mant; d->ebits = ebits; d->kmax = kmax;
+    return 0;
+}
+
+/* Width-specialised residual kernels: T is the unsigned and S the signed
+ * integer type of the float's width W. Pass 1 of every block is branch-free
+ * (vectorisable); the bit packing / unpacking pass is sequential. */
+#define RESIDUAL_KERNELS(W, T, S)                                                                              \
+    static inline T ord##W(T p) { return p ^ ((T)((S)p >> (W - 1)) >> 1); }                                  \
+                                                                                                             \
+    DTDR_CLONES                                                                                              \
+    static int enc_pass##W(const T *restrict px, const T *restrict pb, Py_ssize_t cnt, int A, int Zc, int kmax,   \
+                           int mant, uint32_t emask, T nfmask, uint8_t *restrict kk, T *restrict rr,             \
+                           uint8_t *restrict plane, uint32_t *restrict total, Py_ssize_t *restrict nesc) {       \
+        int nf = 0;                                                                                          \
+        uint32_t tot = 0;                                                                                    \
+        Py_ssize_t ne = 0;                                                                                   \
+        for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
+            T p = px[i], b = pb[i];                                                                          \
+            nf |= (p & nfmask) == nfmask;                                                                    \
+            int k = A - (int)((b >> mant) & emask);                                                          \
+            k = k < Zc ? k : Zc;                                                                             \
+            k = k < 0 ? 0 : k;                                                                               \
+            k = k > kmax ? kmax : k;                                                                         \
+            T delta = (T)(ord##W(p) - ord##W(b));                                                            \
+            T r = (T)((T)(delta << 1) ^ (T)((S)delta >> (W - 1)));                                           \
+            T hi = (T)(r >> k);                                                                              \
+            ne += hi >= 255;                                                                                 \
+            plane[i] = (uint8_t)(hi < 255 ? hi : 255);                                                       \
+            rr[i] = (T)(r & (T)(((T)1 << k) - 1));                                                           \
+            kk[i] = (uint8_t)k;                                                                              \
+            tot += (uint32_t)k;                                                                              \
+        }                                                                                                    \
+        *total = tot;                                                                                        \
+        *nesc = ne;                                                                                          \
+        return nf;                                                                                           \
+    }                                                                                                        \
+                                                                                                             \
+    static Py_ssize_t residual_encode_##W(const unsigned char *px8, const unsigned char *pb8, const int32_t *A,  \
+                                          const int32_t *Zc, Py_ssize_t n, Py_ssize_t bs, const DInfo *d,     \
+                                          unsigned char *payload, unsigned char *lo, Py_ssize_t *lolen,       \
+                                          int *nonfinite, uint8_t *kk, T *rr) {                              \
+        const T *px = (const T *)px8, *pb = (const T *)pb8;                                                  \
+        const uint32_t emask = (1u << d->ebits) - 1;                                                         \
+        const T nfmask = (T)((T)emask << d->mant);                                                           \
+        Py_ssize_t nb = (n + bs - 1) / bs, nesc = 0, out = 0;                                                \
+        unsigned char *plane = payload, *totals = payload + n, *esc = payload + n + 4 * nb;                  \
+        uint64_t acc = 0;                                                                                    \
+        int nacc = 0, nf = 0;                                                                                \
+        for (Py_ssize_t t = 0; t < nb; t++) {                                                                \
+            Py_ssize_t e0 = t * bs, cnt = (e0 + bs < n ? bs : n - e0), ne;                                   \
+            uint32_t total;                                                                                  \
+            nf |= enc_pass##W(px + e0, pb + e0, cnt, A[t], Zc[t], d->kmax, d->mant, emask, nfmask, kk, rr,   \
+                              plane + e0, &total, &ne);                                                      \
+            memcpy(totals + 4 * t, &total, 4);                                                               \
+            if (ne) {                                                                                        \
+                for (Py_ssize_t i = 0; i < cnt; i++) {                                                       \
+                    if (plane[e0 + i] == 255) {                                                              \
+                        T p = px[e0 + i], b = pb[e0 + i];                                                    \
+                        T delta = (T)(ord##W(p) - ord##W(b));                                                \
+                        T r = (T)((T)(delta << 1) ^ (T)((S)delta >> (W - 1)));                               \
+                        T v = (T)(r >> kk[i]);                                                               \
+                        memcpy(esc + (W / 8) * nesc++, &v, W / 8);                                           \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+            for (Py_ssize_t i = 0; i < cnt; i++) {                                                           \
+                acc |= (uint64_t)rr[i] << nacc;                                                              \
+                nacc += kk[i];                                                                               \
+                if (W < 64) {                                                                                \
+                    if (nacc >= 32) {                                                                        \
+                        uint32_t word = (uint32_t)acc;                                                       \
+                        memcpy(lo + out, &word, 4);                                                          \
+                        out += 4;                                                                            \
+                        acc >>= 32;                                                                          \
+                        nacc -= 32;                                                                          \
+                    }                                                                                        \
+                } else {                                                                                     \
+                    while (nacc >= 8) {                                                                      \
+                        lo[out++] = (unsigned char)acc;                                                      \
+                        acc >>= 8;                                                                           \
+                        nacc -= 8;                                                                           \
+                    }                                                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        while (nacc > 0) {                                                                                   \
+            lo[out++] = (unsigned char)acc;                                                                  \
+            acc >>= 8;                                                                                       \
+            nacc -= 8;                                                                                       \
+        }                                                                                                    \
+        *lolen = out;                                                                                        \
+        *nonfinite = nf;                                                                                     \
+        return n + 4 * nb + nesc * (W / 8);                                                                  \
+    }                                                                                                        \
+                                                                                                             \
+    DTDR_CLONES                                                                                              \
+    static uint32_t k_pass##W(const T *restrict pb, Py_ssize_t cnt, int A, int Zc, int kmax, int mant,          \
+                              uint32_t emask, uint8_t *restrict kk) {                                         \
+        uint32_t tot = 0;                                                                                    \
+        for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
+            int k = A - (int)((pb[i] >> mant) & emask);                                                      \
+            k = k < Zc ? k : Zc;                                                                             \
+            k = k < 0 ? 0 : k;                                                                               \
+            k = k > kmax ? kmax : k;                                                                         \
+            kk[i] = (uint8_t)k;                                                                              \
+            tot += (uint32_t)k;                                                                              \
+        }                                                                                                    \
+        return tot;                                                                                          \
+    }                                                                                                        \
+                                                                                                             \
+    DTDR_CLONES                                                                                              \
+    static void apply_pass##W(T *restrict bits, const T *restrict rr, Py_ssize_t cnt) {                      \
+        for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
+            T r = rr[i];                                                                                     \
+            T delta = (T)((T)(r >> 1) ^ (T)(-(T)(r & 1)));                                                   \
+            bits[i] = ord##W((T)(ord##W(bits[i]) + delta));                                                  \
+        }                                                                                                    \
+    }                                                                                                        \
+                                                                                                             \
+    static int residual_decode_##W(const unsigned char *payload, const unsigned char *lo, Py_ssize_t lolen,   \
+                                   const unsigned char *dmg, unsigned char *bits8, const int32_t *A,          \
+                                   const int32_t *Zc, const unsigned char *block_ok, Py_ssize_t n,            \
+                                   Py_ssize_t bs, const DInfo *d, unsigned char *lost, uint8_t *kk, T *rr) {  \
+        T *bits = (T *)bits8;                                                                                \
+        const uint32_t emask = (1u << d->ebits) - 1;                                                         \
+        Py_ssize_t nb = (n + bs - 1) / bs, ei = 0;                                                           \
+        const unsigned char *plane = payload, *totals = payload + n, *esc = payload + n + 4 * nb;            \
+        int any_lost = 0;                                                                                    \
+        uint64_t bstart = 0;                                                                                 \
+        for (Py_ssize_t t = 0; t < nb; t++) {                                                                \
+            Py_ssize_t e0 = t * bs, cnt = (e0 + bs < n ? bs : n - e0);                                       \
+            uint32_t tot;                                                                                    \
+            memcpy(&tot, totals + 4 * t, 4);                                                                 \
+            uint32_t csum = k_pass##W(bits + e0, cnt, A[t], Zc[t], d->kmax, d->mant, emask, kk);             \
+            if (!block_ok[t] || csum != tot) {                                                               \
+                for (Py_ssize_t i = e0; i < e0 + cnt; i++) {                                                 \
+                    ei += plane[i] == 255;                                                                   \
+                    lost[i] = 1;                                                                             \
+                }                                                                                            \
+                any_lost = 1;                                                                                \
+                bstart += tot;                                                                               \
+                continue;                                                                                    \
+            }                                                                                                \
+            /* a good block: its bits lie inside [bstart, bstart + tot) <= 8 * lolen */                     \
+            uint64_t pos = bstart;                                                                           \
+            int hit_any = 0;                                                                                 \
+            for (Py_ssize_t i = 0; i < cnt; i++) {                                                           \
+                int k = kk[i];                                                                               \
+                Py_ssize_t byte = (Py_ssize_t)(pos >> 3);                                                    \
+                T hi;                                                                                        \
+                if (plane[e0 + i] == 255) {                                                                  \
+                    memcpy(&hi, esc + (W / 8) * ei, W / 8);                                                  \
+                    ei++;                                                                                    \
+                } else {                                                                                     \
+                    hi = plane[e0 + i];                                                                      \
+                }                                                                                            \
+                if (dmg) {                                                                                   \
+                    Py_ssize_t last = (Py_ssize_t)((pos + (uint64_t)(k > 0 ? k : 1) - 1) >> 3) + 1;         \
+                    if (last > lolen) last = lolen;                                                          \
+                    int hit = 0;                                                                             \
+                    for (Py_ssize_t y = byte; y < last; y++) hit |= dmg[y] != 0;                             \
+                    if (hit) {                                                                               \
+                        lost[e0 + i] = 1;                                                                    \
+                        hit_any = 1;                                                                         \
+                        rr[i] = 0;                                                                           \
+                        pos += (uint64_t)k;                                                                  \
+                        continue;                                                                            \
+                    }                                                                                        \
+                }                                                                                            \
+                uint64_t word;                                                                               \
+                if (byte + 8 <= lolen) memcpy(&word, lo + byte, 8);                                          \
+                else word = read64(lo, lolen, byte);                                                         \
+                uint64_t lv = (word >> (pos & 7)) & (((uint64_t)1 << k) - 1);                                \
+                pos += (uint64_t)k;                                                                          \
+                rr[i] = (T)((T)(hi << k) | (T)lv);                                                           \
+            }                                                                                                \
+            if (hit_any) {                                                                                   \
+                any_lost = 1;                                                                                \
+                for (Py_ssize_t i = 0; i < cnt; i++)                                                         \
+                    if (!lost[e0 + i]) apply_pass##W(bits + e0 + i, rr + i, 1);                              \
+            } else {                                                                                         \
+                apply_pass##W(bits + e0, rr, cnt);                                                           \
+            }                                                                                                \
+            bstart += tot;                                                                                   \
+        }                                                                                                    \
+        return any_lost;                                                                                     \
+    }
+
+RESIDUAL_KERNELS(16, uint16_t, int16_t)
+RESIDUAL_KERNELS(32, uint32_t, int32_t)
+RESIDUAL_KERNELS(64, uint64_t, int64_t)
+
+static Py_ssize_t residual_encode_kernel(const unsigned char *px, const unsigned char *pb, const int32_t *A,
+                                         const int32_t *Zc, Py_ssize_t n, Py_ssize_t bs, const DInfo *d,
+                                         unsigned char *payload, unsigned char *lo, Py_ssize_t *lolen,
+                                         int *nonfinite) {
+    uint8_t *kk = (uint8_t *)malloc((size_t)bs);
+    uint64_t *rr = (uint64_t *)malloc(8 * (size_t)bs);
+    Py_ssize_t r = -1;
+    if (kk && rr) {
+        if (d->w == 16) r = residual_encode_16(px, pb, A, Zc, n, bs, d, payload, lo, lolen, nonfinite, kk, (uint16_t *)rr);
+        else if (d->w == 32) r = residual_encode_32(px, pb, A, Zc, n, bs, d, payload, lo, lolen, nonfinite, kk, (uint32_t *)rr);
+        else r = residual_encode_64(px, pb, A, Zc, n, bs, d, payload, lo, lolen, nonfinite, kk, rr);
+    }
+    free(kk);
+    free(rr);
+    return r;
+}
+
+/* residual_encode_frame(px, pb, A, Zc, n, bs, w, mant, ebits, kmax, payload_out, lo_out)
+ *   -> (payload_len, lo_len, nonfinite) */
+static PyObject *py_residual_encode_frame(PyObject *self, PyObject *args) {
+    PyObject *opx, *opb, *oA, *oZ, *opay, *olo;
+    Py_ssize_t n, bs, plen = -1, lolen = 0;
+    int w, mant, ebits, kmax, nonfinite = 0;
+    DInfo d;
+    Buf px, pb, A, Z, pay, lo;
+    if (!PyArg_ParseTuple(args, "OOOOnniiiiOO", &opx, &opb, &oA, &oZ, &n, &bs, &w, &mant, &ebits, &kmax, &opay,
+                          &olo))
+        return NULL;
+    if (dinfo_of(w, mant, ebits, kmax, &d) < 0 || n < 0 || check_block(bs) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad residual parameters");
+        return NULL;
+    }
+    Py_ssize_t nb = (n + bs - 1) / bs, isz = w / 8;
+    Buf *all[6] = {&px, &pb, &A, &Z, &pay, &lo};
+    PyObject *objs[6] = {opx, opb, oA, oZ, opay, olo};
+    const char *names[6] = {"px", "pb", "A", "Zc", "payload", "lo"};
+    int got = 0, ok = 1;
+    for (; got < 6; got++)
+        if (buf_get(objs[got], all[got], got >= 4, names[got]) < 0) { ok = 0; break; }
+    if (ok)
+        ok = check_len(&px, n * isz, "px") == 0 && check_len(&pb, n * isz, "pb") == 0 &&
+             check_len(&A, 4 * nb, "A") == 0 && check_len(&Z, 4 * nb, "Zc") == 0 &&
+             check_len(&pay, n + 4 * nb + n * isz, "payload") == 0 &&
+             check_len(&lo, (n * kmax + 7) / 8, "lo") == 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        plen = residual_encode_kernel(px.view.buf, pb.view.buf, A.view.buf, Z.view.buf, n, bs, &d, pay.view.buf,
+                                      lo.view.buf, &lolen, &nonfinite);
+        Py_END_ALLOW_THREADS
+        if (plen < 0) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+    }
+    for (int i = 0; i < got; i++) buf_release(all[i]);
+    if (!ok) return NULL;
+    return Py_BuildValue("nni", plen, lolen, nonfinite);
+}
+
+/* Decode the residual of one frame into bits (holding the base patterns).
+ * Returns -1 when the payload is malformed (nothing written: every element
+ * lost), 0 when every element was restored, 1 when lost[] marks some lost. */
+static int residual_decode_kernel(const unsigned char *payload, Py_ssize_t plen, const unsigned char *lo,
+                                  Py_ssize_t lolen, const unsigned char *dmg, unsigned char *bits,
+                                  const int32_t *A, const int32_t *Zc, const unsigned char *block_ok, Py_ssize_t n,
+                                  Py_ssize_t bs, const DInfo *d, unsigned char *lost) {
+    const int w = d->w, isz = w / 8;
+    Py_ssize_t nb = (n + bs - 1) / bs, fixed = n + 4 * nb, nesc = 0, i, t;
+    if (plen < fixed) return -1;
+    for (i = 0; i < n; i++) nesc += payload[i] == 255;
+    if (plen != fixed + nesc * isz) return -1;
+    const unsigned char *totals = payload + n;
+    uint64_t sum = 0;
+    for (t = 0; t < nb; t++) {
+        uint32_t tot;
+        memcpy(&tot, totals + 4 * t, 4);
+        sum += tot;
+    }
+    if ((Py_ssize_t)((sum + 7) / 8) != lolen) return -1;
+    uint8_t *kk = (uint8_t *)malloc((size_t)bs);
+    uint64_t *rr = (uint64_t *)malloc(8 * (size_t)bs);
+    int r = -2;
+    if (kk && rr) {
+        if (w == 16) r = residual_decode_16(payload, lo, lolen, dmg, bits, A, Zc, block_ok, n, bs, d, lost, kk, (uint16_t *)rr);
+        else if (w == 32) r = residual_decode_32(payload, lo, lolen, dmg, bits, A, Zc, block_ok, n, bs, d, lost, kk, (uint32_t *)rr);
+        else r = residual_decode_64(payload, lo, lolen, dmg, bits, A, Zc, block_ok, n, bs, d, lost, kk, rr);
+    }
+    free(kk);
+    free(rr);
+    return r;
+}
+
+/* residual_decode_frame(payload, lo, lo_damage_or_None, bits, A, Zc, block_ok, n, bs, w, mant, ebits, kmax, lost)
+ *   -> status (-1 malformed, 0 all restored, 1 some lost) */
+static PyObject *py_residual_decode_frame(PyObject *self, PyObject *args) {
+    PyObject *opay, *olo, *odmg, *obits, *oA, *oZ, *ook, *olost;
+    Py_ssize_t n, bs;
+    int w, mant, ebits, kmax, rc = -2;
+    DInfo d;
+    Buf pay, lo, dmg, bits, A, Z, okb, lost;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnniiiiO", &opay, &olo, &odmg, &obits, &oA, &oZ, &ook, &n, &bs, &w, &mant,
+                          &ebits, &kmax, &olost))
+        return NULL;
+    if (dinfo_of(w, mant, ebits, kmax, &d) < 0 || n < 0 || check_block(bs) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad residual parameters");
+        return NULL;
+    }
+    Py_ssize_t nb = (n + bs - 1) / bs, isz = w / 8;
+    Buf *all[8] = {&pay, &lo, &bits, &A, &Z, &okb, &lost, &dmg};
+    PyObject *objs[8] = {opay, olo, obits, oA, oZ, ook, olost, odmg};
+    const char *names[8] = {"payload", "lo", "bits", "A", "Zc", "block_ok", "lost", "lo_damage"};
+    int nbuf = odmg == Py_None ? 7 : 8, got = 0, ok = 1;
+    for (; got < nbuf; got++)
+        if (buf_get(objs[got], all[got], got == 2 || got == 6, names[got]) < 0) { ok = 0; break; }
+    if (ok)
+        ok = check_len(&bits, n * isz, "bits") == 0 && check_len(&A, 4 * nb, "A") == 0 &&
+             check_len(&Z, 4 * nb, "Zc") == 0 && check_len(&okb, nb, "block_ok") == 0 &&
+             check_len(&lost, n, "lost") == 0 && (nbuf == 7 || check_len(&dmg, lo.view.len, "lo_damage") == 0);
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = residual_decode_kernel(pay.view.buf, pay.view.len, lo.view.buf, lo.view.len,
+                                    nbuf == 8 ? (const unsigned char *)dmg.view.buf : NULL, bits.view.buf,
+                                    A.view.buf, Z.view.buf, okb.view.buf, n, bs, &d, lost.view.buf);
+        Py_END_ALLOW_THREADS
+        if (rc == -2) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+    }
+    for (int i = 0; i < got; i++) buf_release(all[i]);
+    if (!ok) return NULL;
+    return PyLong_FromLong(rc);
+}
+
+/* f32_convert(src float32 buffer, dtype_code, out): the decoder's casts, for tests. */
+static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
+    PyObject *osrc, *oout;
+    int dt;
+    Buf src, out;
+    if (!PyArg_ParseTuple(args, "OiO", &osrc, &dt, &oout)) return NULL;
+    if (dt != DT_F16 && dt != DT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "dtype code must be float16 or bfloat16");
+        return NULL;
+    }
+    if (buf_get(osrc, &src, 0, "src") < 0) return NULL;
+    if (buf_get(oout, &out, 1, "out") < 0) { buf_release(&src); return NULL; }
+    Py_ssize_t n = src.view.len / 4;
+    int ok = check_len(&out, 2 * n, "out") == 0;
+    if (ok) {
+        const float *s = src.view.buf;
+        uint16_t *o = out.view.buf;
+        for (Py_ssize_t i = 0; i < n; i++) o[i] = dt == DT_F16 ? f32_to_f16(s[i]) : f32_to_bf16(s[i]);
+    }
+    buf_release(&src); buf_release(&out);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_error_class(PyObject *self, PyObject *cls) {
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_ValueError)) {
+        PyErr_SetString(PyExc_TypeError, "the error class must be a subclass of ValueError");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(error_class, cls);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_error_class", py_set_error_class, METH_O, "The exception class for inconsistent sizes (a ValueError)."},
+    {"encode_base", py_encode_base, METH_VARARGS, "Quantise blocks (the base layer encode)."},
+    {"decode_base", py_decode_base, METH_VARARGS, "The normative base-layer decode."},
+    {"residual_encode_frame", py_residual_encode_frame, METH_VARARGS, "Encode one residual frame (before zstd)."},
+    {"residual_decode_frame", py_residual_decode_frame, METH_VARARGS, "Apply one residual frame (after zstd)."},
+    {"f32_convert", py_f32_convert, METH_VARARGS, "float32 -> float16/bfloat16 with the decoder's rounding."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "torch-dtdr compiled codec core.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    const uint16_t probe = 1;
+    if (*(const unsigned char *)&probe != 1) {
+        PyErr_SetString(PyExc_ImportError, "the compiled core supports little-endian hosts only");
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}
