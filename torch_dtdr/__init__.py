@@ -12,7 +12,8 @@ allows and degrades into small bounded noise where it does not.
 """
 
 from . import errors
-from .api import info, repair, save, verify
+from .api import info, repair, save
+from .dispatch import verify
 from .convert import convert
 from .lazy import open
 from .modules import load_model, save_model

@@ -60,7 +60,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .api import verify
+    from .dispatch import verify
 
     rep = verify(args.path, storage_options=_storage_options(args.storage_option), progress=not args.json,
                  max_workers=args.max_workers)

@@ -37,7 +37,7 @@ import torch
 
 from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
                      ObjectTypeError, StorageError)
-from .format.constants import MAGIC
+from .kinds import folder_kind, head_kind
 from .storage import check_regular_file, child_inside, is_plain_name
 
 __all__ = ["convert", "METADATA_KEY"]
@@ -107,13 +107,7 @@ class _FS:
 
 
 def _sniff_bytes(head: bytes, size: int | None = None) -> str:
-    if head[: len(MAGIC)] == MAGIC:
-        return "dtdr"
-    if len(head) >= 9 and head[8:9] == b"{":
-        (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n <= _MAX_ST_HEADER and (size is None or 8 + n <= size):
-            return "safetensors"
-    return "torch"
+    return head_kind(head, size) or "torch"
 
 
 # --------------------------------------------------------------------------- reading
@@ -606,13 +600,15 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
         raise ArgumentError(f"to must be 'dtdr', 'safetensors' or 'dcp', got {to!r}", field="to")
     src_s = os.fsdecode(os.fspath(src))
     dst_s = os.fsdecode(os.fspath(dst))
-    from . import dcp
+    if folder_kind(src_s, storage_options) in ("dcp", "torch-dcp"):
+        from . import dcp
 
-    if dcp.dcp_kind(src_s, storage_options) in ("dtdr", "torch"):
         dcp.dcp_to_dtdr(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
                         storage_options=storage_options, out_storage_options=storage_options)
         return {"from": "dcp", "to": "dtdr", "files": [dst_s]}
     if to == "dcp":
+        from . import dcp
+
         dcp.dtdr_to_dcp(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
                         storage_options=storage_options, out_storage_options=storage_options)
         return {"from": "dtdr", "to": "dcp", "files": [dst_s]}

@@ -82,6 +82,7 @@ from . import tree
 from .errors import (CheckpointNotFoundError, DamageWarning, FormatError, IncompleteCheckpointError, IntegrityError,
                      UnsupportedVersionError)
 from .integrity.checksum import hash64
+from .kinds import DCP_METADATA_NAMES, DCP_RANK_METADATA_RE, DCP_SHARD_RE, folder_kind
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, exit_code, worst
 from .storage import child_inside, exists, isdir, listdir, makedirs, remove, remove_symlink
 
@@ -104,7 +105,7 @@ __all__ = [
 #: File names of the two metadata copies, the primary one first.
 METADATA_NAME = "metadata.dtdr"
 METADATA_COPY_NAME = "metadata.copy.dtdr"
-METADATA_NAMES = (METADATA_NAME, METADATA_COPY_NAME)
+METADATA_NAMES = DCP_METADATA_NAMES
 #: Torch versions whose DCP interfaces this module is written against
 #: (differences between them are detected at run time, not pinned).
 SUPPORTED_TORCH = ">=2.3,<2.15"
@@ -114,8 +115,8 @@ FORMAT_VERSION = 1
 SUFFIX = ".dtdr"
 _META_KEY = "dcp_metadata"  # the tensor holding the JSON in a metadata container
 _SAVE_ID_KEY = "torch_dtdr.dcp.save_id"  # a shard's container metadata
-_SHARD_RE = re.compile(r"__(\d+)_(\d+)\.dtdr")
-_RANK_META_RE = re.compile(r"__(\d+)\.metadata(?:\.copy)?\.dtdr")
+_SHARD_RE = DCP_SHARD_RE
+_RANK_META_RE = DCP_RANK_METADATA_RE
 _MAX_KEY_LEN = 900  # below torch_dtdr.tree.MAX_NAME_LEN, so a key is its own tensor name
 
 
@@ -517,21 +518,9 @@ def read_metadata(path, *, storage_options: Mapping | None = None):
 def dcp_kind(path, storage_options: Mapping | None = None) -> str | None:
     """``"dtdr"`` for a folder written by :class:`DTDRWriter` (complete or
     not), ``"torch"`` for one written by DCP's own ``FileSystemWriter`` /
-    ``FsspecWriter`` (a pickled ``.metadata``), else None."""
-    if not isinstance(path, (str, os.PathLike)):
-        return None
-    p = _norm(path)
-    try:
-        if not isdir(p, storage_options):
-            return None
-        names = listdir(p, storage_options)
-    except Exception:  # noqa: BLE001 - a store that cannot list is not a checkpoint folder
-        return None
-    if any(n in METADATA_NAMES or _SHARD_RE.fullmatch(n) or _RANK_META_RE.fullmatch(n) for n in names):
-        return "dtdr"
-    if ".metadata" in names or any(re.fullmatch(r"__\d+\.metadata", n) for n in names):
-        return "torch"
-    return None
+    ``FsspecWriter`` (a pickled ``.metadata``), else None
+    (see :func:`torch_dtdr.kinds.folder_kind`)."""
+    return {"dcp": "dtdr", "torch-dcp": "torch"}.get(folder_kind(path, storage_options))
 
 
 def is_checkpoint(path, storage_options: Mapping | None = None) -> bool:

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 from . import tree
-from .api import _Decoder, _load_from_reader, _place
+from .decoding import Decoder, load_from_reader, place
 from .errors import DamageWarning
 from .format.reader import ContainerReader
 from .report import Report
@@ -37,7 +37,7 @@ class DTDRFile:
             raise
         self._device = device
         self._errors = errors
-        self._decoder = _Decoder(self._reader, errors)
+        self._decoder = Decoder(self._reader, errors)
         skeleton = self._reader.index.tree
         self._refs = tree.tensor_refs(skeleton, len(self._reader.tensors))
         self._devices = tree.entry_devices(skeleton, len(self._reader.tensors))
@@ -118,7 +118,7 @@ class DTDRFile:
 
     def load(self, map_location=None) -> Any:
         """The whole saved object, like :func:`torch_dtdr.load`."""
-        obj, _rep = _load_from_reader(self._reader, map_location or self._device, self._errors)
+        obj, _rep = load_from_reader(self._reader, map_location or self._device, self._errors)
         return obj
 
     def report(self) -> Report:
@@ -139,7 +139,7 @@ class DTDRFile:
             t = self._decoder.tensor(i)
         if t is None:
             return None
-        return _place(t, self._device, self._devices[i], self._reader.name, self._reader.tensors[i].name)
+        return place(t, self._device, self._devices[i], self._reader.name, self._reader.tensors[i].name)
 
 
 
