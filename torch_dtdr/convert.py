@@ -31,14 +31,15 @@ import os
 import posixpath
 import struct
 import warnings
-from typing import Any, Callable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
                      ObjectTypeError, StorageError)
 from .kinds import folder_kind, head_kind
 from .storage import check_regular_file, child_inside, is_plain_name
+
+if TYPE_CHECKING:  # torch is imported where a conversion needs it, so `import torch_dtdr` stays light
+    import torch
 
 __all__ = ["convert", "METADATA_KEY"]
 
@@ -299,6 +300,8 @@ def _read_index(fsx: _FS, index: str) -> tuple[dict, dict[str, str]]:
 
 
 def _is_tensor_dict(obj) -> bool:
+    import torch
+
     return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items())
 
@@ -325,6 +328,8 @@ def _write_dtdr(obj, layout: dict, dst, *, codec, parity, block_size, metadata, 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous tensors that share no memory (what safetensors accepts)."""
+    import torch
+
     seen: dict[tuple, int] = {}
     for t in tensors.values():
         if t.numel():
@@ -569,7 +574,8 @@ def _infer_to(src_kind: str, dst: str, storage_options) -> str:
 
 def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", block_size: int | None = None,
             metadata: Mapping[str, str] | None = None, errors: str = "strict",
-            storage_options: Mapping | None = None) -> dict:
+            storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
+            allow_pickle: bool = False) -> dict:
     """Convert ``src`` to ``dst`` (local paths or fsspec URLs).
 
     A distributed (DCP) checkpoint folder as ``src`` is gathered into one DTDR
@@ -592,7 +598,10 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
     applies to reading a DTDR source: ``"strict"`` (default) refuses to
     convert a file that is not bit-exact after parity repair, ``"recover"``
     converts what :func:`torch_dtdr.load` recovers (a lost tensor always
-    fails). ``storage_options`` go to fsspec for both ends.
+    fails). ``storage_options`` go to fsspec for both ends, unless
+    ``out_storage_options`` are given for ``dst`` (DCP conversions).
+    ``allow_pickle`` accepts a standard DCP checkpoint folder as ``src`` (see
+    :func:`torch_dtdr.dcp.dcp_to_dtdr`); only for checkpoints you trust.
 
     Returns a summary: ``{"from", "to", "files", "tensors"}``.
     """
@@ -604,13 +613,14 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
         from . import dcp
 
         dcp.dcp_to_dtdr(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
-                        storage_options=storage_options, out_storage_options=storage_options)
+                        allow_pickle=allow_pickle, storage_options=storage_options,
+                        out_storage_options=out_storage_options or storage_options)
         return {"from": "dcp", "to": "dtdr", "files": [dst_s]}
     if to == "dcp":
         from . import dcp
 
         dcp.dtdr_to_dcp(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
-                        storage_options=storage_options, out_storage_options=storage_options)
+                        storage_options=storage_options, out_storage_options=out_storage_options or storage_options)
         return {"from": "dtdr", "to": "dcp", "files": [dst_s]}
     kind, obj, layout = _read_source(src_s, storage_options)
     to = to or _infer_to(kind, dst_s, storage_options)
@@ -646,37 +656,3 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
         written = _write_safetensors(list(obj), obj.__getitem__, layout, {}, dst_s, metadata, storage_options, src_s)
         n = len(obj)
     return {"from": kind, "to": "safetensors", "files": written, "tensors": n}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_convert(args) -> int:
-    from .cli import storage_options
-
-    parity = args.parity
-    if "," in parity:
-        k, _, m = parity.partition(",")
-        parity = (int(k), int(m))
-    summary = convert(args.path, args.output, to=args.to, codec=args.codec, parity=parity,
-                      block_size=args.block_size, errors=args.errors, storage_options=storage_options(args.storage_option))
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"converted {args.path} ({summary['from']}) -> {summary['to']}: " + ", ".join(summary["files"]))
-    return 0
-
-
-def register_cli(subparsers, common) -> None:
-    sp = subparsers.add_parser(
-        "convert", help="convert safetensors / HF folders / torch .pt,.bin to DTDR, and DTDR back to safetensors")
-    common(sp)
-    sp.add_argument("output", help="destination: *.dtdr, *.safetensors, or a folder (for safetensors)")
-    sp.add_argument("--to", choices=("dtdr", "safetensors", "dcp"), help="output format (default: inferred)")
-    sp.add_argument("--codec", default="dtdr", help="DTDR codec: dtdr (lossless, default), dtdr16, dtdr8, raw")
-    sp.add_argument("--parity", default="default", help="parity level: default, strong, off, or K,M")
-    sp.add_argument("--block-size", type=int, default=None, help="codec block size (default: the codec's)")
-    sp.add_argument("--errors", choices=("strict", "recover"), default="strict",
-                    help="reading a DTDR source: refuse anything not bit-exact (strict, default) or convert "
-                         "what can be recovered")
-    sp.set_defaults(func=_cmd_convert)
