@@ -420,7 +420,7 @@ def test_dcp_refuses_pickled_metadata(tmp_path):
 _PKG = os.path.join(ROOT, "torch_dtdr")
 #: torch.load calls whose weights_only is not a literal True, and why that is safe.
 _TORCH_LOAD_ALLOWED = {
-    ("shim.py", "load"): "the torch.load drop-in forwards the caller's own weights_only (torch >= 2.6 "
+    ("torchfiles.py", "load_torch"): "the torch.load drop-in forwards the caller's own weights_only (torch >= 2.6 "
                          "defaults to True; on older torch the shim passes True itself)",
     ("dcp.py", "load_bytes"): "_full_state_dict_planner(weights_only=not allow_pickle): False only when the "
                               "caller passes allow_pickle=True for a checkpoint it trusts",

@@ -28,9 +28,9 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _PUBLIC = {
-    "save": "api", "info": "api", "repair": "api",
+    "save": "api", "load": "api", "info": "api", "repair": "api",
     "verify": "dispatch",
-    "load": "shim", "patch": "shim", "unpatch": "shim",
+    "patch": "shim", "unpatch": "shim",
     "open": "lazy",
     "load_model": "modules", "save_model": "modules",
     "Report": "report", "TensorReport": "report",

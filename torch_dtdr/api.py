@@ -18,10 +18,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import codecs, tree
-from . import decoding
+from . import decoding, torchfiles
 from .decoding import Decoder, check_errors, progress_bar
 from .codecs.base import Codec
-from .errors import ArgumentError, DTDRError, CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
+from .errors import ArgumentError, CheckpointNotFoundError, DTDRError, CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError
 from .format import constants
 from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
 from .format.reader import ContainerReader, SegmentData, merge_ranges
@@ -193,28 +193,62 @@ def _encode_in_order(jobs, workers: int):
             yield job0, fut.result()
 
 
-def load(f, map_location=None, *, errors: str = "recover", storage_options: Mapping | None = None,
-         report: bool = False, max_workers: int | None = None, partial: bool = False):
-    """Load an object saved by :func:`save`.
+def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None = None, mmap: bool | None = None,
+         errors: str = "recover", storage_options: Mapping | None = None, report: bool = False,
+         max_workers: int | None = None, partial: bool = False, **pickle_load_args) -> Any:
+    """Load a DTDR file, or hand anything else to :func:`torch.load`.
 
-    ``map_location`` takes torch.load's forms (a device string or
-    ``torch.device``, a dict remapping saved device tags, or a callable
-    ``(storage, location)``). ``errors="recover"`` (the default) repairs what
-    parity can, degrades damaged float regions gracefully and warns with a
-    :class:`~torch_dtdr.errors.DamageWarning`; ``"strict"`` raises
-    :class:`~torch_dtdr.errors.IntegrityError` unless every tensor is bit-exact.
-    A tensor that cannot be recovered at all (lost: a truncated file, say)
-    raises :class:`~torch_dtdr.errors.IntegrityError` (``TruncatedError``
-    for a truncated file) naming every lost tensor, whatever ``errors`` is;
-    ``partial=True`` (with ``errors="recover"``) returns the rest instead,
-    with ``None`` in place of each lost tensor, and the report and the
-    DamageWarning list the lost ones.
-    With ``report=True`` returns ``(obj, Report)``. ``max_workers`` bounds the
-    concurrent range requests to a remote store (default
-    :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`).
+    ``f`` is a local path, an fsspec URL (``s3://``, ``gs://``, ``memory://``,
+    ...) or a binary file object; what it holds is told by its first 8 bytes,
+    or, when those are damaged, by the DTDR trailer or footer at its end (a
+    file object is peeked from its current position and, when it is not DTDR,
+    left exactly there). A file shorter than the magic that begins like it
+    (an empty file, say) counts as a truncated DTDR file; a missing path
+    raises :class:`~torch_dtdr.errors.CheckpointNotFoundError` (a
+    ``FileNotFoundError``).
+
+    **DTDR files** are decoded by :mod:`torch_dtdr.decoding`: ``map_location``
+    takes all of torch.load's forms (device string, :class:`torch.device`, a
+    dict of saved-location remaps, a callable ``(storage, location)``);
+    ``errors="recover"`` (default) repairs and degrades gracefully with a
+    :class:`~torch_dtdr.errors.DamageWarning`, ``"strict"`` raises unless
+    every tensor is bit-exact; a lost tensor raises
+    :class:`~torch_dtdr.errors.IntegrityError` naming every lost tensor unless
+    ``partial=True``, which returns ``None`` in its place; ``report=True`` returns ``(obj, Report)``;
+    ``max_workers`` bounds the concurrent range requests to a remote store
+    (default :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`). Nothing is unpickled, so ``pickle_module``, ``weights_only`` and extra
+    pickle arguments have no effect; ``mmap=True`` is accepted and has no
+    effect yet (the data is read and verified in full).
+
+    **Anything else** goes to the original :func:`torch.load` with
+    ``map_location``, ``pickle_module``, ``weights_only``, ``mmap`` and the
+    extra pickle arguments exactly as given. ``weights_only=None`` (default)
+    means torch's own default: ``True`` since torch 2.6 (this function passes
+    ``True`` on older torch, unless a ``pickle_module`` is given). An fsspec
+    URL, which torch.load cannot open, is opened with ``storage_options`` and
+    passed as a file object. ``errors`` and ``max_workers`` do not apply (torch.load repairs
+    nothing) and ``report=True`` returns ``(obj, None)``.
     """
-    return decoding.load_file(f, map_location, errors=errors, storage_options=storage_options, report=report,
-                              max_workers=max_workers, partial=partial, workers=DEFAULT_WORKERS)
+    kind, src = torchfiles.sniff(f, storage_options, partial=True)
+    if kind == "dtdr":
+        return load_dtdr_source(src, f, map_location, errors=errors, storage_options=storage_options, report=report,
+                                max_workers=max_workers, partial=partial)
+    if kind == "missing":
+        raise CheckpointNotFoundError("no such file", file=src)
+    obj = torchfiles.load_torch(f, kind, src, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
+                                storage_options=storage_options, **pickle_load_args)
+    return (obj, None) if report else obj
+
+
+def load_dtdr_source(src, orig_f, map_location=None, *, errors: str = "recover",
+                     storage_options: Mapping | None = None, report: bool = False, max_workers: int | None = None,
+                     partial: bool = False):
+    """Decode the DTDR file :func:`torch_dtdr.torchfiles.sniff` found (``src``)
+    as :func:`load` does, then leave a file object ``orig_f`` after its data."""
+    out = decoding.load_file(src, map_location, errors=errors, storage_options=storage_options, report=report,
+                             max_workers=max_workers, partial=partial, workers=DEFAULT_WORKERS)
+    torchfiles.consume(orig_f)
+    return out
 
 
 def info(f, *, storage_options: Mapping | None = None) -> dict:

@@ -628,7 +628,7 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
         if _FS(dst_s, storage_options).isdir():
             raise IsADirectoryError(f"{dst_s} is a folder; DTDR output is one file (e.g. {dst_s.rstrip('/')}/model.dtdr)")
         if kind == "dtdr":
-            from .api import load as api_load
+            from .decoding import load_file as api_load
             from .lazy import open as dtdr_open
 
             with dtdr_open(src_s, storage_options=storage_options) as h:

@@ -1289,7 +1289,7 @@ def dtdr_to_dcp(src, dcp_dir, *, codec="dtdr", block_size: int | None = None, pa
     :func:`dcp_to_dtdr`; lost tensors raise IntegrityError."""
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
-    from .api import load
+    from .decoding import load_file as load
 
     obj, rep = load(src, errors=errors, storage_options=storage_options, report=True)
     lost = [t.name for t in rep.tensors if t.status == LOST]

@@ -87,6 +87,10 @@ __all__ = [
     "local_temp_path",
     "remove_stale_temps",
     "remove_symlink",
+    "is_url",
+    "known_protocol",
+    "open_fsspec_file",
+    "read_head",
 ]
 
 PathOrURL = Union[str, "os.PathLike[str]"]
@@ -115,7 +119,8 @@ _LOCAL_WRITE_BUFFER = 1 << 20
 # --------------------------------------------------------------------------- resolving
 
 
-def _is_url(s: str) -> bool:
+def is_url(s: str) -> bool:
+    """Whether ``s`` names an fsspec URL (``scheme://...``) rather than a local path."""
     return "://" in s
 
 
@@ -135,7 +140,7 @@ def _resolve(f, storage_options, *, allow_fileobj: bool):
         s = _fspath(f)
         if not s:
             raise ValueError("empty path")
-        if _is_url(s):
+        if is_url(s):
             import fsspec
             from fsspec.implementations.local import LocalFileSystem
 
@@ -1323,3 +1328,27 @@ def write_bytes_atomic(f: FileLike, data, storage_options: dict | None = None, *
     with open_sink(f, storage_options, **sink_kwargs) as sink:
         sink.write(data)
     return sink.tell()
+
+
+def known_protocol(url: str, storage_options: dict | None = None) -> bool:
+    """Whether fsspec can resolve ``url`` (its protocol is known and its options accepted)."""
+    try:
+        import fsspec
+
+        fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def open_fsspec_file(url: str, storage_options: dict | None = None) -> BinaryIO:
+    """A binary file object reading ``url`` through fsspec (for readers that need one, such as torch.load)."""
+    import fsspec
+
+    return fsspec.open(url, "rb", **(storage_options or {})).open()
+
+
+def read_head(path: PathOrURL, n: int) -> bytes:
+    """The first ``n`` bytes of a local file (fewer when it is shorter)."""
+    with open(_fspath(path), "rb") as fh:
+        return fh.read(n)

@@ -153,9 +153,9 @@ def _load_one(fs, p: str, url: str, storage_options) -> dict[str, torch.Tensor]:
         head = f.read(16)
     kind = _kind_of(p, head)
     if kind == "dtdr":
-        from .api import load
+        from .decoding import load_file
 
-        return _flatten_tensors(load(url, errors="strict", storage_options=storage_options))
+        return _flatten_tensors(load_file(url, errors="strict", storage_options=storage_options))
     if kind == "safetensors":
         if local:
             from safetensors.torch import load_file
@@ -412,7 +412,7 @@ def _dtdr_format(name: str, codec: str, parity: str) -> Format:
         dtdr_save(sd, path, codec=codec, parity=parity)
 
     def load(path):
-        from .api import load as dtdr_load
+        from .decoding import load_file as dtdr_load
         from .errors import DamageWarning
 
         with warnings.catch_warnings():
