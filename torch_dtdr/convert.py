@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
                      ObjectTypeError, StorageError)
 from .kinds import folder_kind, head_kind
-from .storage import check_regular_file, child_inside, is_plain_name
+from .storage import Location, atomic_local_path, check_regular_file, child_inside, is_plain_name, is_url
 
 if TYPE_CHECKING:  # torch is imported where a conversion needs it, so `import torch_dtdr` stays light
     import torch
@@ -55,58 +55,6 @@ _DEFAULT_ST_INDEX = "model.safetensors.index.json"
 _MAX_ST_HEADER = 100 * 2**20
 
 
-# --------------------------------------------------------------------------- file system helpers
-
-
-class _FS:
-    """A path or URL resolved to an fsspec file system (local paths included)."""
-
-    def __init__(self, target, storage_options):
-        import fsspec
-
-        s = os.fsdecode(os.fspath(target))
-        self.target = s
-        self.storage_options = storage_options
-        if "://" in s:
-            self.fs, self.path = fsspec.core.url_to_fs(s, **(storage_options or {}))
-        else:
-            from fsspec.implementations.local import LocalFileSystem
-
-            self.fs, self.path = LocalFileSystem(), os.path.abspath(s)
-        from fsspec.implementations.local import LocalFileSystem
-
-        self.local = isinstance(self.fs, LocalFileSystem)
-        self._url_prefix = s[: s.index("://") + 3] if "://" in s and not self.local else ""
-
-    def join(self, name: str) -> str:
-        """A child's path or URL, in the form the rest of the package accepts."""
-        if self.local:
-            return os.path.join(self.path, name)
-        return self.target.rstrip("/") + "/" + name
-
-    def child_path(self, name: str) -> str:
-        return os.path.join(self.path, name) if self.local else posixpath.join(self.path, name)
-
-    def isdir(self) -> bool:
-        return self.fs.isdir(self.path)
-
-    def exists(self) -> bool:
-        return self.fs.exists(self.path)
-
-    def listdir(self) -> list[str]:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
-
-    def head(self, path: str, n: int) -> bytes:
-        with self.fs.open(path, "rb") as fh:
-            return fh.read(n)
-
-    def cat(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
-
-    def makedirs(self) -> None:
-        self.fs.makedirs(self.path, exist_ok=True)
-
-
 def _sniff_bytes(head: bytes, size: int | None = None) -> str:
     return head_kind(head, size) or "torch"
 
@@ -122,7 +70,7 @@ def _st_header(raw: bytes) -> tuple[list[str], dict | None]:
     return names, meta
 
 
-def _read_safetensors(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_safetensors(fsx: Location, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Tensors and ``__metadata__`` of a safetensors file; a malformed file is a FormatError."""
     try:
         return _read_safetensors_unchecked(fsx, path)
@@ -132,7 +80,7 @@ def _read_safetensors(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dic
         raise FormatError(f"not a valid safetensors file: {type(e).__name__}: {e}", file=path) from None
 
 
-def _read_safetensors_unchecked(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_safetensors_unchecked(fsx: Location, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     if fsx.local:
         from safetensors import safe_open
 
@@ -153,7 +101,7 @@ def _read_safetensors_unchecked(fsx: _FS, path: str) -> tuple[dict[str, torch.Te
     return {k: tensors[k] for k in names}, meta
 
 
-def _read_torch(fsx: _FS, path: str) -> Any:
+def _read_torch(fsx: Location, path: str) -> Any:
     """A torch file, unpickled with ``weights_only=True`` only; anything that
     restricted unpickler refuses (or cannot parse) is a FormatError."""
     from .shim import original_load
@@ -172,7 +120,7 @@ def _read_torch(fsx: _FS, path: str) -> Any:
 
 def _read_source(src, storage_options) -> tuple[str, Any, dict]:
     """(kind, obj, layout) of a non-DTDR source, or ("dtdr", None, {}) for DTDR."""
-    fsx = _FS(src, storage_options)
+    fsx = Location(src, storage_options)
     if not fsx.exists():
         from .errors import CheckpointNotFoundError
 
@@ -211,7 +159,7 @@ def _pick(names: list[str], preferred: str, what: str, where: str) -> str | None
                         file=where)
 
 
-def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
+def _read_folder(fsx: Location) -> tuple[str, Any, dict]:
     names = fsx.listdir()
     where = fsx.target
     index = _pick([n for n in names if n.endswith(_ST_INDEX_SUFFIX)], _DEFAULT_ST_INDEX, "safetensors indexes", where)
@@ -263,14 +211,14 @@ def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
                            "index_metadata": idx.get("metadata"), "files": files}
 
 
-def _hf_cache_extra(fsx: _FS) -> tuple[str, ...]:
+def _hf_cache_extra(fsx: Location) -> tuple[str, ...]:
     """Where a Hugging Face hub cache snapshot's files may link (``snapshots/<rev>`` -> ``../../blobs``)."""
     if fsx.local and posixpath.basename(os.path.dirname(fsx.path.rstrip(os.sep))) == "snapshots":
         return (os.path.join("..", "..", "blobs"),)
     return ()
 
 
-def _check_inside(fsx: _FS, name, where: str, field: str) -> None:
+def _check_inside(fsx: Location, name, where: str, field: str) -> None:
     """A file name taken from a folder's listing or index must name a file inside
     that folder, symlinks resolved (or the hub cache's blobs, see ``_hf_cache_extra``)."""
     if not is_plain_name(name) or not child_inside(fsx.target, name, fsx.storage_options,
@@ -280,7 +228,7 @@ def _check_inside(fsx: _FS, name, where: str, field: str) -> None:
                           field=field)
 
 
-def _read_index(fsx: _FS, index: str) -> tuple[dict, dict[str, str]]:
+def _read_index(fsx: Location, index: str) -> tuple[dict, dict[str, str]]:
     """The parsed HF index and its ``weight_map`` of tensor name -> shard file name."""
     where = fsx.join(index)
     try:
@@ -353,27 +301,13 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], target: str, metadata, s
 
     tensors = _unshare(tensors)
     metadata = {str(k): str(v) for k, v in metadata.items()} if metadata else None
-    if "://" not in target:
-        from .storage import _fsync_dir, local_temp_path, remove_stale_temps
-
-        d = os.path.dirname(os.path.abspath(target))
-        tmp = local_temp_path(os.path.abspath(target))
-        if not os.path.isdir(d):
-            raise StorageError("the destination's directory does not exist", file=target)
-        remove_stale_temps(d)
-        try:
+    if not is_url(target):
+        with atomic_local_path(target) as tmp:
             try:
                 save_file(tensors, tmp, metadata=metadata)
             except Exception as e:  # noqa: BLE001 - safetensors' own error type names the temp file
                 raise StorageError(f"safetensors could not write the file: {type(e).__name__}",
                                    file=target) from None
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(d)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return
     from .storage import write_bytes_atomic
 
@@ -494,7 +428,7 @@ def _check_layout(layout, src: str) -> None:
 def _write_safetensors(names: list[str], get: Callable[[str], torch.Tensor | None], layout, user_meta: dict,
                        dst: str, metadata, storage_options, src_name: str) -> list[str]:
     files, index = _plan_files(names, layout, user_meta, dst)
-    dfs = _FS(dst, storage_options)
+    dfs = Location(dst, storage_options)
     if files[0][0] is not None:
         dfs.makedirs()
     written = []
@@ -563,7 +497,7 @@ def _infer_to(src_kind: str, dst: str, storage_options) -> str:
     if dst.endswith(("/", os.sep)):
         return "safetensors"
     try:
-        fsx = _FS(dst, storage_options)
+        fsx = Location(dst, storage_options)
         if fsx.isdir() or (not fsx.exists() and "." not in posixpath.basename(dst.replace(os.sep, "/"))):
             return "safetensors"  # a folder, or a new name without extension (as HF folders are)
     except Exception:
@@ -625,7 +559,7 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
     kind, obj, layout = _read_source(src_s, storage_options)
     to = to or _infer_to(kind, dst_s, storage_options)
     if to == "dtdr":
-        if _FS(dst_s, storage_options).isdir():
+        if Location(dst_s, storage_options).isdir():
             raise IsADirectoryError(f"{dst_s} is a folder; DTDR output is one file (e.g. {dst_s.rstrip('/')}/model.dtdr)")
         if kind == "dtdr":
             from .decoding import load_file as api_load

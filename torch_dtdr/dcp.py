@@ -84,7 +84,7 @@ from .errors import (CheckpointNotFoundError, DamageWarning, FormatError, Incomp
 from .integrity.checksum import hash64
 from .kinds import DCP_METADATA_NAMES, DCP_RANK_METADATA_RE, DCP_SHARD_RE, folder_kind
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, exit_code, worst
-from .storage import child_inside, exists, isdir, listdir, makedirs, remove, remove_symlink
+from .storage import child_inside, exists, is_url, isdir, join, listdir, makedirs, remove, remove_symlink
 
 __all__ = [
     "DTDRWriter",
@@ -140,19 +140,9 @@ class _FilePrefix:
 # --------------------------------------------------------------------------- paths
 
 
-def _is_url(p: str) -> bool:
-    return "://" in p
-
-
 def _norm(path) -> str:
     p = os.fspath(path)
     return os.fsdecode(p) if isinstance(p, bytes) else p
-
-
-def _join(base: str, name: str) -> str:
-    if _is_url(base):
-        return base.rstrip("/") + "/" + name
-    return os.path.join(base, name)
 
 
 def _read_path(base: str, name: str, storage_options=None) -> str:
@@ -160,15 +150,15 @@ def _read_path(base: str, name: str, storage_options=None) -> str:
     resolves outside the folder is refused (FormatError)."""
     if not child_inside(base, name, storage_options):
         raise FormatError(f"{name!r} resolves outside the checkpoint folder (a symlink?); refusing to read it",
-                          file=_join(base, name))
-    return _join(base, name)
+                          file=join(base, name))
+    return join(base, name)
 
 
 def _write_path(base: str, name: str, storage_options=None) -> str:
     """The path of a file to write into the checkpoint folder. A symlink
     planted there is removed first, so the save replaces the link and never
     writes through it to its target."""
-    path = _join(base, name)
+    path = join(base, name)
     remove_symlink(path, storage_options)
     return path
 
@@ -484,7 +474,7 @@ def _load_plain_metadata(base: str, storage_options, rank: int | None = None) ->
     errors: list[str] = []
     missing = 0
     for name in _metadata_names(rank):
-        path = _join(base, name)
+        path = join(base, name)
         try:
             doc, rep = _read_metadata_file(_read_path(base, name, storage_options), storage_options)
         except CheckpointNotFoundError:
@@ -679,7 +669,7 @@ def _build_classes():
             # Runs before any rank writes: an older checkpoint in this folder stops
             # being loadable now, not after its shards were half overwritten.
             rank = None if self.use_collectives else self.rank
-            names = [_join(self.path, n) for n in _metadata_names(rank)]
+            names = [join(self.path, n) for n in _metadata_names(rank)]
             if not self.overwrite and any(exists(n, self.storage_options) for n in names):
                 raise FileExistsError(f"a checkpoint already exists at {self.path} and overwrite=False")
             for name in names:
@@ -880,7 +870,7 @@ def _build_classes():
             if not isinstance(checkpoint_id, (str, os.PathLike)):
                 return False
             try:
-                return any(exists(_join(_norm(checkpoint_id), n), None) for n in METADATA_NAMES)
+                return any(exists(join(_norm(checkpoint_id), n), None) for n in METADATA_NAMES)
             except Exception:  # noqa: BLE001
                 return False
 
@@ -1085,12 +1075,12 @@ def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress:
         good = None
         for name in _metadata_names(rank):
             if name not in names:
-                rep.metadata.append(Report(_join(base, name), unreadable="missing"))
+                rep.metadata.append(Report(join(base, name), unreadable="missing"))
                 continue
             try:
                 d, r = _read_metadata_file(_read_path(base, name, storage_options), storage_options)
             except (DTDRError, OSError) as e:
-                rep.metadata.append(Report(_join(base, name), unreadable=str(e)))
+                rep.metadata.append(Report(join(base, name), unreadable=str(e)))
                 continue
             rep.metadata.append(r)
             good = d if good is None else good
@@ -1118,7 +1108,7 @@ def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress:
 
         files = tqdm(files, desc="verify", unit="file", leave=False, disable=None)
     for name in files:
-        fpath = _join(base, name)
+        fpath = join(base, name)
         if name not in names:
             rep.files.append(Report(fpath, unreadable="missing"))
             rep.problems.append(f"{name}: shard file is missing")
@@ -1239,7 +1229,7 @@ def _dcp_reader_for(base: str, storage_options, errors: str, allow_pickle: bool)
         raise FormatError("this is a standard DCP checkpoint: its .metadata is a pickle, which can run code "
                           "when loaded. Pass allow_pickle=True (dtdr dcp-convert --allow-pickle) if you trust it",
                           file=base)
-    if _is_url(base):
+    if is_url(base):
         try:
             from torch.distributed.checkpoint import FsspecReader
         except ImportError:  # pragma: no cover - exported from the package only in some releases

@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import io
 import os
+import posixpath
 import re
 import secrets
 import socket
@@ -85,12 +87,17 @@ __all__ = [
     "child_inside",
     "check_regular_file",
     "local_temp_path",
+    "atomic_local_path",
     "remove_stale_temps",
     "remove_symlink",
     "is_url",
     "known_protocol",
     "open_fsspec_file",
     "read_head",
+    "join",
+    "url_to_fs",
+    "is_local_fs",
+    "Location",
 ]
 
 PathOrURL = Union[str, "os.PathLike[str]"]
@@ -825,6 +832,31 @@ def local_temp_path(dest: str) -> str:
     return os.path.join(d, f".{base}.{secrets.token_hex(6)}.{os.getpid()}@{_host_tag()}{TEMP_SUFFIX}")
 
 
+@contextlib.contextmanager
+def atomic_local_path(dest: str):
+    """A temporary path beside the local file ``dest`` for a writer that needs a
+    real path (safetensors' ``save_file``, say): the body writes it, and on a
+    clean exit it is fsynced and renamed over ``dest`` (then the folder is
+    fsynced); on an exception it is removed and ``dest`` is untouched. Stale
+    temp files of dead writers in the folder are removed first. A missing
+    folder is a :class:`~torch_dtdr.errors.StorageError`."""
+    target = os.path.abspath(dest)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise StorageError("the destination's directory does not exist", file=dest)
+    tmp = local_temp_path(target)
+    remove_stale_temps(folder)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return True  # not a pid we can reason about: keep its file
@@ -1330,6 +1362,13 @@ def write_bytes_atomic(f: FileLike, data, storage_options: dict | None = None, *
     return sink.tell()
 
 
+def join(base: str, name: str) -> str:
+    """``name`` inside the folder ``base``: ``base/name`` for a URL, :func:`os.path.join` for a local path."""
+    if is_url(base):
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
 def known_protocol(url: str, storage_options: dict | None = None) -> bool:
     """Whether fsspec can resolve ``url`` (its protocol is known and its options accepted)."""
     try:
@@ -1352,3 +1391,75 @@ def read_head(path: PathOrURL, n: int) -> bytes:
     """The first ``n`` bytes of a local file (fewer when it is shorter)."""
     with open(_fspath(path), "rb") as fh:
         return fh.read(n)
+
+
+def url_to_fs(path: PathOrURL, storage_options: dict | None = None):
+    """``(file system, path inside it)`` for a local path or fsspec URL, for
+    code that walks a store with fsspec's file-system interface."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(_fspath(path), **(storage_options or {}))
+
+
+def is_local_fs(fs) -> bool:
+    """Whether an fsspec file system is the local one."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+class Location:
+    """A path or URL resolved to an fsspec file system (local paths included), for
+    readers that walk folders and files of any store (:mod:`torch_dtdr.convert`)."""
+
+    def __init__(self, target, storage_options):
+        import fsspec
+
+        s = os.fsdecode(os.fspath(target))
+        self.target = s
+        self.storage_options = storage_options
+        if "://" in s:
+            self.fs, self.path = fsspec.core.url_to_fs(s, **(storage_options or {}))
+        else:
+            from fsspec.implementations.local import LocalFileSystem
+
+            self.fs, self.path = LocalFileSystem(), os.path.abspath(s)
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._url_prefix = s[: s.index("://") + 3] if "://" in s and not self.local else ""
+
+    def join(self, name: str) -> str:
+        """A child's path or URL, in the form the rest of the package accepts."""
+        if self.local:
+            return os.path.join(self.path, name)
+        return self.target.rstrip("/") + "/" + name
+
+    def child_path(self, name: str) -> str:
+        """A child's path inside :attr:`fs`."""
+        return os.path.join(self.path, name) if self.local else posixpath.join(self.path, name)
+
+    def isdir(self) -> bool:
+        """Whether the location is a folder."""
+        return self.fs.isdir(self.path)
+
+    def exists(self) -> bool:
+        """Whether something is at the location."""
+        return self.fs.exists(self.path)
+
+    def listdir(self) -> list[str]:
+        """Names in the folder, sorted."""
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
+
+    def head(self, path: str, n: int) -> bytes:
+        """The first ``n`` bytes of ``path`` (inside :attr:`fs`)."""
+        with self.fs.open(path, "rb") as fh:
+            return fh.read(n)
+
+    def cat(self, path: str) -> bytes:
+        """All bytes of ``path`` (inside :attr:`fs`)."""
+        return self.fs.cat_file(path)
+
+    def makedirs(self) -> None:
+        """Create the folder (and its parents)."""
+        self.fs.makedirs(self.path, exist_ok=True)

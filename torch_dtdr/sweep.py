@@ -146,9 +146,9 @@ def _kind_of(name: str, head: bytes) -> str:
 
 
 def _load_one(fs, p: str, url: str, storage_options) -> dict[str, torch.Tensor]:
-    from fsspec.implementations.local import LocalFileSystem
+    from .storage import is_local_fs
 
-    local = isinstance(fs, LocalFileSystem)
+    local = is_local_fs(fs)
     with fs.open(p, "rb") as f:
         head = f.read(16)
     kind = _kind_of(p, head)
@@ -180,10 +180,10 @@ def load_state_dict_any(path, storage_options: Mapping | None = None) -> dict[st
     ``model.safetensors.index.json``, ``pytorch_model.bin`` or its sharded
     index). ``path`` may be an fsspec URL. Tensors are returned as separate,
     contiguous CPU tensors (tied weights become copies)."""
-    import fsspec
+    from .storage import url_to_fs
 
     url = os.fspath(path)
-    fs, p = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    fs, p = url_to_fs(url, dict(storage_options or {}))
     if not fs.exists(p):
         from .errors import CheckpointNotFoundError
 
