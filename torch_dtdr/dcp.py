@@ -79,6 +79,7 @@ import torch
 
 from ._json import strict_loads
 from . import tree
+from .dtypes import ALL_DTYPES
 from .errors import (CheckpointNotFoundError, DamageWarning, FormatError, IncompleteCheckpointError, IntegrityError,
                      UnsupportedVersionError)
 from .integrity.checksum import hash64
@@ -166,10 +167,7 @@ def _write_path(base: str, name: str, storage_options=None) -> str:
 # --------------------------------------------------------------------------- metadata <-> JSON
 
 
-_DTYPES: dict[str, torch.dtype] = {}
-for _n, _v in vars(torch).items():
-    if isinstance(_v, torch.dtype) and str(_v) == f"torch.{_n}":
-        _DTYPES[_n] = _v
+_DTYPES: dict[str, torch.dtype] = ALL_DTYPES
 _LAYOUTS = {n: getattr(torch, n) for n in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr",
                                            "sparse_bsc", "_mkldnn", "jagged") if hasattr(torch, n)}
 _MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "channels_last_3d",
@@ -373,7 +371,7 @@ def _plain_to_metadata(doc):
         TensorStorageMetadata,
     )
 
-    from .format import constants as C
+    from .format import constants
 
     sd = {}
     declared = 0
@@ -391,8 +389,8 @@ def _plain_to_metadata(doc):
         for d in item["size"]:
             numel *= d
         declared += numel * props.dtype.itemsize
-        if declared > C.MAX_TENSOR_BYTES:
-            _fail(f"the checkpoint declares more than {C.MAX_TENSOR_BYTES} tensor bytes (TORCH_DTDR_MAX_BYTES)",
+        if declared > constants.MAX_TENSOR_BYTES:
+            _fail(f"the checkpoint declares more than {constants.MAX_TENSOR_BYTES} tensor bytes (TORCH_DTDR_MAX_BYTES)",
                   f"state_dict[{fqn!r}].size")
         chunks = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in item["chunks"]]
         sd[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(item["size"]), chunks=chunks)

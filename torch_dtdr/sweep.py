@@ -118,9 +118,9 @@ def _flatten_tensors(obj, prefix: str = "", out: dict | None = None) -> dict[str
 
 
 def _sniff(head: bytes) -> str | None:
-    from .format import constants as C
+    from .format import constants
 
-    if head.startswith(C.MAGIC):
+    if head.startswith(constants.MAGIC):
         return "dtdr"
     if head.startswith(b"PK\x03\x04"):
         return "torch"
