@@ -117,20 +117,6 @@ def _flatten_tensors(obj, prefix: str = "", out: dict | None = None) -> dict[str
     return out
 
 
-def _sniff(head: bytes) -> str | None:
-    from .format import constants
-
-    if head.startswith(constants.MAGIC):
-        return "dtdr"
-    if head.startswith(b"PK\x03\x04"):
-        return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle
-        return "torch"
-    return None
-
-
 def _kind_of(name: str, head: bytes) -> str:
     lower = name.lower()
     if lower.endswith(".safetensors"):
@@ -139,7 +125,9 @@ def _kind_of(name: str, head: bytes) -> str:
         return "dtdr"
     if lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
         return "torch"
-    kind = _sniff(head)
+    from .kinds import head_kind
+
+    kind = head_kind(head)
     if kind is None:
         raise ValueError(f"cannot tell what kind of checkpoint {name!r} is (not safetensors, torch or DTDR)")
     return kind
