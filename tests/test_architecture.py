@@ -37,15 +37,16 @@ LAYERS: list[tuple[str, ...]] = [
     ("torch_dtdr.format",),
     # the codecs
     ("torch_dtdr.codecs",),
-    # the pickle-free object tree
-    ("torch_dtdr.tree",),
+    # the pickle-free object tree (and its registry of user types and stdlib leaf encoders)
+    ("torch_dtdr.tree", "torch_dtdr.registry", "torch_dtdr.tree_stdlib"),
     # what a path holds; the decoder; torch files beside DTDR files
     ("torch_dtdr.kinds", "torch_dtdr.decoding", "torch_dtdr.torchfiles"),
     # the entry points
     ("torch_dtdr.api", "torch_dtdr.lazy"),
     # built on the entry points: torch.load patching, modules, front doors, plugins and tools
     ("torch_dtdr.shim", "torch_dtdr.modules", "torch_dtdr.dispatch", "torch_dtdr.convert", "torch_dtdr.dcp",
-     "torch_dtdr.faults", "torch_dtdr.sweep", "torch_dtdr.checkpointing", "torch_dtdr.integrations"),
+     "torch_dtdr.faults", "torch_dtdr.sweep", "torch_dtdr.checkpointing", "torch_dtdr.manager",
+     "torch_dtdr.integrations"),
     # the package's public face
     ("torch_dtdr",),
     # the command line (the outermost shell: it reads the package's version, nothing imports it)
