@@ -23,11 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch_dtdr.integrity.parity import _CHAIN, ErasureCode, available_algorithms  # noqa: E402
+from torch_dtdr.integrity.backends import CHAIN  # noqa: E402
+from torch_dtdr.integrity.parity import ErasureCode, available_algorithms  # noqa: E402
 
 # (algorithm, implementation) pairs worth timing; "reference" is far too slow.
 def _pairs(algs):
-    return [(a, i) for a in algs for i in _CHAIN[a] if i != "reference"]
+    return [(a, i) for a in algs for i in CHAIN[a] if i != "reference"]
 
 
 _CLOCK = time.perf_counter

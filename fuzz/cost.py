@@ -42,12 +42,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     import torch_dtdr
-    from torch_dtdr import api
+    from torch_dtdr import api, decoding
     from torch_dtdr.errors import DamageWarning, DTDRError
 
     buf = io.BytesIO()
     api.save({"w": torch.randn(100), "i": torch.arange(5)}, buf)
-    api.load(io.BytesIO(buf.getvalue()))
+    decoding.load_file(io.BytesIO(buf.getvalue()))
     api.verify(io.BytesIO(buf.getvalue()))
 
     if args.as_limit_mb:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     def run(op: str, data: bytes, tmp: str) -> None:
         if op == "load":
-            api.load(io.BytesIO(data))
+            decoding.load_file(io.BytesIO(data))
         elif op == "open":
             with torch_dtdr.open(io.BytesIO(data)) as fh:
                 for k in fh.keys():

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import zstandard
 
-from torch_dtdr import api
+from torch_dtdr import api, decoding
 from torch_dtdr.format import constants as C
 from torch_dtdr.format.index import compress_index
 from torch_dtdr.format.reader import ContainerReader
@@ -478,7 +478,7 @@ def mutate(data: bytes, rng: random.Random, name: str | None = None) -> tuple[st
 
 
 def _load(data: bytes) -> None:
-    api.load(io.BytesIO(data))
+    decoding.load_file(io.BytesIO(data))  # the DTDR decoder (torch_dtdr.load hands non-DTDR bytes to torch.load)
 
 
 def _open(data: bytes) -> None:
@@ -495,7 +495,7 @@ ENTRY_POINTS = (_load, _open)
 
 
 def exercise(data: bytes) -> list:
-    """Everything a user may do with untrusted bytes: ``api.load``, and
+    """Everything a user may do with untrusted bytes: the DTDR decoder (what ``api.load`` runs for a DTDR file), and
     ``open`` + every tensor + the metadata. Returns the typed errors
     (:class:`~torch_dtdr.errors.DTDRError`) raised; anything else propagates."""
     import warnings

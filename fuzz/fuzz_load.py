@@ -1,4 +1,4 @@
-"""Fuzz ``torch_dtdr.api.load`` and ``torch_dtdr.open`` with arbitrary bytes.
+"""Fuzz the DTDR decoder (``torch_dtdr.decoding.load_file``, what ``torch_dtdr.api.load`` runs for a DTDR file) and ``torch_dtdr.open`` with arbitrary bytes.
 
 With atheris (coverage-guided, libFuzzer flags)::
 

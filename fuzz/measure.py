@@ -56,13 +56,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     import torch_dtdr
-    from torch_dtdr import api
+    from torch_dtdr import api, decoding
     from torch_dtdr.errors import DamageWarning, DTDRError
 
     # warm up every code path once (imports, codec tables), so baselines are fair
     buf = io.BytesIO()
     api.save({"w": torch.randn(100), "i": torch.arange(5)}, buf, codec={"w": "dtdr"})
-    api.load(io.BytesIO(buf.getvalue()))
+    decoding.load_file(io.BytesIO(buf.getvalue()))
 
     if args.as_limit_mb:
         vm = _status("VmSize")
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             for step in ("load", "open"):
                 try:
                     if step == "load":
-                        api.load(io.BytesIO(data), errors=args.mode)
+                        decoding.load_file(io.BytesIO(data), errors=args.mode)
                     else:
                         with torch_dtdr.open(io.BytesIO(data), errors=args.mode) as fh:
                             fh.metadata()

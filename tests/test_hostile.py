@@ -354,15 +354,15 @@ def test_dcp_reader_hostile_metadata(tmp_path):
         payload = torch.frombuffer(bytearray(doc), dtype=torch.uint8)
         meta = {"format": dcp.FORMAT_NAME, "version": "1", "xxh3": f"{hash64(doc):016x}", "bytes": str(len(doc))}
         for n in names:
-            api.save({dcp._META_KEY: payload}, ckpt / n, codec="raw", metadata=meta)
+            api.save({dcp.metadata.META_KEY: payload}, ckpt / n, codec="raw", metadata=meta)
         with pytest.raises(DTDRError):
             dcp.read_metadata(str(ckpt))
 
 
 def _rewrite_dcp_metadata(ckpt, dcp, fn):
-    doc, _ = dcp._load_plain_metadata(str(ckpt), None)
+    doc, _ = dcp.metadata.load_plain_metadata(str(ckpt), None)
     fn(doc)
-    dcp._write_metadata(str(ckpt), dcp.METADATA_NAMES, doc, None, "default")
+    dcp.metadata.write_metadata(str(ckpt), dcp.METADATA_NAMES, doc, None, "default")
 
 
 def test_dcp_shard_names_cannot_leave_the_checkpoint(tmp_path):
@@ -420,9 +420,9 @@ def test_dcp_refuses_pickled_metadata(tmp_path):
 _PKG = os.path.join(ROOT, "torch_dtdr")
 #: torch.load calls whose weights_only is not a literal True, and why that is safe.
 _TORCH_LOAD_ALLOWED = {
-    ("shim.py", "load"): "the torch.load drop-in forwards the caller's own weights_only (torch >= 2.6 "
+    ("torchfiles.py", "load_torch"): "the torch.load drop-in forwards the caller's own weights_only (torch >= 2.6 "
                          "defaults to True; on older torch the shim passes True itself)",
-    ("dcp.py", "load_bytes"): "_full_state_dict_planner(weights_only=not allow_pickle): False only when the "
+    ("convert.py", "load_bytes"): "_full_state_dict_planner(weights_only=not allow_pickle): False only when the "
                               "caller passes allow_pickle=True for a checkpoint it trusts",
 }
 
@@ -483,7 +483,8 @@ def test_no_pickle_eval_exec_or_unsafe_torch_load():
 def test_reader_imports_nothing_by_name():
     """The modules a load runs through never import or look up code by a
     name that could come from a file."""
-    reader_side = ("api.py", "lazy.py", "tree.py", "format/", "codecs/", "integrity/", "storage.py")
+    reader_side = ("api.py", "lazy.py", "decoding.py", "torchfiles.py", "kinds.py", "dispatch.py", "tree.py", "format/",
+                   "codecs/", "integrity/", "storage/", "dtypes.py")
     for rel, tree in _sources():
         if not rel.startswith(reader_side):
             continue

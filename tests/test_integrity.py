@@ -10,12 +10,12 @@ import pytest
 import xxhash
 
 from torch_dtdr.errors import CodecError, IntegrityError
-from torch_dtdr.integrity import checksum, parity, vote
+from torch_dtdr.integrity import backends, checksum, parity, vote
 from torch_dtdr.integrity.checksum import chunk_hashes, hash64, verify_chunks
 from torch_dtdr.integrity.parity import ErasureCode
 from torch_dtdr.integrity.vote import bitwise_majority, majority_with_hash
 
-NATIVE_ISAL = [i for i in ("isal", "pyeclib") if parity._impl_usable(i, "isa_l_rs_cauchy")]
+NATIVE_ISAL = [i for i in ("isal", "pyeclib") if backends.usable(i, "isa_l_rs_cauchy")]
 
 
 def rand_chunks(rng: np.random.Generator, k: int, c: int) -> list[bytes]:
@@ -102,7 +102,7 @@ def test_every_erasure_pattern_default(k):
 
 @pytest.mark.parametrize(
     "algorithm,impl",
-    [(a, i) for a in parity.ALGORITHMS for i in parity._CHAIN[a] if parity._impl_usable(i, a)],
+    [(a, i) for a in parity.ALGORITHMS for i in backends.CHAIN[a] if backends.usable(i, a)],
 )
 def test_every_erasure_pattern_each_implementation(algorithm, impl):
     rng = np.random.default_rng(7)
@@ -155,7 +155,7 @@ def test_systematic_property_and_raw_parity_matches_pyeclib_payloads():
         assert data == before  # encode does not touch its input
         assert ec.reconstruct(data + par) == data  # nothing erased: data unchanged
         assert ec.reconstruct(data + [None] * m) == data  # parity lost: data unchanged
-        if ec.algorithm == "isa_l_rs_cauchy" and parity._impl_usable("pyeclib", "isa_l_rs_cauchy"):
+        if ec.algorithm == "isa_l_rs_cauchy" and backends.usable("pyeclib", "isa_l_rs_cauchy"):
             from pyeclib.ec_iface import ECDriver
 
             frags = ECDriver(k=k, m=m, ec_type="isa_l_rs_cauchy").encode(b"".join(data))
@@ -166,7 +166,7 @@ def test_systematic_property_and_raw_parity_matches_pyeclib_payloads():
 def test_parity_is_deterministic_across_instances_and_implementations():
     data = det_chunks(16)
     for algorithm in parity.available_algorithms():
-        impls = [i for i in parity._CHAIN[algorithm] if parity._impl_usable(i, algorithm)]
+        impls = [i for i in backends.CHAIN[algorithm] if backends.usable(i, algorithm)]
         results = {impl: ErasureCode(16, 4, algorithm, impl=impl).encode(data) for impl in impls}
         results["again"] = ErasureCode(16, 4, algorithm).encode(data)
         first = next(iter(results.values()))
@@ -207,7 +207,7 @@ def test_inputs_unchanged_after_reconstruct():
     """zfec's decode writes into the buffers it gets; ours must not leak that."""
     rng = np.random.default_rng(9)
     for algorithm in parity.available_algorithms():
-        for impl in [i for i in parity._CHAIN[algorithm] if parity._impl_usable(i, algorithm)]:
+        for impl in [i for i in backends.CHAIN[algorithm] if backends.usable(i, algorithm)]:
             ec = ErasureCode(5, 3, algorithm, impl=impl)
             data = rand_chunks(rng, 5, 256)
             par = ec.encode(data)
@@ -434,8 +434,8 @@ def test_large_chunks_and_threads():
 
     rng = np.random.default_rng(8)
     ec = ErasureCode(3, 2)
-    c = 1 << 20  # chunks above parity._STAGE_LIMIT: no staging copy
-    assert c > parity._STAGE_LIMIT
+    c = 1 << 20  # chunks above backends.STAGE_LIMIT: no staging copy
+    assert c > backends.STAGE_LIMIT
     buf = rng.integers(0, 256, 3 * c, dtype=np.uint8).tobytes()
     chunks = [memoryview(buf)[j * c : (j + 1) * c] for j in range(3)]
     par = ec.encode(chunks)

@@ -388,12 +388,12 @@ def test_temp_key_strategy_for_other_stores():
     base = f"/dtdr-test-{uuid.uuid4().hex}"
     try:
         fs.pipe_file(f"{base}/ckpt", b"old")
-        sink = storage._TempKeyFsspecSink(fs, f"{base}/ckpt", f"memory://{base}/ckpt", {})
+        sink = storage.sinks._TempKeyFsspecSink(fs, f"{base}/ckpt", f"memory://{base}/ckpt", {})
         sink.write(b"new")
         assert fs.cat_file(f"{base}/ckpt") == b"old"
         sink.commit()
         assert fs.cat_file(f"{base}/ckpt") == b"new"
-        sink = storage._TempKeyFsspecSink(fs, f"{base}/ckpt", f"memory://{base}/ckpt", {})
+        sink = storage.sinks._TempKeyFsspecSink(fs, f"{base}/ckpt", f"memory://{base}/ckpt", {})
         sink.write(b"newer")
         sink.abort()
         assert fs.cat_file(f"{base}/ckpt") == b"new"

@@ -11,21 +11,21 @@ import fnmatch
 import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-import os
 import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 
 from . import codecs, tree
-from ._cpu import compute_cores
+from . import decoding, torchfiles
+from .decoding import Decoder, progress_bar
 from .codecs.base import Codec
-from .errors import ArgumentError, CodecError, DamageWarning, DeviceError, IntegrityError, TruncatedError, warn_caller
-from .format import constants as C
+from .errors import ArgumentError, CheckpointNotFoundError, CodecError, DamageWarning, DTDRError, IntegrityError
+from .format import constants
 from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
-from .format.reader import ContainerReader, SegmentData, merge_ranges
+from .format.reader import ContainerReader
 from .format.writer import ContainerWriter
-from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
+from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport
 from .storage import open_sink, open_source
 
 #: Parity levels: (data chunks k, parity chunks m, inner RS symbols) per stripe.
@@ -38,10 +38,9 @@ PARITY_LEVELS: dict[str, tuple[int, int, int]] = {
     "archive": (32, 2, 32),
 }
 
-#: Tensors encoded (save) or decoded (load) at once: reads, checks and
-#: decodes overlap, and the heavy work releases the GIL. One per core, at most
-#: 4; a 2-vCPU machine gets 1 (see :func:`torch_dtdr._cpu.compute_cores`).
-DEFAULT_WORKERS = min(4, compute_cores())
+#: Tensors encoded (save) or decoded (load) at once (see
+#: :data:`torch_dtdr.decoding.DEFAULT_WORKERS`).
+DEFAULT_WORKERS = decoding.DEFAULT_WORKERS
 
 CodecSpec = str | Codec | Mapping[str, "str | Codec"] | Callable[[str, torch.Tensor], "str | Codec | None"]
 
@@ -108,25 +107,17 @@ def _parity(parity) -> tuple[int, int, int]:
         raise ArgumentError(f"parity must be a level name or (k, m) / (k, m, inner) integers, got {parity!r}",
                             field="parity")
     k, m, inner = values[0], values[1], values[2] if len(values) == 3 else 0
-    if not 1 <= k <= C.MAX_K or not 0 <= m <= C.MAX_M or k + m > 255:
-        raise ArgumentError(f"parity (k={k}, m={m}) out of range: 1 <= k <= {C.MAX_K}, 0 <= m <= {C.MAX_M}, "
+    if not 1 <= k <= constants.MAX_K or not 0 <= m <= constants.MAX_M or k + m > 255:
+        raise ArgumentError(f"parity (k={k}, m={m}) out of range: 1 <= k <= {constants.MAX_K}, 0 <= m <= {constants.MAX_M}, "
                             "k + m <= 255", field="parity")
     if inner and (inner % 2 or not 2 <= inner <= 128):
         raise ArgumentError(f"inner parity symbols must be 0 or even in [2, 128], got {inner}", field="parity")
     return k, m, inner
 
 
-def _check_errors(errors, partial: bool = False) -> None:
-    if errors not in ("recover", "strict"):
-        raise ArgumentError(f"errors must be 'recover' or 'strict', got {errors!r}", field="errors")
-    if partial and errors != "recover":
-        raise ArgumentError("partial=True returns what errors='recover' recovers; it cannot apply to "
-                            "errors='strict'", field="partial")
-
-
 def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = None, parity="default",
          metadata: Mapping[str, str] | None = None, storage_options: Mapping | None = None,
-         chunk_size: int = C.DEFAULT_CHUNK_SIZE, segment_elems: int = C.DEFAULT_SEGMENT_ELEMS,
+         chunk_size: int = constants.DEFAULT_CHUNK_SIZE, segment_elems: int = constants.DEFAULT_SEGMENT_ELEMS,
          workers: int | None = None) -> None:
     """Save ``obj`` (a tensor, or dicts/lists/tuples around tensors and plain
     values) to ``f``: a local path, an fsspec URL or a writable binary file.
@@ -156,14 +147,14 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
     with open_sink(f, storage_options) as sink:
         w = ContainerWriter(sink, chunk_size=chunk_size, k=k, m=m, inner_nsym=inner)
         index.geometry["algorithm"] = w.code.algorithm
-        w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
+        w.write_record(constants.RECORD_KIND_MANIFEST, constants.MANIFEST_TENSOR_ID, 0, 0, 0,
                        [("manifest", 1, encode_index(index.to_json(with_records=False)))])
         jobs = ((tid, seg, start, part, c, info)
                 for tid, (e, info, c) in enumerate(zip(entries, infos, chosen))
                 for seg, (start, part) in enumerate(_segments(e.tensor, segment_elems)))
         for (tid, seg, start, part, c, info), encoded in _encode_in_order(jobs, workers or DEFAULT_WORKERS):
             offset, header = w.write_record(
-                C.RECORD_KIND_SEGMENT, tid, seg, start, part.numel(),
+                constants.RECORD_KIND_SEGMENT, tid, seg, start, part.numel(),
                 [(s.name, s.copies, encoded[s.name]) for s in c.sections(part.dtype)])
             info.records.append(RecordInfo(offset, header.size, start, part.numel(), header.sections))
         stream_end = w.logical_offset
@@ -201,214 +192,62 @@ def _encode_in_order(jobs, workers: int):
             yield job0, fut.result()
 
 
-class _Decoder:
-    """Decodes tensors from a reader and accumulates the report."""
+def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None = None, mmap: bool | None = None,
+         errors: str = "recover", storage_options: Mapping | None = None, report: bool = False,
+         max_workers: int | None = None, partial: bool = False, **pickle_load_args) -> Any:
+    """Load a DTDR file, or hand anything else to :func:`torch.load`.
 
-    def __init__(self, reader: ContainerReader, errors: str):
-        _check_errors(errors)
-        self.reader = reader
-        self.errors = errors
-        self.report = Report(reader.name, f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", list(reader.events), reader.truncated)
-        self._reports: dict[int, TensorReport] = {}
+    ``f`` is a local path, an fsspec URL (``s3://``, ``gs://``, ``memory://``,
+    ...) or a binary file object; what it holds is told by its first 8 bytes,
+    or, when those are damaged, by the DTDR trailer or footer at its end (a
+    file object is peeked from its current position and, when it is not DTDR,
+    left exactly there). A file shorter than the magic that begins like it
+    (an empty file, say) counts as a truncated DTDR file; a missing path
+    raises :class:`~torch_dtdr.errors.CheckpointNotFoundError` (a
+    ``FileNotFoundError``).
 
-    def tensor(self, i: int, after_record: Callable[[RecordInfo, SegmentData], None] | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The stored tensor ``i`` on CPU, or None when it is lost.
-        ``after_record(record, segment)`` is called after each record is read.
-        ``out`` (1-D, contiguous, CPU, the stored dtype and element count) receives
-        the values segment by segment instead of a new tensor."""
-        r = self.reader
-        info: TensorInfo = r.tensors[i]
-        codec = codecs.from_dict(info.codec)
-        rep = TensorReport(info.name, dtype_name(info.dtype), list(info.shape), codec.name)
-        self._reports[i] = rep
-        covered = sum(rec.elem_count for rec in info.records)
-        numel = info.numel
-        prov = info.provenance
-        rep.provenance = None if prov is None else dict(prov)
-        if prov is not None and prov["status"] == PROVENANCE_LOST:
-            rep.status = LOST
-            rep.error_bound = None
-            self._fail(rep, IntegrityError, f"tensor was lost before this file was written (the file is a partial "
-                       f"copy salvaged by repair from {prov['source']!r})", None)
-            return None
-        if covered < numel or (numel == 0 and not info.records and r.truncated):
-            rep.status = LOST
-            rep.error_bound = None
-            self._fail(rep, TruncatedError, "the file ends before this tensor's data", None)
-            return None
-        bound = 0.0
-        for rec in info.records:
-            seg = r.read_record(rec)
-            if after_record is not None:
-                after_record(rec, seg)
-            rep.damaged_bytes += r.physical(seg.bad)
-            rep.repaired_bytes += r.physical(seg.repaired)
-            if seg.repaired:
-                rep.status = worst(rep.status, REPAIRED)
-            result = codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
-            if not result.exact:
-                floating = info.dtype.is_floating_point or info.dtype.is_complex
-                # Only the residual layer is optional: without anything else a segment has no bounded value.
-                if not floating or (seg.damage.missing - {"residual"}):
-                    rep.status = LOST
-                else:
-                    rep.status = worst(rep.status, DEGRADED)
-                rep.degraded_elements += result.degraded_elements
-                bound = None if (bound is None or result.error_bound is None) else max(bound, result.error_bound)
-            values = result.values
-            if len(info.records) == 1 and out is None:
-                out = values
-            else:
-                if out is None:
-                    out = torch.empty(numel, dtype=info.dtype)
-                out[rec.elem_start: rec.elem_start + rec.elem_count] = values
-        if out is None:
-            out = torch.empty(0, dtype=info.dtype)
-        rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
-        rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
-        if rep.status in (DEGRADED, LOST):
-            rep.error_bound = bound
-        if prov is not None and rep.status != LOST:
-            # written by repair from degraded data: it stays degraded, whatever its checksums say
-            rep.status = DEGRADED
-            rep.degraded_elements += prov["degraded_elements"]
-            old_bound = prov["error_bound"]
-            rep.error_bound = None if (old_bound is None or rep.error_bound is None) else rep.error_bound + old_bound
-            self._fail(rep, IntegrityError, f"tensor is degraded: repair wrote it from data of {prov['source']!r} "
-                       f"that could not be restored exactly ({prov['degraded_elements']} elements affected)",
-                       rep.damaged_bytes[0] if rep.damaged_bytes else None)
-        if rep.status != EXACT and rep.status != REPAIRED:
-            self._fail(rep, TruncatedError if r.truncated else IntegrityError,
-                       f"tensor is {rep.status} ({rep.degraded_elements} elements affected)",
-                       rep.damaged_bytes[0] if rep.damaged_bytes else None)
-        if rep.status == LOST:
-            return None
-        return out.view(info.shape)
+    **DTDR files** are decoded by :mod:`torch_dtdr.decoding`: ``map_location``
+    takes all of torch.load's forms (device string, :class:`torch.device`, a
+    dict of saved-location remaps, a callable ``(storage, location)``);
+    ``errors="recover"`` (default) repairs and degrades gracefully with a
+    :class:`~torch_dtdr.errors.DamageWarning`, ``"strict"`` raises unless
+    every tensor is bit-exact; a lost tensor raises
+    :class:`~torch_dtdr.errors.IntegrityError` naming every lost tensor unless
+    ``partial=True``, which returns ``None`` in its place; ``report=True`` returns ``(obj, Report)``;
+    ``max_workers`` bounds the concurrent range requests to a remote store
+    (default :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`). Nothing is unpickled, so ``pickle_module``, ``weights_only`` and extra
+    pickle arguments have no effect; ``mmap=True`` is accepted and has no
+    effect yet (the data is read and verified in full).
 
-    def tensor_report(self, i: int) -> TensorReport | None:
-        """The report of stored tensor ``i`` once it has been decoded."""
-        return self._reports.get(i)
-
-    def _fail(self, rep: TensorReport, cls, message: str, byte_range) -> None:
-        if self.errors == "strict":
-            raise cls(message, file=self.reader.name, tensor=rep.name, byte_range=byte_range)
-
-    def finish(self) -> Report:
-        rep = self.report
-        rep.tensors = [self._reports[i] for i in sorted(self._reports)]
-        rep.truncated = self.reader.truncated
-        if rep.status != EXACT:
-            warn_caller(DamageWarning(rep.summary()))
-        return rep
-
-
-def _map_device(map_location, saved_device: str) -> torch.device | str | None:
-    """The device a tensor saved on ``saved_device`` goes to, in torch.load's terms."""
-    if map_location is None:
-        return saved_device
-    if isinstance(map_location, (str, torch.device)):
-        return map_location
-    if isinstance(map_location, Mapping):
-        return map_location.get(saved_device, saved_device)
-    if callable(map_location):
-        probe = torch.empty(0, dtype=torch.uint8).untyped_storage()
-        result = map_location(probe, saved_device)
-        if result is None:
-            return saved_device
-        if isinstance(result, (torch.UntypedStorage, torch.TypedStorage)):
-            return result.device
-        if isinstance(result, (str, torch.device)):
-            return result
-        raise TypeError(f"map_location callable returned {type(result).__name__}, expected a storage or None")
-    raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
-
-
-def _place(t: torch.Tensor, map_location, saved_device: str, file, name: str) -> torch.Tensor:
-    """Move a decoded CPU tensor where ``map_location`` (torch.load's forms) sends it."""
-    dev = _map_device(map_location, saved_device)
-    if dev is None:
-        return t
-    try:
-        dev = torch.device(dev)
-        return t if dev == t.device else t.to(dev)
-    except (RuntimeError, AssertionError, ValueError) as e:
-        raise DeviceError(f"cannot place the tensor on device {str(dev)!r} (saved on {saved_device!r}): {e}; "
-                          "pass map_location", file=file, tensor=name) from None
-
-
-def lost_tensors_error(rep: Report) -> IntegrityError | None:
-    """The error for a report with lost tensors (every name listed), or None when nothing was lost."""
-    lost = [t.name for t in rep.tensors if t.status == LOST]
-    if not lost:
-        return None
-    shown = ", ".join(repr(n) for n in lost[:20]) + (f", ... ({len(lost) - 20} more)" if len(lost) > 20 else "")
-    cls = TruncatedError if rep.truncated else IntegrityError
-    return cls(f"{len(lost)} tensor(s) are lost: {shown}; pass partial=True to get the rest with None in "
-               "their place", file=rep.file, tensor=lost[0])
-
-
-def _load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None,
-                      partial: bool = False) -> tuple[Any, Report]:
-    """Decode every tensor (``workers`` at a time, so reading, checking and
-    decoding overlap, while a prefetch downloads ahead from remote stores), then
-    rebuild the object around them. A lost tensor raises IntegrityError naming
-    every lost tensor, unless ``partial`` (then it is None in the object)."""
-    dec = _Decoder(reader, errors)
-    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
-    n = len(reader.tensors)
-    workers = workers or DEFAULT_WORKERS
-
-    def decode(i: int):
-        t = dec.tensor(i)
-        return None if t is None else _place(t, map_location, devices[i], reader.name, reader.tensors[i].name)
-
-    with reader.prefetch(rec for t in reader.tensors for rec in t.records):
-        if workers > 1 and n > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
-                loaded = list(pool.map(decode, range(n)))
-        else:
-            loaded = [decode(i) for i in range(n)]
-    rep = dec.finish()
-    error = None if partial else lost_tensors_error(rep)
-    if error is not None:
-        raise error
-    obj = tree.unflatten(reader.index.tree, loaded.__getitem__)
-    return obj, rep
-
-
-def load(f, map_location=None, *, errors: str = "recover", storage_options: Mapping | None = None,
-         report: bool = False, max_workers: int | None = None, partial: bool = False):
-    """Load an object saved by :func:`save`.
-
-    ``map_location`` takes torch.load's forms (a device string or
-    ``torch.device``, a dict remapping saved device tags, or a callable
-    ``(storage, location)``). ``errors="recover"`` (the default) repairs what
-    parity can, degrades damaged float regions gracefully and warns with a
-    :class:`~torch_dtdr.errors.DamageWarning`; ``"strict"`` raises
-    :class:`~torch_dtdr.errors.IntegrityError` unless every tensor is bit-exact.
-    A tensor that cannot be recovered at all (lost: a truncated file, say)
-    raises :class:`~torch_dtdr.errors.IntegrityError` (``TruncatedError``
-    for a truncated file) naming every lost tensor, whatever ``errors`` is;
-    ``partial=True`` (with ``errors="recover"``) returns the rest instead,
-    with ``None`` in place of each lost tensor, and the report and the
-    DamageWarning list the lost ones.
-    With ``report=True`` returns ``(obj, Report)``. ``max_workers`` bounds the
-    concurrent range requests to a remote store (default
-    :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`).
+    **Anything else** goes to the original :func:`torch.load` with
+    ``map_location``, ``pickle_module``, ``weights_only``, ``mmap`` and the
+    extra pickle arguments exactly as given. ``weights_only=None`` (default)
+    means torch's own default: ``True`` since torch 2.6 (this function passes
+    ``True`` on older torch, unless a ``pickle_module`` is given). An fsspec
+    URL, which torch.load cannot open, is opened with ``storage_options`` and
+    passed as a file object. ``errors`` and ``max_workers`` do not apply (torch.load repairs
+    nothing) and ``report=True`` returns ``(obj, None)``.
     """
-    _check_errors(errors, partial)
-    with open_source(f, storage_options, max_workers=max_workers) as src:
-        obj, rep = _load_from_reader(ContainerReader(src), map_location, errors, partial=partial)
-    return (obj, rep) if report else obj
+    kind, src = torchfiles.sniff(f, storage_options, partial=True)
+    if kind == "dtdr":
+        return load_dtdr_source(src, f, map_location, errors=errors, storage_options=storage_options, report=report,
+                                max_workers=max_workers, partial=partial)
+    if kind == "missing":
+        raise CheckpointNotFoundError("no such file", file=src)
+    obj = torchfiles.load_torch(f, kind, src, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
+                                storage_options=storage_options, **pickle_load_args)
+    return (obj, None) if report else obj
 
 
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=None)
+def load_dtdr_source(src, orig_f, map_location=None, *, errors: str = "recover",
+                     storage_options: Mapping | None = None, report: bool = False, max_workers: int | None = None,
+                     partial: bool = False):
+    """Decode the DTDR file :func:`torch_dtdr.torchfiles.sniff` found (``src``)
+    as :func:`load` does, then leave a file object ``orig_f`` after its data."""
+    out = decoding.load_file(src, map_location, errors=errors, storage_options=storage_options, report=report,
+                             max_workers=max_workers, partial=partial, workers=DEFAULT_WORKERS)
+    torchfiles.consume(orig_f)
+    return out
 
 
 def info(f, *, storage_options: Mapping | None = None) -> dict:
@@ -424,7 +263,7 @@ def info(f, *, storage_options: Mapping | None = None) -> dict:
                             "codec": t.codec.get("name", "?"), "codec_params": t.codec,
                             "stored_bytes": stored, "raw_bytes": raw, "segments": len(t.records),
                             "provenance": t.provenance})
-        return {"file": reader.name, "format_version": f"{C.FORMAT_MAJOR}.{C.FORMAT_MINOR}", "file_size": reader.size,
+        return {"file": reader.name, "format_version": f"{constants.FORMAT_MAJOR}.{constants.FORMAT_MINOR}", "file_size": reader.size,
                 "geometry": {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "algorithm": reader.algorithm,
                              "n_data_chunks": g.n_data_chunks, "inner_nsym": g.inner_nsym},
                 "metadata": dict(reader.index.metadata), "events": list(reader.events),
@@ -441,19 +280,13 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
     included), try parity repair in memory and report per tensor: exact /
     repaired / degraded / lost. Never raises for
     damage; a file that cannot be opened at all gives a report with
-    ``unreadable`` set. ``max_workers`` is as in :func:`load`."""
-    from .errors import DTDRError
-
-    if isinstance(f, (str, os.PathLike)):
-        from . import dcp
-
-        if dcp.is_checkpoint(f, storage_options):
-            return dcp.verify_checkpoint(f, storage_options=storage_options, progress=progress,
-                                         max_workers=max_workers)
+    ``unreadable`` set. ``max_workers`` is as in :func:`load`. One file: a
+    DCP checkpoint folder is verified by :func:`torch_dtdr.dispatch.verify`
+    (which is :func:`torch_dtdr.verify`)."""
     try:
         with open_source(f, storage_options, max_workers=max_workers) as src:
             reader = ContainerReader(src)
-            dec = _Decoder(reader, "recover")
+            dec = Decoder(reader, "recover")
             # Tensors in file order, each record followed by the scrub of the
             # stripes behind it: one pass over the file serves both (one
             # download, memory bounded by a record and the prefetch window).
@@ -466,7 +299,7 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
                     scrubber.run_until(max(o + n for o, n in reads))
 
             with reader.prefetch((rec for i in order for rec in reader.tensors[i].records), also=scrubber.reads()):
-                for i in _progress(order, progress, "verify"):
+                for i in progress_bar(order, progress, "verify"):
                     dec.tensor(i, after_record=scrub_behind)
                 dec.report.events += scrubber.finish()
             with warnings.catch_warnings():
@@ -493,7 +326,7 @@ class _RecordCopier:
             values = self.codec.decode(sections, self.old.dtype, rec.elem_count, seg.damage).values
             sections = self.codec.encode(values.reshape(-1).contiguous())
         offset, header = self.writer.write_record(
-            C.RECORD_KIND_SEGMENT, self.tid, len(self.new.records), rec.elem_start, rec.elem_count,
+            constants.RECORD_KIND_SEGMENT, self.tid, len(self.new.records), rec.elem_start, rec.elem_count,
             [(s.name, self.copies.get(s.name, s.copies), sections[s.name]) for s in rec.sections])
         self.new.records.append(RecordInfo(offset, header.size, rec.elem_start, rec.elem_count, header.sections))
 
@@ -567,7 +400,7 @@ def _repair_pass(f, out, storage_options, out_storage_options, progress, max_wor
     with open_source(f, storage_options, max_workers=max_workers) as src:
         reader = ContainerReader(src)
         source_name = _base_name(reader.name)
-        dec = _Decoder(reader, "recover")
+        dec = Decoder(reader, "recover")
         g = reader.geometry
         index = Index(reader.index.tree, [], dict(reader.index.metadata),
                       {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "inner_nsym": g.inner_nsym})
@@ -590,9 +423,9 @@ def _repair_pass(f, out, storage_options, out_storage_options, progress, max_wor
                 w = ContainerWriter(sink, chunk_size=g.chunk_size, k=g.k, m=g.m, algorithm=reader.algorithm,
                                     inner_nsym=g.inner_nsym)
                 index.geometry["algorithm"] = w.code.algorithm
-                w.write_record(C.RECORD_KIND_MANIFEST, C.MANIFEST_TENSOR_ID, 0, 0, 0,
+                w.write_record(constants.RECORD_KIND_MANIFEST, constants.MANIFEST_TENSOR_ID, 0, 0, 0,
                                [("manifest", 1, encode_index(index.to_json(with_records=False)))])
-                for tid, (tinfo, new) in _progress(list(enumerate(zip(reader.tensors, index.tensors))), progress,
+                for tid, (tinfo, new) in progress_bar(list(enumerate(zip(reader.tensors, index.tensors))), progress,
                                                    "repair"):
                     lost_mark = new.provenance is not None and new.provenance["status"] == PROVENANCE_LOST
                     if lost_mark and tinfo.provenance is None:

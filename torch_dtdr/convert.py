@@ -30,14 +30,15 @@ import json
 import os
 import posixpath
 import struct
-from typing import Any, Callable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import (ArgumentError, CheckpointNotFoundError, DamageWarning, DTDRError, FormatError, IntegrityError,
                      ObjectTypeError, StorageError, warn_caller)
-from .format.constants import MAGIC
-from .storage import check_regular_file, child_inside, is_plain_name
+from .kinds import folder_kind, head_kind
+from .storage import Location, atomic_local_path, check_regular_file, child_inside, is_plain_name, is_url
+
+if TYPE_CHECKING:  # torch is imported where a conversion needs it, so `import torch_dtdr` stays light
+    import torch
 
 __all__ = ["convert", "METADATA_KEY"]
 
@@ -53,66 +54,8 @@ _DEFAULT_ST_INDEX = "model.safetensors.index.json"
 _MAX_ST_HEADER = 100 * 2**20
 
 
-# --------------------------------------------------------------------------- file system helpers
-
-
-class _FS:
-    """A path or URL resolved to an fsspec file system (local paths included)."""
-
-    def __init__(self, target, storage_options):
-        import fsspec
-
-        s = os.fsdecode(os.fspath(target))
-        self.target = s
-        self.storage_options = storage_options
-        if "://" in s:
-            self.fs, self.path = fsspec.core.url_to_fs(s, **(storage_options or {}))
-        else:
-            from fsspec.implementations.local import LocalFileSystem
-
-            self.fs, self.path = LocalFileSystem(), os.path.abspath(s)
-        from fsspec.implementations.local import LocalFileSystem
-
-        self.local = isinstance(self.fs, LocalFileSystem)
-        self._url_prefix = s[: s.index("://") + 3] if "://" in s and not self.local else ""
-
-    def join(self, name: str) -> str:
-        """A child's path or URL, in the form the rest of the package accepts."""
-        if self.local:
-            return os.path.join(self.path, name)
-        return self.target.rstrip("/") + "/" + name
-
-    def child_path(self, name: str) -> str:
-        return os.path.join(self.path, name) if self.local else posixpath.join(self.path, name)
-
-    def isdir(self) -> bool:
-        return self.fs.isdir(self.path)
-
-    def exists(self) -> bool:
-        return self.fs.exists(self.path)
-
-    def listdir(self) -> list[str]:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
-
-    def head(self, path: str, n: int) -> bytes:
-        with self.fs.open(path, "rb") as fh:
-            return fh.read(n)
-
-    def cat(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
-
-    def makedirs(self) -> None:
-        self.fs.makedirs(self.path, exist_ok=True)
-
-
 def _sniff_bytes(head: bytes, size: int | None = None) -> str:
-    if head[: len(MAGIC)] == MAGIC:
-        return "dtdr"
-    if len(head) >= 9 and head[8:9] == b"{":
-        (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n <= _MAX_ST_HEADER and (size is None or 8 + n <= size):
-            return "safetensors"
-    return "torch"
+    return head_kind(head, size) or "torch"
 
 
 # --------------------------------------------------------------------------- reading
@@ -126,7 +69,7 @@ def _st_header(raw: bytes) -> tuple[list[str], dict | None]:
     return names, meta
 
 
-def _read_safetensors(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_safetensors(fsx: Location, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Tensors and ``__metadata__`` of a safetensors file; a malformed file is a FormatError."""
     try:
         return _read_safetensors_unchecked(fsx, path)
@@ -136,7 +79,7 @@ def _read_safetensors(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dic
         raise FormatError(f"not a valid safetensors file: {type(e).__name__}: {e}", file=path) from None
 
 
-def _read_safetensors_unchecked(fsx: _FS, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_safetensors_unchecked(fsx: Location, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     if fsx.local:
         from safetensors import safe_open
 
@@ -157,7 +100,7 @@ def _read_safetensors_unchecked(fsx: _FS, path: str) -> tuple[dict[str, torch.Te
     return {k: tensors[k] for k in names}, meta
 
 
-def _read_torch(fsx: _FS, path: str) -> Any:
+def _read_torch(fsx: Location, path: str) -> Any:
     """A torch file, unpickled with ``weights_only=True`` only; anything that
     restricted unpickler refuses (or cannot parse) is a FormatError."""
     from .shim import original_load
@@ -176,7 +119,7 @@ def _read_torch(fsx: _FS, path: str) -> Any:
 
 def _read_source(src, storage_options) -> tuple[str, Any, dict]:
     """(kind, obj, layout) of a non-DTDR source, or ("dtdr", None, {}) for DTDR."""
-    fsx = _FS(src, storage_options)
+    fsx = Location(src, storage_options)
     if not fsx.exists():
         from .errors import CheckpointNotFoundError
 
@@ -215,7 +158,7 @@ def _pick(names: list[str], preferred: str, what: str, where: str) -> str | None
                         file=where)
 
 
-def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
+def _read_folder(fsx: Location) -> tuple[str, Any, dict]:
     names = fsx.listdir()
     where = fsx.target
     index = _pick([n for n in names if n.endswith(_ST_INDEX_SUFFIX)], _DEFAULT_ST_INDEX, "safetensors indexes", where)
@@ -267,14 +210,14 @@ def _read_folder(fsx: _FS) -> tuple[str, Any, dict]:
                            "index_metadata": idx.get("metadata"), "files": files}
 
 
-def _hf_cache_extra(fsx: _FS) -> tuple[str, ...]:
+def _hf_cache_extra(fsx: Location) -> tuple[str, ...]:
     """Where a Hugging Face hub cache snapshot's files may link (``snapshots/<rev>`` -> ``../../blobs``)."""
     if fsx.local and posixpath.basename(os.path.dirname(fsx.path.rstrip(os.sep))) == "snapshots":
         return (os.path.join("..", "..", "blobs"),)
     return ()
 
 
-def _check_inside(fsx: _FS, name, where: str, field: str) -> None:
+def _check_inside(fsx: Location, name, where: str, field: str) -> None:
     """A file name taken from a folder's listing or index must name a file inside
     that folder, symlinks resolved (or the hub cache's blobs, see ``_hf_cache_extra``)."""
     if not is_plain_name(name) or not child_inside(fsx.target, name, fsx.storage_options,
@@ -284,7 +227,7 @@ def _check_inside(fsx: _FS, name, where: str, field: str) -> None:
                           field=field)
 
 
-def _read_index(fsx: _FS, index: str) -> tuple[dict, dict[str, str]]:
+def _read_index(fsx: Location, index: str) -> tuple[dict, dict[str, str]]:
     """The parsed HF index and its ``weight_map`` of tensor name -> shard file name."""
     where = fsx.join(index)
     try:
@@ -304,6 +247,8 @@ def _read_index(fsx: _FS, index: str) -> tuple[dict, dict[str, str]]:
 
 
 def _is_tensor_dict(obj) -> bool:
+    import torch
+
     return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items())
 
@@ -330,6 +275,8 @@ def _write_dtdr(obj, layout: dict, dst, *, codec, parity, block_size, metadata, 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous tensors that share no memory (what safetensors accepts)."""
+    import torch
+
     seen: dict[tuple, int] = {}
     for t in tensors.values():
         if t.numel():
@@ -353,27 +300,13 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], target: str, metadata, s
 
     tensors = _unshare(tensors)
     metadata = {str(k): str(v) for k, v in metadata.items()} if metadata else None
-    if "://" not in target:
-        from .storage import _fsync_dir, local_temp_path, remove_stale_temps
-
-        d = os.path.dirname(os.path.abspath(target))
-        tmp = local_temp_path(os.path.abspath(target))
-        if not os.path.isdir(d):
-            raise StorageError("the destination's directory does not exist", file=target)
-        remove_stale_temps(d)
-        try:
+    if not is_url(target):
+        with atomic_local_path(target) as tmp:
             try:
                 save_file(tensors, tmp, metadata=metadata)
             except Exception as e:  # noqa: BLE001 - safetensors' own error type names the temp file
                 raise StorageError(f"safetensors could not write the file: {type(e).__name__}",
                                    file=target) from None
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(d)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return
     from .storage import write_bytes_atomic
 
@@ -494,7 +427,7 @@ def _check_layout(layout, src: str) -> None:
 def _write_safetensors(names: list[str], get: Callable[[str], torch.Tensor | None], layout, user_meta: dict,
                        dst: str, metadata, storage_options, src_name: str) -> list[str]:
     files, index = _plan_files(names, layout, user_meta, dst)
-    dfs = _FS(dst, storage_options)
+    dfs = Location(dst, storage_options)
     if files[0][0] is not None:
         dfs.makedirs()
     written = []
@@ -563,7 +496,7 @@ def _infer_to(src_kind: str, dst: str, storage_options) -> str:
     if dst.endswith(("/", os.sep)):
         return "safetensors"
     try:
-        fsx = _FS(dst, storage_options)
+        fsx = Location(dst, storage_options)
         if fsx.isdir() or (not fsx.exists() and "." not in posixpath.basename(dst.replace(os.sep, "/"))):
             return "safetensors"  # a folder, or a new name without extension (as HF folders are)
     except Exception:
@@ -574,7 +507,8 @@ def _infer_to(src_kind: str, dst: str, storage_options) -> str:
 
 def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", block_size: int | None = None,
             metadata: Mapping[str, str] | None = None, errors: str = "strict",
-            storage_options: Mapping | None = None) -> dict:
+            storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
+            allow_pickle: bool = False) -> dict:
     """Convert ``src`` to ``dst`` (local paths or fsspec URLs).
 
     A distributed (DCP) checkpoint folder as ``src`` is gathered into one DTDR
@@ -597,7 +531,10 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
     applies to reading a DTDR source: ``"strict"`` (default) refuses to
     convert a file that is not bit-exact after parity repair, ``"recover"``
     converts what :func:`torch_dtdr.load` recovers (a lost tensor always
-    fails). ``storage_options`` go to fsspec for both ends.
+    fails). ``storage_options`` go to fsspec for both ends, unless
+    ``out_storage_options`` are given for ``dst`` (DCP conversions).
+    ``allow_pickle`` accepts a standard DCP checkpoint folder as ``src`` (see
+    :func:`torch_dtdr.dcp.dcp_to_dtdr`); only for checkpoints you trust.
 
     Returns a summary: ``{"from", "to", "files", "tensors"}``.
     """
@@ -605,23 +542,26 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
         raise ArgumentError(f"to must be 'dtdr', 'safetensors' or 'dcp', got {to!r}", field="to")
     src_s = os.fsdecode(os.fspath(src))
     dst_s = os.fsdecode(os.fspath(dst))
-    from . import dcp
+    if folder_kind(src_s, storage_options) in ("dcp", "torch-dcp"):
+        from . import dcp
 
-    if dcp.dcp_kind(src_s, storage_options) in ("dtdr", "torch"):
         dcp.dcp_to_dtdr(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
-                        storage_options=storage_options, out_storage_options=storage_options)
+                        allow_pickle=allow_pickle, storage_options=storage_options,
+                        out_storage_options=out_storage_options or storage_options)
         return {"from": "dcp", "to": "dtdr", "files": [dst_s]}
     if to == "dcp":
+        from . import dcp
+
         dcp.dtdr_to_dcp(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
-                        storage_options=storage_options, out_storage_options=storage_options)
+                        storage_options=storage_options, out_storage_options=out_storage_options or storage_options)
         return {"from": "dtdr", "to": "dcp", "files": [dst_s]}
     kind, obj, layout = _read_source(src_s, storage_options)
     to = to or _infer_to(kind, dst_s, storage_options)
     if to == "dtdr":
-        if _FS(dst_s, storage_options).isdir():
+        if Location(dst_s, storage_options).isdir():
             raise IsADirectoryError(f"{dst_s} is a folder; DTDR output is one file (e.g. {dst_s.rstrip('/')}/model.dtdr)")
         if kind == "dtdr":
-            from .api import load as api_load
+            from .decoding import load_file as api_load
             from .lazy import open as dtdr_open
 
             with dtdr_open(src_s, storage_options=storage_options) as h:
@@ -649,37 +589,3 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
         written = _write_safetensors(list(obj), obj.__getitem__, layout, {}, dst_s, metadata, storage_options, src_s)
         n = len(obj)
     return {"from": kind, "to": "safetensors", "files": written, "tensors": n}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_convert(args) -> int:
-    from .cli import storage_options
-
-    parity = args.parity
-    if "," in parity:
-        k, _, m = parity.partition(",")
-        parity = (int(k), int(m))
-    summary = convert(args.path, args.output, to=args.to, codec=args.codec, parity=parity,
-                      block_size=args.block_size, errors=args.errors, storage_options=storage_options(args.storage_option))
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"converted {args.path} ({summary['from']}) -> {summary['to']}: " + ", ".join(summary["files"]))
-    return 0
-
-
-def register_cli(subparsers, common) -> None:
-    sp = subparsers.add_parser(
-        "convert", help="convert safetensors / HF folders / torch .pt,.bin to DTDR, and DTDR back to safetensors")
-    common(sp)
-    sp.add_argument("output", help="destination: *.dtdr, *.safetensors, or a folder (for safetensors)")
-    sp.add_argument("--to", choices=("dtdr", "safetensors", "dcp"), help="output format (default: inferred)")
-    sp.add_argument("--codec", default="dtdr", help="DTDR codec: dtdr (lossless, default), dtdr16, dtdr8, raw")
-    sp.add_argument("--parity", default="default", help="parity level: default, strong, off, or K,M")
-    sp.add_argument("--block-size", type=int, default=None, help="codec block size (default: the codec's)")
-    sp.add_argument("--errors", choices=("strict", "recover"), default="strict",
-                    help="reading a DTDR source: refuse anything not bit-exact (strict, default) or convert "
-                         "what can be recovered")
-    sp.set_defaults(func=_cmd_convert)

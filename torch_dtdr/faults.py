@@ -112,10 +112,10 @@ import numbers
 import os
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from .errors import ArgumentError, CheckpointNotFoundError, IntegrityError, StorageError
+from .storage import is_local_fs, url_to_fs
 
 __all__ = [
     "MODES",
@@ -319,14 +319,12 @@ def _open_fs(path, storage_options):
     url = os.fspath(path)
     if not isinstance(url, str):
         raise FaultArgumentError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    fs, p = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, p = url_to_fs(url, storage_options)
     return url, fs, p
 
 
 def _is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
+    return is_local_fs(fs)
 
 
 def _file_size(fs, p, url) -> int:

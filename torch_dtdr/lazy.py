@@ -11,8 +11,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 from . import codecs, slicing, tree
-from .api import _Decoder, _load_from_reader, _place
 from .codecs.base import Damage
+from .decoding import Decoder, load_from_reader, place
 from .errors import DamageWarning, FormatError, IntegrityError, warn_caller
 from .format.reader import ContainerReader
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, worst
@@ -60,7 +60,7 @@ class DTDRFile:
             raise
         self._device = device
         self._errors = errors
-        self._decoder = _Decoder(self._reader, errors)
+        self._decoder = Decoder(self._reader, errors)
         skeleton = self._reader.index.tree
         self._refs = tree.tensor_refs(skeleton, len(self._reader.tensors))
         self._devices = tree.entry_devices(skeleton, len(self._reader.tensors))
@@ -193,7 +193,7 @@ class DTDRFile:
 
     def load(self, map_location=None) -> Any:
         """The whole saved object, like :func:`torch_dtdr.load`."""
-        obj, _rep = _load_from_reader(self._reader, map_location or self._device, self._errors)
+        obj, _rep = load_from_reader(self._reader, map_location or self._device, self._errors)
         return obj
 
     def report(self) -> Report:
@@ -232,7 +232,7 @@ class DTDRFile:
             return None if whole is None else whole[key]
         runs = slicing.plan(selection, offset, strides)
         if not runs:
-            return _place(torch.empty(out_shape, dtype=dtype), self._device, self._devices[e], self._reader.name,
+            return place(torch.empty(out_shape, dtype=dtype), self._device, self._devices[e], self._reader.name,
                           info.name)
         gap = max(1, self._reader.geometry.chunk_size // max(1, dtype.itemsize))
         pieces = slicing.merge(runs, gap)
@@ -257,7 +257,7 @@ class DTDRFile:
             piece = values[k]
             parts.append(piece.as_strided(run.sizes, run.strides, run.start - pieces[k][0]).reshape(-1))
         out = torch.cat(parts).reshape(out_shape) if len(parts) > 1 else parts[0].reshape(out_shape).clone()
-        return _place(out, self._device, self._devices[e], self._reader.name, info.name)
+        return place(out, self._device, self._devices[e], self._reader.name, info.name)
 
     def _read_pieces(self, e: int, pieces: list[tuple[int, int]]):
         """The stored elements ``[a, b)`` of each piece of entry ``e``, their
@@ -320,7 +320,7 @@ class DTDRFile:
             t = self._decoder.tensor(i)
         if t is None:
             return None
-        return _place(t, self._device, self._devices[i], self._reader.name, self._reader.tensors[i].name)
+        return place(t, self._device, self._devices[i], self._reader.name, self._reader.tensors[i].name)
 
 
 

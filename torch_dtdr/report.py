@@ -22,6 +22,32 @@ def exit_code(status: str, unreadable) -> int:
     return {EXACT: 0, REPAIRED: 1, DEGRADED: 2, LOST: 2}[status]
 
 
+class Verdict:
+    """What every report answers, whatever it covers (one file, or every file of a DCP checkpoint folder):
+    subclasses give ``status``, ``unreadable`` and ``to_dict()``; ``clean``, ``exit_code`` and
+    ``to_json()`` follow from them the same way for all."""
+
+    status: str
+    unreadable: str | None
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing was damaged at all."""
+        return self.status == EXACT
+
+    @property
+    def exit_code(self) -> int:
+        """0 clean, 1 damaged but recovered exactly, 2 degraded or lost, 3 unreadable."""
+        return exit_code(self.status, self.unreadable)
+
+    def to_dict(self) -> dict:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def to_json(self, **kwargs) -> str:
+        """:meth:`to_dict` as JSON (``kwargs`` go to :func:`json.dumps`)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+
 @dataclass
 class TensorReport:
     """The fate of one stored tensor.
@@ -49,7 +75,7 @@ class TensorReport:
 
 
 @dataclass
-class Report:
+class Report(Verdict):
     """Everything a load or :func:`torch_dtdr.verify` found in one file."""
 
     file: str
@@ -71,10 +97,6 @@ class Report:
         return s
 
     @property
-    def clean(self) -> bool:
-        return self.status == EXACT
-
-    @property
     def exact(self) -> bool:
         """True when every tensor came back bit-exact (possibly after repair)."""
         return not self.unreadable and all(t.status in (EXACT, REPAIRED) for t in self.tensors)
@@ -84,11 +106,6 @@ class Report:
         for t in self.tensors:
             out[t.status] += 1
         return out
-
-    @property
-    def exit_code(self) -> int:
-        """0 clean, 1 damaged but recovered exactly, 2 degraded or lost, 3 unreadable."""
-        return exit_code(self.status, self.unreadable)
 
     def summary(self) -> str:
         c = self.counts()
@@ -108,9 +125,6 @@ class Report:
         d["status"] = self.status
         d["counts"] = self.counts()
         return d
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
         lines = [f"DTDR report for {self.file} (format {self.format_version}): {self.status}"]

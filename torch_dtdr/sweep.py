@@ -72,7 +72,6 @@ __all__ = [
     "write_markdown",
     "plot",
     "model_name",
-    "register_cli",
 ]
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -119,20 +118,6 @@ def _flatten_tensors(obj, prefix: str = "", out: dict | None = None) -> dict[str
     return out
 
 
-def _sniff(head: bytes) -> str | None:
-    from .format import constants as C
-
-    if head.startswith(C.MAGIC):
-        return "dtdr"
-    if head.startswith(b"PK\x03\x04"):
-        return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle
-        return "torch"
-    return None
-
-
 def _kind_of(name: str, head: bytes) -> str:
     lower = name.lower()
     if lower.endswith(".safetensors"):
@@ -141,23 +126,25 @@ def _kind_of(name: str, head: bytes) -> str:
         return "dtdr"
     if lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
         return "torch"
-    kind = _sniff(head)
+    from .kinds import head_kind
+
+    kind = head_kind(head)
     if kind is None:
         raise ValueError(f"cannot tell what kind of checkpoint {name!r} is (not safetensors, torch or DTDR)")
     return kind
 
 
 def _load_one(fs, p: str, url: str, storage_options) -> dict[str, torch.Tensor]:
-    from fsspec.implementations.local import LocalFileSystem
+    from .storage import is_local_fs
 
-    local = isinstance(fs, LocalFileSystem)
+    local = is_local_fs(fs)
     with fs.open(p, "rb") as f:
         head = f.read(16)
     kind = _kind_of(p, head)
     if kind == "dtdr":
-        from .api import load
+        from .decoding import load_file
 
-        return _flatten_tensors(load(url, errors="strict", storage_options=storage_options))
+        return _flatten_tensors(load_file(url, errors="strict", storage_options=storage_options))
     if kind == "safetensors":
         if local:
             from safetensors.torch import load_file
@@ -182,10 +169,10 @@ def load_state_dict_any(path, storage_options: Mapping | None = None) -> dict[st
     ``model.safetensors.index.json``, ``pytorch_model.bin`` or its sharded
     index). ``path`` may be an fsspec URL. Tensors are returned as separate,
     contiguous CPU tensors (tied weights become copies)."""
-    import fsspec
+    from .storage import url_to_fs
 
     url = os.fspath(path)
-    fs, p = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    fs, p = url_to_fs(url, dict(storage_options or {}))
     if not fs.exists(p):
         from .errors import CheckpointNotFoundError
 
@@ -414,7 +401,7 @@ def _dtdr_format(name: str, codec: str, parity: str) -> Format:
         dtdr_save(sd, path, codec=codec, parity=parity)
 
     def load(path):
-        from .api import load as dtdr_load
+        from .decoding import load_file as dtdr_load
         from .errors import DamageWarning
 
         with warnings.catch_warnings():
@@ -1051,125 +1038,3 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
     write_markdown(selected, os.path.join(out, "summary.md"), title=title, formats=formats, source=source)
     plot(selected, os.path.join(out, "sweep.png"), formats=formats, title=title)
     return selected
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _seed_arg(text: str):
-    text = text.strip()
-    if "," in text:
-        return [int(x) for x in text.split(",") if x.strip()]
-    return int(text)
-
-
-def _region_arg(values: list[str] | None):
-    import re
-
-    if not values:
-        return None
-    out: list = []
-    for v in values:
-        m = re.fullmatch(r"(\d+)[:-](\d+)", v.strip())
-        out.append((int(m.group(1)), int(m.group(2))) if m else v)
-    return out[0] if len(out) == 1 else out
-
-
-def _cmd_sweep(args) -> int:
-    from .cli import storage_options
-
-    rows = sweep(args.path, fractions=_float_list(args.fractions), seeds=_seed_arg(args.seeds),
-                 formats=[x.strip() for x in args.formats.split(",") if x.strip()], out=args.out,
-                 workers=args.workers, progress=not args.no_progress,
-                 storage_options=storage_options(args.storage_option), keep_work=args.keep_work,
-                 title=args.title)
-    errors = [r for r in rows if r.get("error")]
-    print(f"{len(rows)} runs; results in {os.path.join(args.out, 'sweep.csv')}, "
-          f"{os.path.join(args.out, 'summary.md')}, {os.path.join(args.out, 'sweep.png')}")
-    if errors:
-        print(f"dtdr: {len(errors)} run(s) hit a torch_dtdr bug (see the 'error' column), e.g. "
-              f"{errors[0]['format']} f={errors[0]['fraction']} seed={errors[0]['seed']}: {errors[0]['error']}")
-        return 4
-    return 0
-
-
-def _cmd_corrupt(args) -> int:
-    from .cli import storage_options
-    from .faults import corrupt
-
-    rec = corrupt(args.path, mode=args.mode, fraction=args.fraction, count=args.count, seed=args.seed,
-                  region=_region_arg(args.region), out=args.output,
-                  storage_options=storage_options(args.storage_option),
-                  burst_length=args.burst_length, sector_size=args.sector_size, record=args.record)
-    if args.json:
-        d = rec.to_dict()
-        d.pop("changes")
-        d.update({"n_bytes_changed": rec.n_bytes_changed, "n_runs": len(rec.changes), "record": args.record})
-        print(json.dumps(d, indent=2))
-    else:
-        print(rec.summary())
-        if args.record:
-            print(f"record saved to {args.record} (undo with: dtdr undo {args.record})")
-    return 0
-
-
-def _cmd_undo(args) -> int:
-    from .cli import storage_options
-    from .faults import FaultRecord, undo
-
-    rec = FaultRecord.load(args.record)
-    url = undo(rec, args.target, storage_options=storage_options(args.storage_option))
-    print(f"restored {url} (sha256 {rec.original_sha256[:16]}, {rec.original_size} bytes)")
-    return 0
-
-
-def register_cli(subparsers, common) -> None:
-    """Add ``sweep``, ``corrupt`` and ``undo`` to the ``dtdr`` command."""
-    from .faults import MODES
-
-    sp = subparsers.add_parser(
-        "sweep", help="robustness sweep: damage each format at each fraction, load, compare",
-        description="Encode PATH (safetensors, .pt/.bin, .dtdr or a Hugging Face folder) in each format, replace each byte with probability f, load and compare "
-                    "with the original. Writes sweep.csv, summary.md and sweep.png to --out; resumes from a "
-                    "partial sweep.csv. Exit 4 if torch_dtdr raised an unexpected error in some run.")
-    common(sp, json_flag=False)
-    sp.add_argument("--fractions", default=",".join(repr(f) for f in DEFAULT_FRACTIONS),
-                    help="comma-separated corruption fractions (default: %(default)s)")
-    sp.add_argument("--seeds", default="5", help="number of seeds (0..n-1) or a comma-separated list (default: 5)")
-    sp.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
-                    help=f"comma-separated formats (default: %(default)s; known: {', '.join(FORMATS)})")
-    sp.add_argument("--out", required=True, help="output folder (local)")
-    sp.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.add_argument("--keep-work", action="store_true", help="keep the encoded files in OUT/.sweep-work")
-    sp.add_argument("--title", help="title of summary.md and the plot (default: from the checkpoint's name)")
-    sp.set_defaults(func=_cmd_sweep)
-
-    sp = subparsers.add_parser("corrupt", help="damage a file deterministically (undo with `dtdr undo`)",
-                               description="Damage PATH reproducibly (same seed, same file: same damage). "
-                                           "Saves an undo record with --record.")
-    common(sp)
-    sp.add_argument("--mode", required=True, choices=MODES)
-    how = sp.add_mutually_exclusive_group()
-    how.add_argument("--fraction", type=float, help="probability that a byte (burst start, sector) is damaged")
-    how.add_argument("--count", type=int, help="exact number of damaged bytes (bursts, sectors; truncate: bytes removed)")
-    sp.add_argument("--seed", type=int, required=True)
-    sp.add_argument("--region", action="append",
-                    help="restrict damage to START:END (half-open) or a DTDR part name/glob (repeatable)")
-    sp.add_argument("--burst-length", type=int, default=64)
-    sp.add_argument("--sector-size", type=int, default=4096)
-    sp.add_argument("-o", "--output", help="write the damaged copy here and leave PATH untouched")
-    sp.add_argument("--record", help="save the fault record (JSON) here, for `dtdr undo`")
-    sp.set_defaults(func=_cmd_corrupt)
-
-    sp = subparsers.add_parser("undo", help="restore a file damaged by `dtdr corrupt` bit-exactly",
-                               description="Restore the file a fault record names (sha256-checked).")
-    sp.add_argument("record", help="fault record JSON written by `dtdr corrupt --record`")
-    sp.add_argument("--target", help="the damaged file (default: the one the record names)")
-    sp.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                    help="fsspec storage option (repeatable; values parsed as JSON when they can be)")
-    sp.set_defaults(func=_cmd_undo)

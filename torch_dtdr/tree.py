@@ -168,6 +168,7 @@ import torch
 
 from . import registry, tree_stdlib
 from ._json import canonical_dumps, strict_loads
+from .dtypes import ALL_DTYPES
 from .errors import FormatError, UnregisteredTypeError, UnsupportedVersionError
 
 try:  # numpy is a dependency, but keep the module importable without it
@@ -220,12 +221,7 @@ _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 _DEVICE_RE = re.compile(r"[a-z_][a-z0-9_]*(?::[0-9]{1,9})?")
 
 # Every torch.dtype by canonical name ("float32", not "float").
-_ALL_DTYPES: dict[str, torch.dtype] = {}
-for _v in vars(torch).values():
-    if isinstance(_v, torch.dtype):
-        _s = str(_v)
-        if _s.startswith("torch."):
-            _ALL_DTYPES.setdefault(_s[6:], _v)
+_ALL_DTYPES: dict[str, torch.dtype] = ALL_DTYPES
 # Dtypes a tensor may be stored as: quantized and sub-byte (u)int1..7 tensors
 # cannot even be copied.
 _STORABLE: dict[str, torch.dtype] = {

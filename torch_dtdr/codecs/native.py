@@ -18,7 +18,7 @@ import os
 import threading
 import warnings
 
-__all__ = ["core", "module", "forced", "describe", "DTYPE_CODES"]
+__all__ = ["core", "module", "forced", "DTYPE_CODES"]
 
 #: The dtype codes the compiled core understands, by torch dtype name.
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
@@ -66,13 +66,6 @@ def module():
 def core() -> str:
     """``"native"`` (the compiled core) or ``"reference"`` (numpy/torch)."""
     return "native" if module() is not None else "reference"
-
-
-def describe() -> str:
-    """What ``dtdr --version`` prints: the package version and the core in use."""
-    from .. import __version__
-
-    return f"torch-dtdr {__version__} (codec core: {core()})"
 
 
 @contextlib.contextmanager

@@ -14,28 +14,9 @@ import zstandard
 
 from .._json import canonical_dumps, strict_loads
 from ..errors import FormatError
-from . import constants as C
+from . import constants
 from .records import SectionEntry
-
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in [
-        "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32",
-        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-        "float4_e2m1fn_x2",
-        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
-    ]
-    if isinstance(getattr(torch, name, None), torch.dtype)
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        raise TypeError(f"tensors of dtype {dtype} cannot be stored") from None
-
+from ..dtypes import DTYPE_NAMES, DTYPES, dtype_name  # noqa: F401 - re-exported: the format's dtype field
 
 @dataclass(frozen=True)
 class RecordInfo:
@@ -97,8 +78,8 @@ class Index:
     stream_length: int | None = None
 
     def to_json(self, with_records: bool = True) -> dict:
-        minor = C.PROVENANCE_MINOR if any(t.provenance is not None for t in self.tensors) else C.FORMAT_MINOR
-        d = {"format": [C.FORMAT_MAJOR, minor], "geometry": self.geometry, "tree": self.tree,
+        minor = constants.PROVENANCE_MINOR if any(t.provenance is not None for t in self.tensors) else constants.FORMAT_MINOR
+        d = {"format": [constants.FORMAT_MAJOR, minor], "geometry": self.geometry, "tree": self.tree,
              "tensors": [t.to_json(with_records) for t in self.tensors], "metadata": self.metadata}
         return d
 
@@ -126,9 +107,9 @@ def decompress_index(payload: bytes, file=None, file_size: int | None = None) ->
         size = zstandard.frame_content_size(payload)
     except zstandard.ZstdError as e:
         raise FormatError(f"index is not a zstd frame: {e}", file=file, field="index") from None
-    limit = min(C.MAX_INDEX_BYTES, max(C.MAX_INDEX_FLOOR, C.MAX_INDEX_RATIO * len(payload)))
+    limit = min(constants.MAX_INDEX_BYTES, max(constants.MAX_INDEX_FLOOR, constants.MAX_INDEX_RATIO * len(payload)))
     if file_size is not None:
-        limit = min(limit, C.MAX_INDEX_PER_FILE_BYTE * file_size + C.MAX_INDEX_SLACK)
+        limit = min(limit, constants.MAX_INDEX_PER_FILE_BYTE * file_size + constants.MAX_INDEX_SLACK)
     if size < 0 or size > limit:
         raise FormatError(f"index declares {size} decompressed bytes from {len(payload)} (limit {limit})",
                           file=file, field="index")
@@ -156,7 +137,7 @@ def _short(v, n=60) -> str:
     return r if len(r) <= n else r[: n - 3] + "..."
 
 
-_RECORD_FIXED = C.RECORD_HEAD.size + C.RECORD_HASH.size
+_RECORD_FIXED = constants.RECORD_HEAD.size + constants.RECORD_HASH.size
 
 
 def _dict(v, what, file=None) -> dict:
@@ -174,7 +155,7 @@ def _list(v, what, file=None, max_len=None) -> list:
 
 def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
     """Decode and check an index (or, with ``require_records=False``, a manifest)."""
-    if len(raw) > C.MAX_INDEX_BYTES:
+    if len(raw) > constants.MAX_INDEX_BYTES:
         raise FormatError(f"index of {len(raw)} bytes exceeds the limit", file=file, field="index")
     try:
         doc = strict_loads(raw.decode("utf-8"))
@@ -184,19 +165,19 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
         raise FormatError(f"index is not valid JSON: {str(e)[:200]}", file=file, field="index") from None
     doc = _dict(doc, "index", file)
     fmt = _list(doc.get("format"), "format", file, 2)
-    if len(fmt) != 2 or _int(fmt[0], "format.major", file=file) != C.FORMAT_MAJOR:
+    if len(fmt) != 2 or _int(fmt[0], "format.major", file=file) != constants.FORMAT_MAJOR:
         from .records import check_version
 
         check_version(fmt[0] if fmt and type(fmt[0]) is int else -1, file)
     geometry = _dict(doc.get("geometry"), "geometry", file)
     metadata = _dict(doc.get("metadata", {}), "metadata", file)
     for k, v in metadata.items():
-        _str(v, f"metadata[{_short(k)}]", file, C.MAX_INDEX_STR)
+        _str(v, f"metadata[{_short(k)}]", file, constants.MAX_INDEX_STR)
     tree = _dict(doc.get("tree"), "tree", file)
     tensors = []
     names: set[str] = set()
     total_bytes = 0
-    for i, t in enumerate(_list(doc.get("tensors"), "tensors", file, C.MAX_TENSORS)):
+    for i, t in enumerate(_list(doc.get("tensors"), "tensors", file, constants.MAX_TENSORS)):
         t = _dict(t, f"tensors[{i}]", file)
         name = _str(t.get("name"), f"tensors[{i}].name", file)
         if name in names:
@@ -206,7 +187,7 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
         if dname not in DTYPES:
             raise FormatError(f"unknown dtype {_short(dname)}", file=file, tensor=name, field="dtype")
         dtype = DTYPES[dname]
-        shape = tuple(_int(d, f"{name}.shape", file=file) for d in _list(t.get("shape"), "shape", file, C.MAX_DIMS))
+        shape = tuple(_int(d, f"{name}.shape", file=file) for d in _list(t.get("shape"), "shape", file, constants.MAX_DIMS))
         numel = 1
         for d in shape:
             numel *= d
@@ -214,8 +195,8 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
                 raise FormatError("tensor declares more than 2^62 elements", file=file, tensor=name, field="shape")
         itemsize = dtype.itemsize
         total_bytes += numel * itemsize
-        if total_bytes > C.MAX_TENSOR_BYTES:
-            raise FormatError(f"the tensors declare more than {C.MAX_TENSOR_BYTES} bytes (TORCH_DTDR_MAX_BYTES)",
+        if total_bytes > constants.MAX_TENSOR_BYTES:
+            raise FormatError(f"the tensors declare more than {constants.MAX_TENSOR_BYTES} bytes (TORCH_DTDR_MAX_BYTES)",
                               file=file, tensor=name, field="shape")
         codec = _dict(t.get("codec"), f"{name}.codec", file)
         seg = _int(t.get("segment_elems"), f"{name}.segment_elems", lo=1, file=file)
@@ -230,7 +211,7 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
                 r = _list(r, f"{name}.records[]", file, 5)
                 if len(r) != 5:
                     raise FormatError("record entry must have 5 fields", file=file, tensor=name, field="records")
-                off = _int(r[0], "record.offset", lo=C.SUPERBLOCK.size, file=file)
+                off = _int(r[0], "record.offset", lo=constants.SUPERBLOCK.size, file=file)
                 hsize = _int(r[1], "record.header_size", lo=1, hi=1 << 16, file=file)
                 start = _int(r[2], "record.elem_start", file=file)
                 count = _int(r[3], "record.elem_count", file=file)
@@ -238,15 +219,15 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
                     raise FormatError("records do not tile the tensor", file=file, tensor=name, field="records")
                 expected += count
                 secs = []
-                for s in _list(r[4], "record.sections", file, C.MAX_SECTIONS):
+                for s in _list(r[4], "record.sections", file, constants.MAX_SECTIONS):
                     s = _list(s, "section", file, 4)
                     if len(s) != 4:
                         raise FormatError("section entry must have 4 fields", file=file, tensor=name, field="sections")
-                    secs.append(SectionEntry(_str(s[0], "section.name", file, 8), _int(s[1], "section.copies", 1, C.MAX_COPIES, file),
+                    secs.append(SectionEntry(_str(s[0], "section.name", file, 8), _int(s[1], "section.copies", 1, constants.MAX_COPIES, file),
                                              _int(s[2], "section.length", file=file), _int(s[3], "section.digest", 0, (1 << 64) - 1, file)))
                 if len({s.name for s in secs}) != len(secs):
                     raise FormatError("duplicate section name in a record", file=file, tensor=name, field="record.sections")
-                if hsize != _RECORD_FIXED + len(secs) * C.RECORD_SECTION.size:
+                if hsize != _RECORD_FIXED + len(secs) * constants.RECORD_SECTION.size:
                     raise FormatError(f"record header size {hsize} does not match its {len(secs)} sections",
                                       file=file, tensor=name, field="record.header_size")
                 rec = RecordInfo(off, hsize, start, count, tuple(secs))
@@ -260,7 +241,7 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
         raise FormatError("index field stream_length is missing", file=file, field="stream_length")
     if stream_length is not None:
         _int(stream_length, "stream_length", file=file)
-        prev_end = C.SUPERBLOCK.size
+        prev_end = constants.SUPERBLOCK.size
         for t in tensors:  # the writer appends records in index order: they never overlap
             for r in t.records:
                 if r.offset < prev_end:
@@ -304,7 +285,7 @@ def check_record_size(rec: "RecordInfo", itemsize: int, *, file=None, tensor=Non
     bytes: ``elem_count * itemsize > MAX_DECODE_RATIO * stored``."""
     stored = sum(s.stored_length for s in rec.sections)
     decoded = rec.elem_count * itemsize
-    if decoded > C.MAX_DECODE_RATIO * stored:
+    if decoded > constants.MAX_DECODE_RATIO * stored:
         raise FormatError(f"record of {stored} stored bytes declares {decoded} bytes of elements", file=file,
                           tensor=tensor, byte_range=(rec.offset, rec.offset + rec.header_size + stored),
                           field="record.elem_count")

@@ -24,7 +24,7 @@ from ..integrity.checksum import chunk_hashes, hash64
 from ..integrity.inner import InnerCode
 from ..integrity.parity import ErasureCode, WorkBudget
 from ..integrity.vote import bitwise_majority
-from . import constants as C
+from . import constants
 from .index import Index, RecordInfo, TensorInfo, check_record_size, decompress_index, parse_index
 from .layout import Geometry
 from .records import BlobHeader, RecordHeader, Superblock, Trailer, check_flags, check_geometry, padded
@@ -102,7 +102,7 @@ class ContainerReader:
 
     # ------------------------------------------------------------------ opening
     def _open(self) -> None:
-        tail_len = min(self.size, C.PAGE)
+        tail_len = min(self.size, constants.PAGE)
         tail = self.source.read(self.size - tail_len, tail_len)
         trailer = Trailer.parse(tail, file=self.name)
         if trailer is not None and self._open_from_trailer(trailer):
@@ -133,8 +133,8 @@ class ContainerReader:
         """What column correction may still spend on this open file: a multiple
         of the stream length (what a clean load decodes) plus a constant."""
         if self._correction_budget is None:
-            self._correction_budget = WorkBudget(C.CORRECTION_WORK_PER_BYTE * self.stream_length
-                                                 + C.CORRECTION_WORK_BASE)
+            self._correction_budget = WorkBudget(constants.CORRECTION_WORK_PER_BYTE * self.stream_length
+                                                 + constants.CORRECTION_WORK_BASE)
         return self._correction_budget
 
     @property
@@ -145,10 +145,10 @@ class ContainerReader:
 
     def _read_blob_copies(self, plan, kind, length, digest) -> tuple[bytes | None, list[bytes]]:
         """Return (verified payload or None, all copies read)."""
-        offsets = [off for k, _copy, off in plan if k == kind and off + C.BLOB_HEAD_SIZE + length <= self.size]
+        offsets = [off for k, _copy, off in plan if k == kind and off + constants.BLOB_HEAD_SIZE + length <= self.size]
         copies = []
         for i, off in enumerate(offsets):
-            raw = self.source.read(off + C.BLOB_HEAD_SIZE, length)
+            raw = self.source.read(off + constants.BLOB_HEAD_SIZE, length)
             copies.append(raw)
             if len(raw) == length and hash64(raw) == digest:
                 if i:
@@ -167,18 +167,18 @@ class ContainerReader:
         if self.geometry.physical_end != t.footer_offset or t.stream_length > t.n_data_chunks * t.chunk_size:
             self.events.append("trailer inconsistent with its geometry")
             return False
-        if t.index_length > C.MAX_INDEX_BYTES or t.chunksums_length != 8 * self.geometry.n_chunks_total:
+        if t.index_length > constants.MAX_INDEX_BYTES or t.chunksums_length != 8 * self.geometry.n_chunks_total:
             self.events.append("trailer declares impossible footer sizes")
             return False
         plan = t.blob_offsets()
-        self._footer_blobs = [(kind, off, off + padded(C.BLOB_HEAD_SIZE + (t.index_length if kind == C.BLOB_KIND_INDEX
+        self._footer_blobs = [(kind, off, off + padded(constants.BLOB_HEAD_SIZE + (t.index_length if kind == constants.BLOB_KIND_INDEX
                                                                          else t.chunksums_length)))
                               for kind, _copy, off in plan]
-        raw, _ = self._read_blob_copies(plan, C.BLOB_KIND_INDEX, t.index_length, t.index_digest)
+        raw, _ = self._read_blob_copies(plan, constants.BLOB_KIND_INDEX, t.index_length, t.index_digest)
         if raw is None:
             self.events.append("every index copy damaged beyond voting")
             return False
-        sums, sum_copies = self._read_blob_copies(plan, C.BLOB_KIND_CHUNKSUMS, t.chunksums_length, t.chunksums_digest)
+        sums, sum_copies = self._read_blob_copies(plan, constants.BLOB_KIND_CHUNKSUMS, t.chunksums_length, t.chunksums_digest)
         index = parse_index(decompress_index(raw, self.name, self.size), file=self.name)
         if index.stream_length != t.stream_length:
             raise FormatError(f"the index says the stream has {index.stream_length} bytes, the trailer "
@@ -209,19 +209,19 @@ class ContainerReader:
         """Find the footer by its self-checking blob headers, scanning back from
         the end. One valid index header locates every copy (they are laid out
         back to back), so copies whose own header is damaged still vote."""
-        end = self.size - self.size % C.PAGE
+        end = self.size - self.size % constants.PAGE
         scanned = 0
         tried: set[tuple[int, int, int]] = set()
         while end > 0 and scanned < _MAX_TAIL_SCAN:
             start = max(0, end - _SCAN_STEP)
             buf = self.source.read(start, end - start)
-            for off in range(len(buf) - len(buf) % C.PAGE - C.PAGE, -1, -C.PAGE):
-                if buf[off:off + 8] != C.BLOB_MAGIC:
+            for off in range(len(buf) - len(buf) % constants.PAGE - constants.PAGE, -1, -constants.PAGE):
+                if buf[off:off + 8] != constants.BLOB_MAGIC:
                     continue
                 head = BlobHeader.parse(buf, off)
-                if head is None or head.kind != C.BLOB_KIND_INDEX or head.length > C.MAX_INDEX_BYTES:
+                if head is None or head.kind != constants.BLOB_KIND_INDEX or head.length > constants.MAX_INDEX_BYTES:
                     continue
-                span = padded(C.BLOB_HEAD_SIZE + head.length)
+                span = padded(constants.BLOB_HEAD_SIZE + head.length)
                 first = start + off - head.copy * span
                 if (first, head.length, head.digest) in tried or first < 0:
                     continue
@@ -236,10 +236,10 @@ class ContainerReader:
         return False
 
     def _try_index_at(self, first: int, head: BlobHeader, span: int) -> bool:
-        plan = [(C.BLOB_KIND_INDEX, i, first + i * span) for i in range(max(head.ncopies, head.copy + 1))]
+        plan = [(constants.BLOB_KIND_INDEX, i, first + i * span) for i in range(max(head.ncopies, head.copy + 1))]
         self._try_budget -= 2 * head.length * sum(1 for _k, _c, off in plan
-                                                  if off + C.BLOB_HEAD_SIZE + head.length <= self.size)
-        raw, _ = self._read_blob_copies(plan, C.BLOB_KIND_INDEX, head.length, head.digest)
+                                                  if off + constants.BLOB_HEAD_SIZE + head.length <= self.size)
+        raw, _ = self._read_blob_copies(plan, constants.BLOB_KIND_INDEX, head.length, head.digest)
         if raw is None:
             return False
         try:
@@ -258,31 +258,31 @@ class ContainerReader:
         self.stream_length = index.stream_length
         length = 8 * self.geometry.n_chunks_total
         sums_first = first + len(plan) * span
-        sums_span = padded(C.BLOB_HEAD_SIZE + length)
+        sums_span = padded(constants.BLOB_HEAD_SIZE + length)
         digest = None
         for i in range(8):
-            h = BlobHeader.parse(self.source.read(sums_first + i * sums_span, C.BLOB_HEAD_SIZE))
+            h = BlobHeader.parse(self.source.read(sums_first + i * sums_span, constants.BLOB_HEAD_SIZE))
             if h is None:
                 continue
-            if h.kind == C.BLOB_KIND_CHUNKSUMS and h.length == length:
+            if h.kind == constants.BLOB_KIND_CHUNKSUMS and h.length == length:
                 digest = h.digest
                 n = h.ncopies
                 break
         if digest is None:
             self._install_sums(None, [], length)
             return True
-        expected_end = sums_first + n * sums_span + C.PAGE
+        expected_end = sums_first + n * sums_span + constants.PAGE
         if self.size < expected_end:
             self.truncated = True
             self.events.append(f"file ends {expected_end - self.size} bytes early, inside its footer")
-        plan = [(C.BLOB_KIND_CHUNKSUMS, i, sums_first + i * sums_span) for i in range(n)]
-        verified, copies = self._read_blob_copies(plan, C.BLOB_KIND_CHUNKSUMS, length, digest)
+        plan = [(constants.BLOB_KIND_CHUNKSUMS, i, sums_first + i * sums_span) for i in range(n)]
+        verified, copies = self._read_blob_copies(plan, constants.BLOB_KIND_CHUNKSUMS, length, digest)
         self._install_sums(verified, copies, length)
         return True
 
     def _open_from_scan(self) -> None:
         """No usable footer: rebuild the index from the head manifest and the records."""
-        head = self.source.read(0, min(self.size, C.PAGE))
+        head = self.source.read(0, min(self.size, constants.PAGE))
         try:
             sb = Superblock.parse(head, file=self.name)
             c, k, m, algorithm, inner = sb.chunk_size, sb.k, sb.m, sb.parity_algorithm, sb.flags & 0xFF
@@ -297,9 +297,9 @@ class ContainerReader:
         self.stream_length = min(n_data * c, full * k * c + min(rest, k * c))
         self._correct_without_sums()
         stream = bytes(self.read_logical(0, self.stream_length, verify=False).data)
-        pos = C.SUPERBLOCK.size
+        pos = constants.SUPERBLOCK.size
         header = RecordHeader.parse(stream, pos, file=self.name)
-        if header.kind != C.RECORD_KIND_MANIFEST or len(header.sections) != 1:
+        if header.kind != constants.RECORD_KIND_MANIFEST or len(header.sections) != 1:
             raise FormatError("the first record is not the manifest", file=self.name, byte_range=(pos, pos + header.size))
         body = bytes(stream[pos + header.size: pos + header.size + header.sections[0].length])
         if len(body) != header.sections[0].length or hash64(body) != header.sections[0].digest:
@@ -316,11 +316,11 @@ class ContainerReader:
                 except FormatError:
                     pass
             if rec is None:
-                pos = stream.find(C.RECORD_MAGIC, pos + 1)
+                pos = stream.find(constants.RECORD_MAGIC, pos + 1)
                 if pos < 0:
                     break
                 continue
-            if rec.kind == C.RECORD_KIND_SEGMENT and rec.tensor_id < len(index.tensors):
+            if rec.kind == constants.RECORD_KIND_SEGMENT and rec.tensor_id < len(index.tensors):
                 t = index.tensors[rec.tensor_id]
                 info = RecordInfo(pos, rec.size, rec.elem_start, rec.elem_count, rec.sections)
                 if (rec.elem_start == covered[rec.tensor_id] and rec.elem_count <= t.segment_elems
@@ -340,13 +340,13 @@ class ContainerReader:
         the chunk size; its own header hash and section digest must verify,
         else ``error`` (the superblock's) is raised."""
         try:
-            header = RecordHeader.parse(head, C.SUPERBLOCK.size, file=self.name)
+            header = RecordHeader.parse(head, constants.SUPERBLOCK.size, file=self.name)
         except FormatError:
             raise error from None
-        if header.kind != C.RECORD_KIND_MANIFEST or len(header.sections) != 1 \
+        if header.kind != constants.RECORD_KIND_MANIFEST or len(header.sections) != 1 \
                 or header.sections[0].length > self.size:
             raise error
-        start = C.SUPERBLOCK.size + header.size
+        start = constants.SUPERBLOCK.size + header.size
         body = bytes(self.source.read(start, header.sections[0].length))
         if len(body) != header.sections[0].length or hash64(body) != header.sections[0].digest:
             raise error
@@ -397,7 +397,7 @@ class ContainerReader:
             return False
         if rec.end > self.stream_length:
             present = max(0, self.stream_length - rec.body_start)
-            if rec.elem_count * itemsize > C.MAX_DECODE_RATIO * present + C.MAX_TRUNCATED_RECORD:
+            if rec.elem_count * itemsize > constants.MAX_DECODE_RATIO * present + constants.MAX_TRUNCATED_RECORD:
                 self.events.append(f"record at {rec.offset} is cut by the end of the file and too large to decode")
                 return False
         return True
@@ -547,7 +547,7 @@ class ContainerReader:
             elif stripe not in self._stripe_cache:
                 self._stripe_cache[stripe] = outcome
                 self._stripe_cache_bytes += sum(len(x) for x in outcome.values())
-                while self._stripe_cache_bytes > C.STRIPE_CACHE_BYTES and len(self._stripe_cache) > 1:
+                while self._stripe_cache_bytes > constants.STRIPE_CACHE_BYTES and len(self._stripe_cache) > 1:
                     _old, chunks = self._stripe_cache.popitem(last=False)
                     self._stripe_cache_bytes -= sum(len(x) for x in chunks.values())
         running.set()
@@ -739,7 +739,7 @@ class ContainerReader:
     def regions(self) -> dict[str, list[tuple[int, int]]]:
         """Named physical regions of the file, for targeted fault injection."""
         g = self.geometry
-        out: dict[str, list[tuple[int, int]]] = {"superblock": self.physical([(0, C.SUPERBLOCK.size)])}
+        out: dict[str, list[tuple[int, int]]] = {"superblock": self.physical([(0, constants.SUPERBLOCK.size)])}
         parity = [(g.parity_chunk_offset(s, 0), g.parity_chunk_offset(s, 0) + g.m * g.chunk_size)
                   for s in range(g.n_stripes)] if g.m else []
         out["parity"] = merge_ranges(parity)
@@ -757,16 +757,16 @@ class ContainerReader:
         if not self.truncated:
             footer = g.physical_end
             out["footer"] = [(footer, self.size)]
-            out["trailer"] = [(self.size - C.TRAILER.size, self.size)]
+            out["trailer"] = [(self.size - constants.TRAILER.size, self.size)]
         for kind, s, e in self._footer_blobs:
-            out.setdefault("index" if kind == C.BLOB_KIND_INDEX else "chunksums", []).append((s, e))
+            out.setdefault("index" if kind == constants.BLOB_KIND_INDEX else "chunksums", []).append((s, e))
         return out
 
 
-_KIND_NAMES = {C.BLOB_KIND_INDEX: "index", C.BLOB_KIND_CHUNKSUMS: "chunk-checksum table"}
+_KIND_NAMES = {constants.BLOB_KIND_INDEX: "index", constants.BLOB_KIND_CHUNKSUMS: "chunk-checksum table"}
 
 
-_HEAD_FIXED = C.RECORD_HEAD.size + C.RECORD_HASH.size
+_HEAD_FIXED = constants.RECORD_HEAD.size + constants.RECORD_HASH.size
 
 
 class Scrubber:
@@ -811,11 +811,11 @@ class Scrubber:
 
 def _header_hash_ok(stream: bytes, pos: int) -> bool:
     """Whether a self-consistent record header (magic, section count, hash) starts at ``pos``."""
-    if stream[pos:pos + 4] != C.RECORD_MAGIC or len(stream) < pos + _HEAD_FIXED:
+    if stream[pos:pos + 4] != constants.RECORD_MAGIC or len(stream) < pos + _HEAD_FIXED:
         return False
     nsec = stream[pos + 5]
-    size = _HEAD_FIXED + nsec * C.RECORD_SECTION.size
-    if nsec > C.MAX_SECTIONS or len(stream) < pos + size:
+    size = _HEAD_FIXED + nsec * constants.RECORD_SECTION.size
+    if nsec > constants.MAX_SECTIONS or len(stream) < pos + size:
         return False
     return int.from_bytes(stream[pos + size - 8:pos + size], "little") == hash64(stream[pos:pos + size - 8])
 
@@ -883,11 +883,11 @@ def looks_like_dtdr(source) -> bool:
     file whose first page is destroyed is still recognised)."""
     if source.size < 8:
         return False
-    if source.read(0, 8) == C.MAGIC:
+    if source.read(0, 8) == constants.MAGIC:
         return True
-    tail_len = min(source.size, 16 * C.PAGE)
+    tail_len = min(source.size, 16 * constants.PAGE)
     tail = source.read(source.size - tail_len, tail_len)
-    if tail[-C.TRAILER.size:][:8] == C.TRAILER_MAGIC:
+    if tail[-constants.TRAILER.size:][:8] == constants.TRAILER_MAGIC:
         return True
-    start = len(tail) % C.PAGE
-    return any(tail[off:off + 8] == C.BLOB_MAGIC for off in range(start, len(tail), C.PAGE))
+    start = len(tail) % constants.PAGE
+    return any(tail[off:off + 8] == constants.BLOB_MAGIC for off in range(start, len(tail), constants.PAGE))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import FormatError, UnsupportedVersionError
 from ..integrity.checksum import hash64
-from . import constants as C
+from . import constants
 
 
 def _ascii(field: bytes) -> str:
@@ -28,26 +28,26 @@ class Superblock:
     k: int
     m: int
     parity_algorithm: str
-    major: int = C.FORMAT_MAJOR
-    minor: int = C.FORMAT_MINOR
+    major: int = constants.FORMAT_MAJOR
+    minor: int = constants.FORMAT_MINOR
     flags: int = 0
 
     def pack(self) -> bytes:
-        body = C.SUPERBLOCK.pack(
-            C.MAGIC, self.major, self.minor, self.flags, self.chunk_size, self.k, self.m,
+        body = constants.SUPERBLOCK.pack(
+            constants.MAGIC, self.major, self.minor, self.flags, self.chunk_size, self.k, self.m,
             _pad_ascii(self.parity_algorithm, 16, "parity algorithm"), b"\0" * 16, 0,
         )[:-8]
         return body + hash64(body).to_bytes(8, "little")
 
     @classmethod
     def parse(cls, raw: bytes, file=None) -> "Superblock":
-        if len(raw) < C.SUPERBLOCK.size:
+        if len(raw) < constants.SUPERBLOCK.size:
             raise FormatError("file is shorter than the superblock", file=file, byte_range=(0, len(raw)))
-        magic, major, minor, flags, chunk, k, m, algo, _res, digest = C.SUPERBLOCK.unpack_from(raw)
-        if magic != C.MAGIC:
+        magic, major, minor, flags, chunk, k, m, algo, _res, digest = constants.SUPERBLOCK.unpack_from(raw)
+        if magic != constants.MAGIC:
             raise FormatError("not a DTDR file (bad magic)", file=file, byte_range=(0, 8))
-        if digest != hash64(raw[: C.SUPERBLOCK.size - 8]):
-            raise FormatError("superblock checksum mismatch", file=file, byte_range=(0, C.SUPERBLOCK.size))
+        if digest != hash64(raw[: constants.SUPERBLOCK.size - 8]):
+            raise FormatError("superblock checksum mismatch", file=file, byte_range=(0, constants.SUPERBLOCK.size))
         check_version(major, file)
         sb = cls(chunk, k, m, _ascii(algo), major, minor, flags)
         check_geometry(chunk, k, m, file)
@@ -56,9 +56,9 @@ class Superblock:
 
 
 def check_version(major: int, file=None) -> None:
-    if major != C.FORMAT_MAJOR:
+    if major != constants.FORMAT_MAJOR:
         raise UnsupportedVersionError(
-            f"format major version {major} is not supported (this reader reads {C.FORMAT_MAJOR})",
+            f"format major version {major} is not supported (this reader reads {constants.FORMAT_MAJOR})",
             file=file, field="major",
         )
 
@@ -74,9 +74,9 @@ def check_flags(flags: int, file=None) -> int:
 
 
 def check_geometry(chunk_size: int, k: int, m: int, file=None) -> None:
-    if chunk_size <= 0 or chunk_size % C.PAGE or chunk_size > C.MAX_CHUNK_SIZE:
-        raise FormatError(f"chunk size {chunk_size} is not a positive multiple of {C.PAGE}", file=file, field="chunk_size")
-    if not 1 <= k <= C.MAX_K or not 0 <= m <= C.MAX_M:
+    if chunk_size <= 0 or chunk_size % constants.PAGE or chunk_size > constants.MAX_CHUNK_SIZE:
+        raise FormatError(f"chunk size {chunk_size} is not a positive multiple of {constants.PAGE}", file=file, field="chunk_size")
+    if not 1 <= k <= constants.MAX_K or not 0 <= m <= constants.MAX_M:
         raise FormatError(f"stripe geometry k={k}, m={m} out of range", file=file, field="k/m")
 
 
@@ -103,41 +103,41 @@ class RecordHeader:
 
     @property
     def size(self) -> int:
-        return C.RECORD_HEAD.size + len(self.sections) * C.RECORD_SECTION.size + C.RECORD_HASH.size
+        return constants.RECORD_HEAD.size + len(self.sections) * constants.RECORD_SECTION.size + constants.RECORD_HASH.size
 
     @property
     def body_length(self) -> int:
         return sum(s.stored_length for s in self.sections)
 
     def pack(self) -> bytes:
-        parts = [C.RECORD_HEAD.pack(C.RECORD_MAGIC, self.kind, len(self.sections), 0, self.tensor_id,
+        parts = [constants.RECORD_HEAD.pack(constants.RECORD_MAGIC, self.kind, len(self.sections), 0, self.tensor_id,
                                     self.segment, self.elem_start, self.elem_count)]
         for s in self.sections:
-            parts.append(C.RECORD_SECTION.pack(_pad_ascii(s.name, 8, "section name"), s.copies, s.length, s.digest))
+            parts.append(constants.RECORD_SECTION.pack(_pad_ascii(s.name, 8, "section name"), s.copies, s.length, s.digest))
         body = b"".join(parts)
-        return body + C.RECORD_HASH.pack(hash64(body))
+        return body + constants.RECORD_HASH.pack(hash64(body))
 
     @classmethod
     def parse(cls, raw: bytes, offset: int = 0, file=None) -> "RecordHeader":
         """Parse a header at ``raw[offset:]``; FormatError when it is not a valid header."""
-        head = C.RECORD_HEAD
+        head = constants.RECORD_HEAD
         if len(raw) - offset < head.size:
             raise FormatError("record header cut short", file=file, byte_range=(offset, len(raw)))
         magic, kind, nsec, _res, tid, seg, start, count = head.unpack_from(raw, offset)
-        if magic != C.RECORD_MAGIC:
+        if magic != constants.RECORD_MAGIC:
             raise FormatError("no record header here", file=file, byte_range=(offset, offset + 4))
-        if nsec > C.MAX_SECTIONS:
+        if nsec > constants.MAX_SECTIONS:
             raise FormatError(f"record declares {nsec} sections", file=file, field="nsections")
-        size = head.size + nsec * C.RECORD_SECTION.size + C.RECORD_HASH.size
+        size = head.size + nsec * constants.RECORD_SECTION.size + constants.RECORD_HASH.size
         if len(raw) - offset < size:
             raise FormatError("record header cut short", file=file, byte_range=(offset, len(raw)))
-        (digest,) = C.RECORD_HASH.unpack_from(raw, offset + size - 8)
+        (digest,) = constants.RECORD_HASH.unpack_from(raw, offset + size - 8)
         if digest != hash64(raw[offset: offset + size - 8]):
             raise FormatError("record header checksum mismatch", file=file, byte_range=(offset, offset + size))
         sections = []
         for i in range(nsec):
-            name, copies, length, sdig = C.RECORD_SECTION.unpack_from(raw, offset + head.size + i * C.RECORD_SECTION.size)
-            if not 1 <= copies <= C.MAX_COPIES:
+            name, copies, length, sdig = constants.RECORD_SECTION.unpack_from(raw, offset + head.size + i * constants.RECORD_SECTION.size)
+            if not 1 <= copies <= constants.MAX_COPIES:
                 raise FormatError(f"section declares {copies} copies", file=file, field="copies")
             sections.append(SectionEntry(_ascii(name), copies, length, sdig))
         return cls(kind, tid, seg, start, count, tuple(sections))
@@ -152,24 +152,24 @@ class BlobHeader:
     digest: int
 
     def pack(self) -> bytes:
-        body = C.BLOB_HEAD.pack(C.BLOB_MAGIC, self.kind, self.copy, self.ncopies, 0, self.length, self.digest, 0)[:-8]
+        body = constants.BLOB_HEAD.pack(constants.BLOB_MAGIC, self.kind, self.copy, self.ncopies, 0, self.length, self.digest, 0)[:-8]
         raw = body + hash64(body).to_bytes(8, "little")
-        return raw.ljust(C.BLOB_HEAD_SIZE, b"\0")
+        return raw.ljust(constants.BLOB_HEAD_SIZE, b"\0")
 
     @classmethod
     def parse(cls, raw: bytes, offset: int = 0) -> "BlobHeader | None":
         """The header at ``raw[offset:]``, or None if there is no valid one."""
-        if len(raw) - offset < C.BLOB_HEAD.size:
+        if len(raw) - offset < constants.BLOB_HEAD.size:
             return None
-        magic, kind, copy, ncopies, _res, length, digest, hdig = C.BLOB_HEAD.unpack_from(raw, offset)
-        if magic != C.BLOB_MAGIC or hdig != hash64(raw[offset: offset + C.BLOB_HEAD.size - 8]):
+        magic, kind, copy, ncopies, _res, length, digest, hdig = constants.BLOB_HEAD.unpack_from(raw, offset)
+        if magic != constants.BLOB_MAGIC or hdig != hash64(raw[offset: offset + constants.BLOB_HEAD.size - 8]):
             return None
         return cls(kind, copy, ncopies, length, digest)
 
 
 def padded(n: int) -> int:
     """``n`` rounded up to a whole number of pages."""
-    return -(-n // C.PAGE) * C.PAGE
+    return -(-n // constants.PAGE) * constants.PAGE
 
 
 @dataclass(frozen=True)
@@ -187,13 +187,13 @@ class Trailer:
     chunksums_digest: int
     n_index_copies: int
     n_chunksum_copies: int
-    major: int = C.FORMAT_MAJOR
-    minor: int = C.FORMAT_MINOR
+    major: int = constants.FORMAT_MAJOR
+    minor: int = constants.FORMAT_MINOR
     flags: int = 0
 
     def pack(self) -> bytes:
-        body = C.TRAILER.pack(
-            C.TRAILER_MAGIC, self.major, self.minor, self.flags, self.chunk_size, self.k, self.m,
+        body = constants.TRAILER.pack(
+            constants.TRAILER_MAGIC, self.major, self.minor, self.flags, self.chunk_size, self.k, self.m,
             _pad_ascii(self.parity_algorithm, 16, "parity algorithm"), self.stream_length, self.n_data_chunks,
             self.footer_offset, self.index_length, self.index_digest, self.chunksums_length,
             self.chunksums_digest, self.n_index_copies, self.n_chunksum_copies, 0, 0, 0,
@@ -203,11 +203,11 @@ class Trailer:
     @classmethod
     def parse(cls, raw: bytes, file=None, file_size: int | None = None) -> "Trailer | None":
         """The trailer in the last bytes of ``raw``, or None if it is damaged."""
-        if len(raw) < C.TRAILER.size:
+        if len(raw) < constants.TRAILER.size:
             return None
-        raw = raw[-C.TRAILER.size:]
-        f = C.TRAILER.unpack(raw)
-        if f[0] != C.TRAILER_MAGIC or f[-1] != hash64(raw[:-8]):
+        raw = raw[-constants.TRAILER.size:]
+        f = constants.TRAILER.unpack(raw)
+        if f[0] != constants.TRAILER_MAGIC or f[-1] != hash64(raw[:-8]):
             return None
         check_version(f[1], file)
         t = cls(f[4], f[5], f[6], _ascii(f[7]), f[8], f[9], f[10], f[11], f[12], f[13], f[14], f[15], f[16],
@@ -227,8 +227,8 @@ def footer_plan(footer_offset: int, index_len: int, sums_len: int, n_index: int,
     on its own pages so that a damaged sector touches at most one copy."""
     out = []
     pos = footer_offset
-    for kind, n, length in ((C.BLOB_KIND_INDEX, n_index, index_len), (C.BLOB_KIND_CHUNKSUMS, n_sums, sums_len)):
+    for kind, n, length in ((constants.BLOB_KIND_INDEX, n_index, index_len), (constants.BLOB_KIND_CHUNKSUMS, n_sums, sums_len)):
         for copy in range(n):
             out.append((kind, copy, pos))
-            pos += padded(C.BLOB_HEAD_SIZE + length)
+            pos += padded(constants.BLOB_HEAD_SIZE + length)
     return out

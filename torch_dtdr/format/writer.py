@@ -15,7 +15,7 @@ import numpy as np
 from ..integrity.checksum import chunk_hashes, hash64
 from ..integrity.inner import InnerCode
 from ..integrity.parity import ErasureCode
-from . import constants as C
+from . import constants
 from .index import compress_index, encode_index
 from .records import BlobHeader, RecordHeader, SectionEntry, Superblock, Trailer, check_geometry, footer_plan, padded
 
@@ -44,7 +44,7 @@ class _HashTable:
 class ContainerWriter:
     """Streams a DTDR container into ``sink`` (anything with ``write(bytes)``)."""
 
-    def __init__(self, sink, *, chunk_size: int = C.DEFAULT_CHUNK_SIZE, k: int = 32, m: int = 2,
+    def __init__(self, sink, *, chunk_size: int = constants.DEFAULT_CHUNK_SIZE, k: int = 32, m: int = 2,
                  index_copies: int = 7, chunksum_copies: int | None = None, algorithm: str | None = None,
                  inner_nsym: int = 0):
         check_geometry(chunk_size, k, m)
@@ -141,7 +141,7 @@ class ContainerWriter:
         """The inner block of one stripe: RS parity of each of its chunks, page-padded."""
         raw = self.inner.encode(b"".join(bytes(p) for p in pieces)).tobytes()
         self._write(raw)
-        self._write(bytes(-len(raw) % C.PAGE))
+        self._write(bytes(-len(raw) % constants.PAGE))
 
     def write_record(self, kind: int, tensor_id: int, segment: int, elem_start: int, elem_count: int,
                      sections: Sequence[tuple[str, int, bytes]]) -> tuple[int, RecordHeader]:
@@ -175,8 +175,8 @@ class ContainerWriter:
         index_raw = compress_index(encode_index(index))
         sums_raw = self._hashes.array().astype("<u8").tobytes()
         n_index = index_copies or self.index_copies
-        blobs = {C.BLOB_KIND_INDEX: index_raw, C.BLOB_KIND_CHUNKSUMS: sums_raw}
-        ncopies = {C.BLOB_KIND_INDEX: n_index, C.BLOB_KIND_CHUNKSUMS: self.chunksum_copies}
+        blobs = {constants.BLOB_KIND_INDEX: index_raw, constants.BLOB_KIND_CHUNKSUMS: sums_raw}
+        ncopies = {constants.BLOB_KIND_INDEX: n_index, constants.BLOB_KIND_CHUNKSUMS: self.chunksum_copies}
         for kind, copy, offset in footer_plan(footer_offset, len(index_raw), len(sums_raw), n_index,
                                               self.chunksum_copies):
             payload = blobs[kind]
@@ -188,6 +188,6 @@ class ContainerWriter:
         trailer = Trailer(c, self.k, self.m, self.code.algorithm, stream_length, n_data_chunks, footer_offset,
                           len(index_raw), hash64(index_raw), len(sums_raw), hash64(sums_raw),
                           n_index, self.chunksum_copies, flags=self.inner_nsym).pack()
-        self._write(bytes(C.PAGE - len(trailer)))
+        self._write(bytes(constants.PAGE - len(trailer)))
         self._write(trailer)
         return self._physical

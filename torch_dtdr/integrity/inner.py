@@ -42,7 +42,8 @@ import math
 import numpy as np
 
 from ..errors import CodecError, IntegrityError
-from .parity import _GF_INV, _GF_MUL, _gf_matmul_chunks, _load_isal, gf_exp_log
+from .backends import load_isal
+from .gf256 import INV, MUL, gf_exp_log, matmul_chunks
 
 __all__ = ["InnerCode"]
 
@@ -61,7 +62,7 @@ def _generator(nsym: int) -> list[int]:
         ng = [0] * (len(g) + 1)
         for d, coef in enumerate(g):
             ng[d + 1] ^= coef  # coef * x
-            ng[d] ^= int(_GF_MUL[coef, a])  # coef * alpha^i
+            ng[d] ^= int(MUL[coef, a])  # coef * alpha^i
         g = ng
     return g
 
@@ -101,7 +102,7 @@ class InnerCode:
             rem = [0] + rem[:-1]
             if top:
                 for p in range(nsym):
-                    rem[p] ^= int(_GF_MUL[top, g[p]])
+                    rem[p] ^= int(MUL[top, g[p]])
         self.enc_matrix = enc
         # Syndrome matrix: H[i, pos] = alpha^(i * pos).
         i = np.arange(nsym)[:, None]
@@ -116,7 +117,7 @@ class InnerCode:
             valid[self.ncw - self.pad :, self.npos - 1] = False
         self._valid = valid
 
-        self._lib = _load_isal()
+        self._lib = load_isal()
         self._tables = {}
         if self._lib is not None:
             for name, mat in (("enc", enc), ("syn", self.syn_matrix)):
@@ -138,7 +139,7 @@ class InnerCode:
         assert rows_arr.shape[0] == k and rows_arr.flags.c_contiguous
         length = rows_arr.shape[1]
         if self._lib is None:
-            return _gf_matmul_chunks(mat, list(rows_arr))
+            return matmul_chunks(mat, list(rows_arr))
         out = np.empty((r, length), dtype=np.uint8)
         V = ctypes.c_void_p
         sa, da = rows_arr.ctypes.data, out.ctypes.data
@@ -245,7 +246,7 @@ class InnerCode:
         Returns (codeword ids, positions, values) of the errors found, and the
         codeword ids that could not be decoded.
         """
-        mul, inv = _GF_MUL, _GF_INV
+        mul, inv = MUL, INV
         n, two_t = s.shape
         t = self.t
         w = two_t + 2

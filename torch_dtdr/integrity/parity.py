@@ -47,20 +47,23 @@ The ISA-L algorithms run, in order of preference, through:
 Every native implementation is checked once against the reference on a known
 stripe before first use, so a library that computes different parity is
 refused instead of silently writing incompatible files.
+
+This module owns :class:`ErasureCode` and the choice of algorithm and
+implementation; the implementations live in :mod:`.backends` (one small
+protocol), the field arithmetic in :mod:`.gf256`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
 import threading
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import CodecError, IntegrityError
+from . import gf256
+from .backends import CHAIN, IMPLS, as_buffer, native, usable
 
 __all__ = [
     "ALGORITHMS",
@@ -74,13 +77,8 @@ __all__ = [
 #: Every algorithm name this module knows.
 ALGORITHMS = ("isa_l_rs_cauchy", "isa_l_rs_vand", "liberasurecode_rs_vand", "zfec")
 
-_ISAL_ALGORITHMS = ("isa_l_rs_cauchy", "isa_l_rs_vand")
-_PYECLIB_ALGORITHMS = ("isa_l_rs_cauchy", "isa_l_rs_vand", "liberasurecode_rs_vand")
-
 #: Largest stripe accepted: GF(2^8) codes have at most 256 fragments.
 MAX_FRAGMENTS = 256
-
-_HDR = 80  # liberasurecode fragment header size
 
 #: Work bound of :meth:`ErasureCode.correct`: syndromes (m x chunk size) and
 #: pairs x columns when locating two wrong bytes per column. A 4 KiB-chunk
@@ -113,521 +111,19 @@ class WorkBudget:
 _PAIR_SAMPLE = 32
 
 
-# ==========================================================================
-# GF(2^8) reference arithmetic (polynomial 0x11d, generator 2), as ISA-L.
-# ==========================================================================
-
-
-def gf_exp_log() -> tuple[np.ndarray, np.ndarray]:
-    """GF(2^8) (polynomial 0x11d) antilog table (doubled, 512 entries) and log table."""
-    exp = np.zeros(512, dtype=np.int64)
-    log = np.zeros(256, dtype=np.int64)
-    x = 1
-    for i in range(255):
-        exp[i] = x
-        log[x] = i
-        x <<= 1
-        if x & 0x100:
-            x ^= 0x11D
-    exp[255:510] = exp[:255]
-    return exp, log
-
-
-def _gf_tables():
-    exp, log = gf_exp_log()
-    a = np.arange(256)
-    mul = np.zeros((256, 256), dtype=np.uint8)
-    nz = a[1:]
-    mul[1:, 1:] = exp[(log[nz][:, None] + log[nz][None, :])]
-    inv = np.zeros(256, dtype=np.uint8)
-    inv[1:] = exp[(255 - log[nz]) % 255]
-    return mul, inv
-
-
-_GF_MUL, _GF_INV = _gf_tables()
-_GF_EXP_LOG = gf_exp_log()
-
-
-def _gen_matrix(algorithm: str, k: int, m: int) -> np.ndarray:
-    """The (k + m) x k systematic generator matrix ISA-L uses for ``algorithm``."""
-    a = np.zeros((k + m, k), dtype=np.uint8)
-    a[np.arange(k), np.arange(k)] = 1
-    if algorithm == "isa_l_rs_cauchy":
-        i = np.arange(k, k + m)[:, None]
-        j = np.arange(k)[None, :]
-        a[k:] = _GF_INV[i ^ j]
-    elif algorithm == "isa_l_rs_vand":
-        gen = 1
-        for i in range(k, k + m):
-            p = 1
-            for j in range(k):
-                a[i, j] = p
-                p = int(_GF_MUL[p, gen])
-            gen = int(_GF_MUL[gen, 2])
-    else:  # pragma: no cover - internal misuse
-        raise CodecError(f"no GF(2^8) matrix for {algorithm!r}")
-    return a
-
-
-def _gf_invert(mat: np.ndarray) -> np.ndarray | None:
-    """Inverse of a square GF(2^8) matrix (Gauss-Jordan), ``None`` if singular."""
-    n = mat.shape[0]
-    a = np.concatenate([mat.astype(np.uint8), np.eye(n, dtype=np.uint8)], axis=1)
-    for col in range(n):
-        piv = col + int(np.argmax(a[col:, col] != 0))
-        if a[piv, col] == 0:
-            return None
-        if piv != col:
-            a[[col, piv]] = a[[piv, col]]
-        a[col] = _GF_MUL[_GF_INV[a[col, col]]][a[col]]
-        f = a[:, col].copy()
-        f[col] = 0
-        rows = np.flatnonzero(f)
-        if rows.size:
-            a[rows] ^= _GF_MUL[f[rows][:, None], a[col][None, :]]
-    return a[:, n:].copy()
-
-
-def _gf_matmul_chunks(rows: np.ndarray, chunks: Sequence) -> np.ndarray:
-    """``rows`` (r x k) times the k chunks, bytewise in GF(2^8): an (r, C) array."""
-    r = rows.shape[0]
-    c = _nbytes(chunks[0])
-    out = np.zeros((r, c), dtype=np.uint8)
-    for j, ch in enumerate(chunks):
-        d = np.frombuffer(ch, dtype=np.uint8)
-        for i in range(r):
-            coef = rows[i, j]
-            if coef == 1:
-                out[i] ^= d
-            elif coef:
-                out[i] ^= _GF_MUL[coef][d]
-    return out
-
-
-# ==========================================================================
-# Buffer helpers
-# ==========================================================================
-
-
-def _nbytes(x) -> int:
-    if isinstance(x, (bytes, bytearray)):
-        return len(x)
-    return memoryview(x).nbytes
-
-
-def _as_buffer(x):
-    """``x`` if it is bytes/bytearray, else a flat byte memoryview (no copy).
-
-    Whatever it returns, ``len()`` of the result is its size in bytes.
-    """
-    t = type(x)
-    if t is bytes or t is bytearray:
-        return x
-    if t is memoryview and x.ndim == 1 and x.format == "B":
-        return x
-    if isinstance(x, (bytes, bytearray)):
-        return x
-    mv = x if isinstance(x, memoryview) else memoryview(x)
-    if mv.ndim != 1 or mv.format != "B":
-        if not mv.c_contiguous:
-            raise ValueError("chunks must be C-contiguous buffers")
-        mv = mv.cast("B")
-    return mv
-
-
-def _address(x) -> int:
-    """Address of the first byte of a contiguous buffer (kept alive by the caller)."""
-    return np.frombuffer(x, dtype=np.uint8).ctypes.data
-
-
-# Chunks up to this size are staged in a fixed per-thread buffer for ISA-L
-# calls (one memcpy, pointer arrays built once): asking numpy for a chunk's
-# address costs ~2 us, about the time to copy 8-16 KiB.
-_STAGE_LIMIT = 16384
-
-
-# ==========================================================================
-# ISA-L through ctypes
-# ==========================================================================
-
-_V, _I = ctypes.c_void_p, ctypes.c_int
-_ISAL = None
-_ISAL_TRIED = False
-_ISAL_LOCK = threading.Lock()
-
-
-def _isal_candidates():
-    """Paths of libisal to try: pyeclib's bundled copy first, then the system's
-    (``find_library`` spawns a subprocess, so only when the first is absent)."""
-    try:
-        import pyeclib
-
-        site = Path(pyeclib.__file__).resolve().parent.parent
-        for pattern in ("pyeclib.libs/libisal*.so*", "pyeclib/.dylibs/libisal*.dylib", "pyeclib.libs/isal*.dll"):
-            for p in sorted(site.glob(pattern)):
-                yield str(p)
-    except Exception:
-        pass
-    name = ctypes.util.find_library("isal")
-    if name:
-        yield name
-
-
-def _load_isal():
-    """ISA-L as a ctypes library, or ``None``."""
-    global _ISAL, _ISAL_TRIED
-    if _ISAL_TRIED:
-        return _ISAL
-    with _ISAL_LOCK:
-        if _ISAL_TRIED:
-            return _ISAL
-        for cand in _isal_candidates():
-            try:
-                lib = ctypes.CDLL(cand)
-                lib.gf_gen_cauchy1_matrix.argtypes = [_V, _I, _I]
-                lib.gf_gen_cauchy1_matrix.restype = None
-                lib.gf_gen_rs_matrix.argtypes = [_V, _I, _I]
-                lib.gf_gen_rs_matrix.restype = None
-                lib.gf_invert_matrix.argtypes = [_V, _V, _I]
-                lib.gf_invert_matrix.restype = _I
-                lib.ec_init_tables.argtypes = [_I, _I, _V, _V]
-                lib.ec_init_tables.restype = None
-                lib.ec_encode_data.argtypes = [_I, _I, _I, _V, _V, _V]
-                lib.ec_encode_data.restype = None
-            except (OSError, AttributeError):
-                continue
-            _ISAL = lib
-            break
-        _ISAL_TRIED = True
-    return _ISAL
-
-
-class _IsalBackend:
-    impl = "isal"
-
-    def __init__(self, name: str, k: int, m: int):
-        lib = _load_isal()
-        if lib is None:
-            raise CodecError("ISA-L is not loadable")
-        self.lib, self.name, self.k, self.m = lib, name, k, m
-        mat = np.zeros((k + m) * k, dtype=np.uint8)
-        gen = lib.gf_gen_cauchy1_matrix if name == "isa_l_rs_cauchy" else lib.gf_gen_rs_matrix
-        gen(mat.ctypes.data, k + m, k)
-        self.matrix = mat.reshape(k + m, k)
-        self._enc_tbls = np.zeros(k * m * 32, dtype=np.uint8)
-        lib.ec_init_tables(k, m, self.matrix[k:].ctypes.data, self._enc_tbls.ctypes.data)
-        self._enc_addr = self._enc_tbls.ctypes.data
-        self._dec_cache: dict[tuple, tuple[np.ndarray, int]] = {}
-        self._lock = threading.Lock()
-        self._tls = threading.local()
-
-    def _scratch(self, c: int):
-        """Per-thread staging buffers for one stripe of chunk size ``c`` and
-        their ctypes pointer arrays, built once: ``(c, src, dst, src view,
-        dst view, src pointers, dst pointers)``."""
-        st = getattr(self._tls, "scratch", None)
-        if st is None or st[0] != c:
-            k, m = self.k, self.m
-            src = np.empty(k * c, dtype=np.uint8)
-            dst = np.empty(m * c, dtype=np.uint8)
-            sa, da = src.ctypes.data, dst.ctypes.data
-            st = (c, src, dst, memoryview(src), memoryview(dst),
-                  (_V * k)(*range(sa, sa + k * c, c)), (_V * m)(*range(da, da + m * c, c)))
-            self._tls.scratch = st
-        return st
-
-    def _run(self, tbls_addr: int, rows: int, bufs: Sequence, c: int) -> list[bytes]:
-        """``rows`` output chunks of ``ec_encode_data`` over the k ``bufs``."""
-        k = self.k
-        if c <= _STAGE_LIMIT:
-            # Stage the stripe in a fixed buffer: the pointer arrays are reused
-            # and ISA-L reads cache-hot memory; cheaper than asking for k
-            # addresses (~2 us each) for small chunks.
-            _, _, _, smv, dmv, sp, dp = self._scratch(c)
-            for j, b in enumerate(bufs):
-                smv[j * c : (j + 1) * c] = b
-            self.lib.ec_encode_data(c, k, rows, tbls_addr, sp, dp)
-            return [bytes(dmv[i * c : (i + 1) * c]) for i in range(rows)]
-        src = (_V * k)(*[_address(b) for b in bufs])
-        out = np.empty((rows, c), dtype=np.uint8)
-        base = out.ctypes.data
-        dst = (_V * rows)(*range(base, base + rows * c, c))
-        self.lib.ec_encode_data(c, k, rows, tbls_addr, src, dst)
-        return [out[i].tobytes() for i in range(rows)]
-
-    def encode(self, chunks: Sequence, c: int) -> list[bytes]:
-        return self._run(self._enc_addr, self.m, chunks, c)
-
-    def encode_stripes(self, buf, c: int, out: np.ndarray) -> None:
-        k, m = self.k, self.m
-        s = out.shape[0]
-        base = _address(buf)
-        src = np.arange(s * k, dtype=np.uint64) * np.uint64(c) + np.uint64(base)
-        dst = np.arange(s * m, dtype=np.uint64) * np.uint64(c) + np.uint64(out.ctypes.data)
-        sp, dp, tb = src.ctypes.data, dst.ctypes.data, self._enc_addr
-        enc = self.lib.ec_encode_data
-        for i in range(s):
-            enc(c, k, m, tb, sp + 8 * k * i, dp + 8 * m * i)
-
-    def _decode_tables(self, surv: tuple, missing: tuple) -> int:
-        """Address of the cached ISA-L tables that rebuild ``missing`` from ``surv``."""
-        key = (surv, missing)
-        hit = self._dec_cache.get(key)
-        if hit is None:
-            k = self.k
-            sub = np.ascontiguousarray(self.matrix[list(surv)])
-            inv = np.zeros((k, k), dtype=np.uint8)
-            if self.lib.gf_invert_matrix(sub.ctypes.data, inv.ctypes.data, k) != 0:
-                raise IntegrityError(
-                    f"{self.name} cannot decode erasure pattern (survivors {list(surv)}): singular matrix"
-                )
-            rows = np.ascontiguousarray(inv[list(missing)])
-            tbls = np.zeros(k * len(missing) * 32, dtype=np.uint8)
-            self.lib.ec_init_tables(k, len(missing), rows.ctypes.data, tbls.ctypes.data)
-            hit = (tbls, tbls.ctypes.data)
-            with self._lock:
-                if len(self._dec_cache) >= 1024:
-                    self._dec_cache.clear()
-                self._dec_cache[key] = hit
-        return hit[1]
-
-    def reconstruct(self, chunks: Sequence, missing: list[int], c: int) -> list[bytes]:
-        k = self.k
-        surv, bufs = [], []
-        for i, ch in enumerate(chunks):
-            if ch is not None:
-                surv.append(i)
-                bufs.append(ch)
-                if len(surv) == k:
-                    break
-        return self._run(self._decode_tables(tuple(surv), tuple(missing)), len(missing), bufs, c)
-
-
-# ==========================================================================
-# pyeclib (fragments with headers)
-# ==========================================================================
-
-
-class _PyECLibBackend:
-    impl = "pyeclib"
-
-    def __init__(self, name: str, k: int, m: int):
-        try:
-            from pyeclib.ec_iface import ECDriver
-        except Exception as exc:
-            raise CodecError(f"pyeclib is not importable: {exc}") from exc
-        self.name, self.k, self.m = name, k, m
-        try:
-            self._driver = ECDriver(k=k, m=m, ec_type=name)
-        except Exception as exc:
-            raise CodecError(f"pyeclib cannot create {name} (k={k}, m={m}): {exc}") from exc
-        self._lib = self._driver.ec_lib_reference  # skip one Python layer per call
-        self._headers: dict[int, list[bytes]] = {}
-        self._lock = threading.Lock()
-
-    def headers(self, c: int) -> list[bytes]:
-        """The k + m fragment headers for stripes of chunk size ``c``."""
-        hdr = self._headers.get(c)
-        if hdr is None:
-            with self._lock:
-                hdr = self._headers.get(c)
-                if hdr is None:
-                    frags = self._lib.encode(bytes(self.k * c))
-                    if len(frags) != self.k + self.m or any(len(f) != _HDR + c for f in frags):
-                        raise CodecError(
-                            f"{self.name} cannot code chunks of {c} bytes without padding "
-                            f"(fragment payload {len(frags[0]) - _HDR} bytes)"
-                        )
-                    hdr = [bytes(f[:_HDR]) for f in frags]
-                    self._headers[c] = hdr
-        return hdr
-
-    def _encode_joined(self, stripe: bytes, c: int) -> list[bytes]:
-        self.headers(c)  # validates that c gives unpadded fragments
-        frags = self._lib.encode(stripe)
-        return [f[_HDR:] for f in frags[self.k :]]
-
-    def encode(self, chunks: Sequence, c: int) -> list[bytes]:
-        return self._encode_joined(b"".join(chunks), c)
-
-    def encode_stripes(self, buf, c: int, out: np.ndarray) -> None:
-        sb = self.k * c
-        mv = memoryview(buf)
-        for i in range(out.shape[0]):
-            for j, p in enumerate(self._encode_joined(bytes(mv[i * sb : (i + 1) * sb]), c)):
-                out[i, j] = np.frombuffer(p, dtype=np.uint8)
-
-    def reconstruct(self, chunks: Sequence, missing: list[int], c: int) -> list[bytes]:
-        hdr = self.headers(c)
-        avail = []
-        for i, ch in enumerate(chunks):
-            if ch is not None:
-                avail.append(b"".join((hdr[i], ch)))
-                if len(avail) == self.k:
-                    break
-        # One decode rebuilds every missing data chunk; pyeclib's reconstruct()
-        # runs a full decode per missing index.
-        whole = self._lib.decode(avail)
-        if len(whole) != self.k * c:
-            raise IntegrityError(f"{self.name} decoded {len(whole)} bytes, expected {self.k * c}")
-        return [whole[i * c : (i + 1) * c] for i in missing]
-
-
-# ==========================================================================
-# numpy reference for the ISA-L matrices
-# ==========================================================================
-
-
-class _ReferenceBackend:
-    impl = "reference"
-
-    def __init__(self, name: str, k: int, m: int):
-        self.name, self.k, self.m = name, k, m
-        self.matrix = _gen_matrix(name, k, m)
-
-    def encode(self, chunks: Sequence, c: int) -> list[bytes]:
-        out = _gf_matmul_chunks(self.matrix[self.k :], chunks)
-        return [row.tobytes() for row in out]
-
-    def encode_stripes(self, buf, c: int, out: np.ndarray) -> None:
-        mv = memoryview(buf)
-        k = self.k
-        for i in range(out.shape[0]):
-            base = i * k * c
-            out[i] = _gf_matmul_chunks(self.matrix[k:], [mv[base + j * c : base + (j + 1) * c] for j in range(k)])
-
-    def reconstruct(self, chunks: Sequence, missing: list[int], c: int) -> list[bytes]:
-        surv = [i for i, ch in enumerate(chunks) if ch is not None][: self.k]
-        inv = _gf_invert(self.matrix[surv])
-        if inv is None:
-            raise IntegrityError(f"{self.name} cannot decode erasure pattern (survivors {surv}): singular matrix")
-        out = _gf_matmul_chunks(inv[missing], [chunks[i] for i in surv])
-        return [row.tobytes() for row in out]
-
-
-# ==========================================================================
-# zfec
-# ==========================================================================
-
-
-class _ZfecBackend:
-    impl = "zfec"
-
-    def __init__(self, name: str, k: int, m: int):
-        try:
-            import zfec
-        except Exception as exc:
-            raise CodecError(f"zfec is not importable: {exc}") from exc
-        self.name, self.k, self.m = name, k, m
-        self._enc = zfec.Encoder(k, k + m)
-        self._dec = zfec.Decoder(k, k + m)
-        self._ids = tuple(range(k, k + m))
-
-    def encode(self, chunks: Sequence, c: int) -> list[bytes]:
-        return list(self._enc.encode(tuple(chunks), self._ids))
-
-    def encode_stripes(self, buf, c: int, out: np.ndarray) -> None:
-        mv = memoryview(buf)
-        k = self.k
-        for i in range(out.shape[0]):
-            base = i * k * c
-            par = self._enc.encode(tuple(mv[base + j * c : base + (j + 1) * c] for j in range(k)), self._ids)
-            for j, p in enumerate(par):
-                out[i, j] = np.frombuffer(p, dtype=np.uint8)
-
-    def reconstruct(self, chunks: Sequence, missing: list[int], c: int) -> list[bytes]:
-        blocks, ids = [], []
-        for i, ch in enumerate(chunks):
-            if ch is not None:
-                # zfec's decode writes into the buffers it is given, even
-                # immutable bytes: hand it private copies (bytes(memoryview(x))
-                # always allocates, unlike bytes(x) on a bytes object).
-                blocks.append(bytes(memoryview(ch)))
-                ids.append(i)
-                if len(ids) == self.k:
-                    break
-        out = self._dec.decode(tuple(blocks), tuple(ids))
-        return [bytes(out[i]) for i in missing]
-
-
-# ==========================================================================
-# Selection and known-answer checks
-# ==========================================================================
-
-_IMPLS = {"isal": _IsalBackend, "pyeclib": _PyECLibBackend, "reference": _ReferenceBackend, "zfec": _ZfecBackend}
-
-_CHAIN = {
-    "isa_l_rs_cauchy": ("isal", "pyeclib", "reference"),
-    "isa_l_rs_vand": ("isal", "pyeclib", "reference"),
-    "liberasurecode_rs_vand": ("pyeclib",),
-    "zfec": ("zfec",),
-}
-
-_KAT_OK: dict[tuple[str, str], bool] = {}
-
-
-def _kat_stripe(k: int, c: int = 96) -> list[bytes]:
-    rng = np.random.default_rng(20240607)
-    return [rng.integers(0, 256, c, dtype=np.uint8).tobytes() for _ in range(k)]
-
-
-def _known_answer_ok(impl: str, algorithm: str) -> bool:
-    """Native ISA-L-matrix implementations must match the numpy reference."""
-    key = (impl, algorithm)
-    if key not in _KAT_OK:
-        ok = True
-        if impl in ("isal", "pyeclib") and algorithm in _ISAL_ALGORITHMS:
-            try:
-                k, m = 5, 3
-                data = _kat_stripe(k)
-                ref = _ReferenceBackend(algorithm, k, m).encode(data, len(data[0]))
-                got = _IMPLS[impl](algorithm, k, m).encode(data, len(data[0]))
-                ok = got == ref
-            except Exception:
-                ok = False
-        _KAT_OK[key] = ok
-    return _KAT_OK[key]
-
-
-def _impl_usable(impl: str, algorithm: str) -> bool:
-    if impl == "isal":
-        return _load_isal() is not None and _known_answer_ok(impl, algorithm)
-    if impl == "pyeclib":
-        try:
-            from pyeclib.ec_iface import check_backend_available
-        except Exception:
-            return False
-        try:
-            if not check_backend_available(algorithm):
-                return False
-        except Exception:
-            return False
-        return _known_answer_ok(impl, algorithm)
-    if impl == "zfec":
-        try:
-            import zfec  # noqa: F401
-        except Exception:
-            return False
-        return True
-    return impl == "reference"
-
-
-def _native(algorithm: str) -> bool:
-    return any(_impl_usable(i, algorithm) for i in _CHAIN[algorithm] if i != "reference")
-
 
 def available_algorithms() -> list[str]:
     """The algorithms usable here (the ISA-L ones always are, via the reference)."""
-    return [a for a in ALGORITHMS if any(_impl_usable(i, a) for i in _CHAIN[a])]
+    return [a for a in ALGORITHMS if any(usable(i, a) for i in CHAIN[a])]
 
 
 def default_algorithm() -> str:
     """The algorithm new files use: ``isa_l_rs_cauchy`` when a native ISA-L
     (ctypes or pyeclib) is usable, else ``zfec`` when importable, else
     ``isa_l_rs_cauchy`` through the slow numpy reference."""
-    if _native("isa_l_rs_cauchy"):
+    if native("isa_l_rs_cauchy"):
         return "isa_l_rs_cauchy"
-    if _impl_usable("zfec", "zfec"):
+    if usable("zfec", "zfec"):
         return "zfec"
     return "isa_l_rs_cauchy"
 
@@ -679,18 +175,18 @@ class ErasureCode:
         self._backend = None
         if m == 0:
             return
-        chain = _CHAIN[algorithm]
+        chain = CHAIN[algorithm]
         if impl is not None:
             if impl not in chain:
                 raise CodecError(f"{algorithm} has no implementation {impl!r} (has: {', '.join(chain)})")
             chain = (impl,)
         errors = []
         for name in chain:
-            if not _impl_usable(name, algorithm):
+            if not usable(name, algorithm):
                 errors.append(f"{name}: not usable here")
                 continue
             try:
-                self._backend = _IMPLS[name](algorithm, k, m)
+                self._backend = IMPLS[name](algorithm, k, m)
             except CodecError as exc:
                 errors.append(f"{name}: {exc}")
                 continue
@@ -715,7 +211,7 @@ class ErasureCode:
         k equal-length bytes-like data chunks."""
         if len(data_chunks) != self.k:
             raise ValueError(f"encode needs {self.k} data chunks, got {len(data_chunks)}")
-        chunks = [_as_buffer(ch) for ch in data_chunks]
+        chunks = [as_buffer(ch) for ch in data_chunks]
         c = len(chunks[0])
         if any(len(ch) != c for ch in chunks):
             raise ValueError("all chunks of a stripe must have the same length")
@@ -734,7 +230,7 @@ class ErasureCode:
         and makes one C call per stripe.
         """
         c = int(chunk_size)
-        mv = _as_buffer(buf)
+        mv = as_buffer(buf)
         n = len(mv)
         sb = self.k * c
         if c <= 0 or n % sb:
@@ -774,7 +270,7 @@ class ErasureCode:
     def _rebuild(self, chunks: Sequence):
         if len(chunks) != self.n:
             raise ValueError(f"reconstruct needs {self.n} slots (k={self.k}, m={self.m}), got {len(chunks)}")
-        slots = [None if ch is None else _as_buffer(ch) for ch in chunks]
+        slots = [None if ch is None else as_buffer(ch) for ch in chunks]
         erased = [i for i, ch in enumerate(slots) if ch is None]
         if len(erased) > self.m:
             raise IntegrityError(
@@ -824,7 +320,7 @@ class ErasureCode:
                 rng = np.random.default_rng(0x5EED)
                 stripe = [rng.integers(0, 256, 64, dtype=np.uint8).tobytes() for _ in range(self.k)]
                 got = np.stack([np.frombuffer(x, np.uint8) for x in self.encode(stripe)])
-                if not np.array_equal(got, _gf_matmul_chunks(p, stripe)):
+                if not np.array_equal(got, gf256.matmul_chunks(p, stripe)):
                     p = None
             except Exception:  # noqa: BLE001 - a backend that cannot be probed: no correction, erasures only
                 p = None
@@ -856,9 +352,9 @@ class ErasureCode:
         p = self._parity_rows()
         if p is None:
             return {}
-        exp, log = _GF_EXP_LOG
+        exp, log = gf256.EXP_LOG
         k, m = self.k, self.m
-        rows = [np.frombuffer(_as_buffer(ch), dtype=np.uint8) for ch in chunks]
+        rows = [np.frombuffer(as_buffer(ch), dtype=np.uint8) for ch in chunks]
         c = len(rows[0])
         if any(len(r) != c for r in rows) or m * c > _MAX_PAIR_WORK:
             return {}
@@ -952,7 +448,7 @@ class ErasureCode:
         h = np.zeros((m, self.n), dtype=np.uint8)
         h[:, :k] = p
         h[np.arange(m), k + np.arange(m)] = 1
-        mul, inv = _GF_MUL, _GF_INV
+        mul, inv = gf256.MUL, gf256.INV
         pa, pb, r1, r2 = [], [], [], []
         for a, b in itertools.combinations(suspects, 2):
             for i, j in itertools.combinations(range(m), 2):

@@ -1,0 +1,254 @@
+"""The decoder: DTDR container records back into tensors, placed where asked.
+
+It owns the read half of the data flow for one DTDR file: :class:`Decoder`
+turns each tensor's records (already checked and repaired by the container
+reader) into a CPU tensor through its codec and keeps the per-tensor
+:class:`~torch_dtdr.report.Report`; :func:`place` moves it to the device
+``map_location`` names (torch.load's forms); :func:`load_from_reader`
+decodes a whole file (several tensors at a time) and rebuilds the object
+through :mod:`torch_dtdr.tree`. :mod:`torch_dtdr.api`, :mod:`torch_dtdr.lazy`
+and :mod:`torch_dtdr.dcp` call down into it; it knows none of them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import codecs, tree
+from ._cpu import compute_cores
+from .errors import ArgumentError, DamageWarning, DeviceError, IntegrityError, TruncatedError, warn_caller
+from .format import constants
+from .format.index import PROVENANCE_LOST, RecordInfo, TensorInfo, dtype_name
+from .format.reader import ContainerReader, SegmentData, merge_ranges
+from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
+from .storage import open_source
+
+#: Tensors decoded at once: reads, checks and decodes overlap, and the heavy
+#: work releases the GIL. One per core, at most 4; a 2-vCPU machine gets 1
+#: (see :func:`torch_dtdr._cpu.compute_cores`).
+DEFAULT_WORKERS = min(4, compute_cores())
+
+
+def check_errors(errors, partial: bool = False) -> None:
+    """Refuse an ``errors`` / ``partial`` combination load cannot honour."""
+    if errors not in ("recover", "strict"):
+        raise ArgumentError(f"errors must be 'recover' or 'strict', got {errors!r}", field="errors")
+    if partial and errors != "recover":
+        raise ArgumentError("partial=True returns what errors='recover' recovers; it cannot apply to "
+                            "errors='strict'", field="partial")
+
+
+
+class Decoder:
+    """Decodes tensors from a reader and accumulates the report."""
+
+    def __init__(self, reader: ContainerReader, errors: str):
+        check_errors(errors)
+        self.reader = reader
+        self.errors = errors
+        self.report = Report(reader.name, f"{constants.FORMAT_MAJOR}.{constants.FORMAT_MINOR}", list(reader.events), reader.truncated)
+        self._reports: dict[int, TensorReport] = {}
+
+    def tensor(self, i: int, after_record: Callable[[RecordInfo, SegmentData], None] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The stored tensor ``i`` on CPU, or None when it is lost.
+        ``after_record(record, segment)`` is called after each record is read.
+        ``out`` (1-D, contiguous, CPU, the stored dtype and element count) receives
+        the values segment by segment instead of a new tensor."""
+        r = self.reader
+        info: TensorInfo = r.tensors[i]
+        codec = codecs.from_dict(info.codec)
+        rep = TensorReport(info.name, dtype_name(info.dtype), list(info.shape), codec.name)
+        self._reports[i] = rep
+        covered = sum(rec.elem_count for rec in info.records)
+        numel = info.numel
+        prov = info.provenance
+        rep.provenance = None if prov is None else dict(prov)
+        if prov is not None and prov["status"] == PROVENANCE_LOST:
+            rep.status = LOST
+            rep.error_bound = None
+            self._fail(rep, IntegrityError, f"tensor was lost before this file was written (the file is a partial "
+                       f"copy salvaged by repair from {prov['source']!r})", None)
+            return None
+        if covered < numel or (numel == 0 and not info.records and r.truncated):
+            rep.status = LOST
+            rep.error_bound = None
+            self._fail(rep, TruncatedError, "the file ends before this tensor's data", None)
+            return None
+        bound = 0.0
+        for rec in info.records:
+            seg = r.read_record(rec)
+            if after_record is not None:
+                after_record(rec, seg)
+            rep.damaged_bytes += r.physical(seg.bad)
+            rep.repaired_bytes += r.physical(seg.repaired)
+            if seg.repaired:
+                rep.status = worst(rep.status, REPAIRED)
+            result = codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
+            if not result.exact:
+                floating = info.dtype.is_floating_point or info.dtype.is_complex
+                # Only the residual layer is optional: without anything else a segment has no bounded value.
+                if not floating or (seg.damage.missing - {"residual"}):
+                    rep.status = LOST
+                else:
+                    rep.status = worst(rep.status, DEGRADED)
+                rep.degraded_elements += result.degraded_elements
+                bound = None if (bound is None or result.error_bound is None) else max(bound, result.error_bound)
+            values = result.values
+            if len(info.records) == 1 and out is None:
+                out = values
+            else:
+                if out is None:
+                    out = torch.empty(numel, dtype=info.dtype)
+                out[rec.elem_start: rec.elem_start + rec.elem_count] = values
+        if out is None:
+            out = torch.empty(0, dtype=info.dtype)
+        rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
+        rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
+        if rep.status in (DEGRADED, LOST):
+            rep.error_bound = bound
+        if prov is not None and rep.status != LOST:
+            # written by repair from degraded data: it stays degraded, whatever its checksums say
+            rep.status = DEGRADED
+            rep.degraded_elements += prov["degraded_elements"]
+            old_bound = prov["error_bound"]
+            rep.error_bound = None if (old_bound is None or rep.error_bound is None) else rep.error_bound + old_bound
+            self._fail(rep, IntegrityError, f"tensor is degraded: repair wrote it from data of {prov['source']!r} "
+                       f"that could not be restored exactly ({prov['degraded_elements']} elements affected)",
+                       rep.damaged_bytes[0] if rep.damaged_bytes else None)
+        if rep.status != EXACT and rep.status != REPAIRED:
+            self._fail(rep, TruncatedError if r.truncated else IntegrityError,
+                       f"tensor is {rep.status} ({rep.degraded_elements} elements affected)",
+                       rep.damaged_bytes[0] if rep.damaged_bytes else None)
+        if rep.status == LOST:
+            return None
+        return out.view(info.shape)
+
+    def tensor_report(self, i: int) -> TensorReport | None:
+        """The report of stored tensor ``i`` once it has been decoded."""
+        return self._reports.get(i)
+
+    def _fail(self, rep: TensorReport, cls, message: str, byte_range) -> None:
+        if self.errors == "strict":
+            raise cls(message, file=self.reader.name, tensor=rep.name, byte_range=byte_range)
+
+    def finish(self) -> Report:
+        rep = self.report
+        rep.tensors = [self._reports[i] for i in sorted(self._reports)]
+        rep.truncated = self.reader.truncated
+        if rep.status != EXACT:
+            warn_caller(DamageWarning(rep.summary()))
+        return rep
+
+
+def map_device(map_location, saved_device: str) -> torch.device | str | None:
+    """The device a tensor saved on ``saved_device`` goes to, in torch.load's terms."""
+    if map_location is None:
+        return saved_device
+    if isinstance(map_location, (str, torch.device)):
+        return map_location
+    if isinstance(map_location, Mapping):
+        return map_location.get(saved_device, saved_device)
+    if callable(map_location):
+        probe = torch.empty(0, dtype=torch.uint8).untyped_storage()
+        result = map_location(probe, saved_device)
+        if result is None:
+            return saved_device
+        if isinstance(result, (torch.UntypedStorage, torch.TypedStorage)):
+            return result.device
+        if isinstance(result, (str, torch.device)):
+            return result
+        raise TypeError(f"map_location callable returned {type(result).__name__}, expected a storage or None")
+    raise TypeError(f"map_location of type {type(map_location).__name__} is not supported")
+
+
+def place(t: torch.Tensor, map_location, saved_device: str, file, name: str) -> torch.Tensor:
+    """Move a decoded CPU tensor where ``map_location`` (torch.load's forms) sends it."""
+    dev = map_device(map_location, saved_device)
+    if dev is None:
+        return t
+    try:
+        dev = torch.device(dev)
+        return t if dev == t.device else t.to(dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise DeviceError(f"cannot place the tensor on device {str(dev)!r} (saved on {saved_device!r}): {e}; "
+                          "pass map_location", file=file, tensor=name) from None
+
+
+def lost_tensors_error(rep: Report) -> IntegrityError | None:
+    """The error for a report with lost tensors (every name listed), or None when nothing was lost."""
+    lost = [t.name for t in rep.tensors if t.status == LOST]
+    if not lost:
+        return None
+    shown = ", ".join(repr(n) for n in lost[:20]) + (f", ... ({len(lost) - 20} more)" if len(lost) > 20 else "")
+    cls = TruncatedError if rep.truncated else IntegrityError
+    return cls(f"{len(lost)} tensor(s) are lost: {shown}; pass partial=True to get the rest with None in "
+               "their place", file=rep.file, tensor=lost[0])
+
+
+def load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None,
+                      partial: bool = False) -> tuple[Any, Report]:
+    """Decode every tensor (``workers`` at a time, so reading, checking and
+    decoding overlap, while a prefetch downloads ahead from remote stores), then
+    rebuild the object around them. A lost tensor raises IntegrityError naming
+    every lost tensor, unless ``partial`` (then it is None in the object)."""
+    dec = Decoder(reader, errors)
+    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
+    n = len(reader.tensors)
+    workers = workers or DEFAULT_WORKERS
+
+    def decode(i: int):
+        t = dec.tensor(i)
+        return None if t is None else place(t, map_location, devices[i], reader.name, reader.tensors[i].name)
+
+    with reader.prefetch(rec for t in reader.tensors for rec in t.records):
+        if workers > 1 and n > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
+                loaded = list(pool.map(decode, range(n)))
+        else:
+            loaded = [decode(i) for i in range(n)]
+    rep = dec.finish()
+    error = None if partial else lost_tensors_error(rep)
+    if error is not None:
+        raise error
+    obj = tree.unflatten(reader.index.tree, loaded.__getitem__)
+    return obj, rep
+
+
+def load_file(f, map_location=None, *, errors: str = "recover", storage_options: Mapping | None = None,
+              report: bool = False, max_workers: int | None = None, partial: bool = False,
+              workers: int | None = None):
+    """Load an object from a DTDR file (what :func:`torch_dtdr.api.load` does for one).
+
+    ``map_location`` takes torch.load's forms (a device string or
+    ``torch.device``, a dict remapping saved device tags, or a callable
+    ``(storage, location)``). ``errors="recover"`` (the default) repairs what
+    parity can, degrades damaged float regions gracefully and warns with a
+    :class:`~torch_dtdr.errors.DamageWarning`; ``"strict"`` raises
+    :class:`~torch_dtdr.errors.IntegrityError` unless every tensor is bit-exact.
+    A tensor that cannot be recovered at all (lost: a truncated file, say)
+    raises :class:`~torch_dtdr.errors.IntegrityError` (``TruncatedError``
+    for a truncated file) naming every lost tensor, whatever ``errors`` is;
+    ``partial=True`` (with ``errors="recover"``) returns the rest instead,
+    with ``None`` in place of each lost tensor, and the report and the
+    DamageWarning list the lost ones.
+    With ``report=True`` returns ``(obj, Report)``. ``max_workers`` bounds the
+    concurrent range requests to a remote store (default
+    :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`).
+    """
+    check_errors(errors, partial)
+    with open_source(f, storage_options, max_workers=max_workers) as src:
+        obj, rep = load_from_reader(ContainerReader(src), map_location, errors, workers=workers, partial=partial)
+    return (obj, rep) if report else obj
+
+
+def progress_bar(items, enabled: bool, desc: str):
+    """``items`` behind a tqdm progress bar when ``enabled`` (tqdm is imported only then)."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=None)
