@@ -49,7 +49,8 @@ Errors are typed: a missing path is a
 
 The package: :mod:`.paths` (paths, URLs, file systems), :mod:`.sources`
 and :mod:`.prefetch` (reading), :mod:`.sinks` (atomic writing),
-:mod:`.files` (folders and whole files). The names below are its public
+:mod:`.files` (folders and whole files), :mod:`.streams` (file objects,
+text files, appending and in-place edits). The names below are its public
 face; ``from torch_dtdr.storage import open_source`` is how the rest of the
 package reaches a file.
 """
@@ -63,6 +64,7 @@ from .paths import (DEFAULT_MAX_WORKERS, DEFAULT_PART_SIZE, DEFAULT_PREFETCH_WIN
 from .prefetch import Prefetch
 from .sinks import atomic_local_path, local_temp_path, open_sink, remove_stale_temps, Sink
 from .sources import check_regular_file, open_source, Source
+from .streams import map_for_update, open_read, open_text_append, patch_bytes, read_text, write_text_atomic
 
 __all__ = [
     "Source",
@@ -77,6 +79,12 @@ __all__ = [
     "remove",
     "read_bytes",
     "write_bytes_atomic",
+    "open_read",
+    "read_text",
+    "write_text_atomic",
+    "open_text_append",
+    "map_for_update",
+    "patch_bytes",
     "DEFAULT_MAX_WORKERS",
     "DEFAULT_PART_SIZE",
     "DEFAULT_PREFETCH_WINDOW",

@@ -206,6 +206,10 @@ class Location:
         with self.fs.open(path, "rb") as fh:
             return fh.read(n)
 
+    def open_read(self, path: str) -> BinaryIO:
+        """A binary file object reading ``path`` (inside :attr:`fs`); use it in a ``with``."""
+        return open(path, "rb") if self.local else self.fs.open(path, "rb")
+
     def cat(self, path: str) -> bytes:
         """All bytes of ``path`` (inside :attr:`fs`)."""
         return self.fs.cat_file(path)
