@@ -115,7 +115,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ArgumentError, CheckpointNotFoundError, IntegrityError, StorageError
-from .storage import is_local_fs, url_to_fs
+from .storage import (is_local_fs, makedirs, map_for_update, open_read, open_sink, patch_bytes, read_text, url_to_fs,
+                      write_bytes_atomic)
 
 __all__ = [
     "MODES",
@@ -256,16 +257,13 @@ class FaultRecord:
     def save(self, path) -> None:
         """Write the record as a local JSON file (not a checkpoint), atomically:
         a failed write leaves no partial record."""
-        from .storage import write_bytes_atomic
-
         write_bytes_atomic(os.fspath(path), self.to_json().encode("utf-8"))
 
     @classmethod
     def load(cls, path) -> "FaultRecord":
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = read_text(path)
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError("no fault record file", file=path) from exc
         return cls.from_json(text)
@@ -602,8 +600,7 @@ def _write_local(lpath, starts, lens, vals, truncate_to=None, append=None):
     if starts.size:
         cum = np.zeros(lens.size + 1, np.int64)
         np.cumsum(lens, out=cum[1:])
-        mm = np.memmap(lpath, dtype=np.uint8, mode="r+")
-        try:
+        with map_for_update(lpath) as mm:
             long_runs = lens >= 4096
             for i in np.flatnonzero(long_runs).tolist():
                 s0 = int(starts[i])
@@ -617,22 +614,15 @@ def _write_local(lpath, starts, lens, vals, truncate_to=None, append=None):
                 k = np.arange(int(ln.sum()), dtype=np.int64)
                 # file offset and source index of every byte of the selected runs
                 mm[np.repeat(starts[sel] - before, ln) + k] = vals[np.repeat(cum[sel] - before, ln) + k]
-            mm.flush()
-        finally:
-            del mm
+        del mm  # unmapped before the file may be truncated
     if truncate_to is not None or append:
-        with open(lpath, "r+b") as f:
-            if truncate_to is not None:
-                f.truncate(truncate_to)
-            if append:
-                f.seek(0, os.SEEK_END)
-                f.write(append)
+        patch_bytes(lpath, truncate_to=truncate_to, append=append)
 
 
-def _sha256_of(fs, p, url) -> tuple[str, int]:
+def _sha256_of(url, storage_options) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
-    with fs.open(p, "rb") as f:
+    with open_read(url, storage_options) as f:
         while True:
             blk = f.read(_BLOCK)
             if not blk:
@@ -793,22 +783,20 @@ def corrupt(
     try:
         if out_fs is not None:
             if _is_local(out_fs):
-                parent = os.path.dirname(os.path.abspath(out_p))
-                os.makedirs(parent, exist_ok=True)
-            out_file = out_fs.open(out_p, "wb")
+                makedirs(os.path.dirname(os.path.abspath(out_p)))
+            out_file = open_sink(out_url, storage_options)
             sink = out_file
-        with fs.open(p, "rb") as src:
+        with open_read(url, storage_options) as src:
             old_all, new_all, sha_orig, sha_new, tail = _stream_pass(
                 src, size, starts, ends, make_new, keep=keep, sink=sink, url=url
             )
         if out_file is not None:
-            out_file.close()
+            out_file.commit()
             out_file = None
     except BaseException:
         if out_file is not None:
             try:
-                out_file.close()
-                out_fs.rm(out_p)
+                out_file.abort()  # nothing partial appears at ``out``
             except Exception:
                 pass
         raise
@@ -877,7 +865,7 @@ def undo(record: FaultRecord, path=None, storage_options: dict | None = None) ->
     is_local = _is_local(fs)
     sink = None if is_local else io.BytesIO()
     try:
-        with fs.open(p, "rb") as src:
+        with open_read(url, storage_options) as src:
             _, _, sha_now, sha_restored, _ = _stream_pass(
                 src, size, starts, ends, make_new, sink=sink, url=url, append=tail
             )
@@ -905,7 +893,7 @@ def undo(record: FaultRecord, path=None, storage_options: dict | None = None) ->
         _write_local(p, starts, ch.lens, restore, append=tail or None)
     else:
         fs.pipe_file(p, sink.getvalue())
-    final_sha, final_size = _sha256_of(fs, p, url)
+    final_sha, final_size = _sha256_of(url, storage_options)
     if final_sha != record.original_sha256 or final_size != record.original_size:
         raise IntegrityError("file does not match the original sha256 after undo", file=url)
     return url
