@@ -135,10 +135,10 @@ def _kind_of(name: str, head: bytes) -> str:
 
 
 def _load_one(fs, p: str, url: str, storage_options) -> dict[str, torch.Tensor]:
-    from .storage import is_local_fs
+    from .storage import is_local_fs, open_read
 
     local = is_local_fs(fs)
-    with fs.open(p, "rb") as f:
+    with open_read(url, storage_options) as f:
         head = f.read(16)
     kind = _kind_of(p, head)
     if kind == "dtdr":
@@ -376,8 +376,9 @@ def _st_format(name: str, dtype) -> Format:
     def load(path):
         from safetensors.torch import load as st_load
 
-        with open(path, "rb") as f:  # fully materialised, as a verifying format must be
-            return dict(st_load(f.read())), None
+        from .storage import read_bytes
+
+        return dict(st_load(read_bytes(path))), None  # fully materialised, as a verifying format must be
 
     return Format(name, ".safetensors", save, load, description=f"safetensors, floats cast to {dtype}")
 
@@ -550,23 +551,24 @@ def _parse_value(col: str, s: str):
 
 def write_csv(rows: Sequence[Mapping], path) -> None:
     """Write rows (atomically) with the columns of :data:`COLUMNS`."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([_fmt_value(c, r.get(c, "")) for c in COLUMNS])
-    os.replace(tmp, path)
+    from .storage import write_text_atomic
+
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([_fmt_value(c, r.get(c, "")) for c in COLUMNS])
+    write_text_atomic(os.fspath(path), text.getvalue())
 
 
 def read_csv(path) -> list[dict]:
     """Rows of a sweep CSV, typed (a truncated last line, from an interrupted
     run, is dropped)."""
+    from .storage import read_text
+
     path = os.fspath(path)
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(complete))
     for raw in reader:
@@ -686,8 +688,9 @@ def write_markdown(rows: Sequence[Mapping], path, *, title: str = "Robustness sw
         lines.append("")
     text = "\n".join(lines)
     if path is not None:
-        with open(os.fspath(path), "w", encoding="utf-8") as f:
-            f.write(text)
+        from .storage import write_text_atomic
+
+        write_text_atomic(os.fspath(path), text)
     return text
 
 
@@ -967,6 +970,8 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
     csv_path = os.path.join(out, "sweep.csv")
     meta_path = os.path.join(out, _META_FILE)
     work = os.path.join(out, _WORK_DIR)
+    from .storage import open_text_append, read_text, write_text_atomic
+
 
     sd = load_state_dict_any(checkpoint, storage_options)
     if not sd:
@@ -976,15 +981,13 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
     meta = {"checkpoint": source, "fingerprint": fp, "tensors": len(sd),
             "bytes": sum(t.numel() * t.element_size() for t in sd.values())}
     if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = json.loads(read_text(meta_path))
         if old.get("fingerprint") != fp:
             raise ValueError(f"{out!r} holds a sweep of another checkpoint ({old.get('checkpoint')!r}); "
                              "use another output folder")
     elif os.path.exists(csv_path):
         raise ValueError(f"{csv_path!r} exists without {_META_FILE}; cannot tell which checkpoint it is from")
-    with open(meta_path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    write_text_atomic(meta_path, json.dumps(meta, indent=2))
 
     rows = read_csv(csv_path) if os.path.exists(csv_path) else []
     done = {_key(r) for r in rows}
@@ -1012,7 +1015,7 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
 
             bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="sweep", unit="run")
         try:
-            with open(csv_path, "a", newline="", encoding="utf-8") as fcsv:
+            with open_text_append(csv_path) as fcsv:
                 w = csv.writer(fcsv)
                 for row in _execute(tasks, workers):
                     rows.append(row)
