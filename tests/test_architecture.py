@@ -6,7 +6,10 @@ The rules (docs/architecture.md explains them):
   or ``x._y`` on an imported torch_dtdr module); underscore *modules* such
   as ``codecs/_blocks.py`` are private to their package;
 * nothing under ``torch_dtdr/`` but ``torch_dtdr/cli/`` imports ``torch_dtdr.cli``;
-* nothing but ``torch_dtdr.storage`` imports fsspec;
+* nothing but ``torch_dtdr.storage`` imports fsspec, and nothing but it opens
+  files: no builtin ``open(``, ``io.open(``, ``os.open(`` or ``<file system>.open(``
+  elsewhere (one exception: the command line points stdout at ``os.devnull``
+  after its reader went away);
 * the module import graph has no cycle (a package ``__init__`` importing its
   own submodules to register or re-export them is the package itself, not an edge;
   imports under ``if TYPE_CHECKING:`` never run and are no edge either);
@@ -210,6 +213,55 @@ def test_only_storage_imports_fsspec():
            if target.split(".")[0] == "fsspec"
            and not (name == f"{PKG}.storage" or name.startswith(f"{PKG}.storage."))]
     assert not bad, bad
+
+
+def _opens_devnull(call: ast.Call) -> bool:
+    """``os.open(os.devnull, ...)``: no file of the user's, just a sink for a closed pipe."""
+    first = call.args[0] if call.args else None
+    return (isinstance(first, ast.Attribute) and first.attr == "devnull"
+            and isinstance(first.value, ast.Name) and first.value.id == "os")
+
+
+def _file_opens(tree: ast.Module) -> list[tuple[int, str]]:
+    """``(line, call)`` of every call that opens a file: builtin ``open(`` (unless
+    the module defines its own top-level ``open``, as :mod:`torch_dtdr.lazy` does),
+    and any ``<object>.open(`` (``io.open``, ``os.open``, ``fsspec.open``, a file
+    system's ``fs.open``); ``os.open(os.devnull, ...)`` excepted."""
+    own_open = any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "open"
+                   for node in tree.body)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id == "open" and not own_open:
+            found.append((node.lineno, "open("))
+        elif isinstance(func, ast.Attribute) and func.attr == "open":
+            if _opens_devnull(node):
+                continue
+            found.append((node.lineno, f"{ast.unparse(func.value)}.open("))
+    return found
+
+
+def test_only_storage_opens_files():
+    bad = [f"{name}:{line} {call}" for name, (_path, tree) in _modules().items()
+           if not (name == f"{PKG}.storage" or name.startswith(f"{PKG}.storage."))
+           for line, call in _file_opens(tree)]
+    assert not bad, bad
+
+
+def test_the_file_open_check_finds_opens():
+    tree = ast.parse("import io, os\n"
+                     "def f(fs, loc):\n"
+                     "    open('a')\n"
+                     "    io.open('b')\n"
+                     "    os.open('c', os.O_RDONLY)\n"
+                     "    fs.open('d', 'rb')\n"
+                     "    loc.fs.open('e')\n"
+                     "    os.open(os.devnull, os.O_WRONLY)\n")
+    assert [line for line, _call in _file_opens(tree)] == [3, 4, 5, 6, 7]
+    shadowing = ast.parse("def open(f):\n    return f\n\nopen('x')\n")
+    assert _file_opens(shadowing) == []
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

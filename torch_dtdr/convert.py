@@ -83,7 +83,7 @@ def _read_safetensors_unchecked(fsx: Location, path: str) -> tuple[dict[str, tor
     if fsx.local:
         from safetensors import safe_open
 
-        with open(path, "rb") as fh:
+        with fsx.open_read(path) as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             names, meta = _st_header(fh.read(n))
         out = {}
@@ -108,7 +108,7 @@ def _read_torch(fsx: Location, path: str) -> Any:
     try:
         if fsx.local:
             return original_load()(path, map_location="cpu", weights_only=True)
-        with fsx.fs.open(path, "rb") as fh:
+        with fsx.open_read(path) as fh:
             return original_load()(fh, map_location="cpu", weights_only=True)
     except (CheckpointNotFoundError, FileNotFoundError):
         raise

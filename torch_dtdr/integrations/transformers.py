@@ -124,8 +124,7 @@ def weight_files(directory) -> list[str]:
     directory = os.fspath(directory)
     index_path = os.path.join(directory, WEIGHTS_INDEX_NAME)
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
+        index = json.loads(storage.read_text(index_path))
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise FormatError("the index has no weight_map", file=index_path)
@@ -204,8 +203,7 @@ def from_pretrained(model_class, directory, *, torch_dtype: torch.dtype | None =
 
 def _transformer_modules(st_directory: str) -> list[tuple[int, str]]:
     """``(position, folder)`` of each Transformer module listed in modules.json."""
-    with open(os.path.join(st_directory, "modules.json"), encoding="utf-8") as f:
-        modules = json.load(f)
+    modules = json.loads(storage.read_text(os.path.join(st_directory, "modules.json")))
     if not isinstance(modules, list):
         raise FormatError("modules.json is not a list", file=st_directory)
     found = []
