@@ -12,6 +12,7 @@ and :mod:`torch_dtdr.dcp` call down into it; it knows none of them.
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
@@ -41,14 +42,21 @@ def check_errors(errors, partial: bool = False) -> None:
                             "errors='strict'", field="partial")
 
 
+def check_workers(workers) -> None:
+    """Refuse a ``workers`` argument that is neither None nor a positive int."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ArgumentError(f"workers must be a positive integer or None, got {workers!r}", field="workers")
+
 
 class Decoder:
     """Decodes tensors from a reader and accumulates the report."""
 
-    def __init__(self, reader: ContainerReader, errors: str):
+    def __init__(self, reader: ContainerReader, errors: str, workers: int = 1):
         check_errors(errors)
         self.reader = reader
         self.errors = errors
+        #: threads that decode the segments of one tensor while the next records are read
+        self.workers = max(1, int(workers))
         self.report = Report(reader.name, f"{constants.FORMAT_MAJOR}.{constants.FORMAT_MINOR}", list(reader.events), reader.truncated)
         self._reports: dict[int, TensorReport] = {}
 
@@ -79,15 +87,11 @@ class Decoder:
             self._fail(rep, TruncatedError, "the file ends before this tensor's data", None)
             return None
         bound = 0.0
-        for rec in info.records:
-            seg = r.read_record(rec)
-            if after_record is not None:
-                after_record(rec, seg)
+        for rec, seg, result in self._decoded_records(info, codec, after_record):
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)
             if seg.repaired:
                 rep.status = worst(rep.status, REPAIRED)
-            result = codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
             if not result.exact:
                 floating = info.dtype.is_floating_point or info.dtype.is_complex
                 # Only the residual layer is optional: without anything else a segment has no bounded value.
@@ -103,7 +107,7 @@ class Decoder:
             else:
                 if out is None:
                     out = torch.empty(numel, dtype=info.dtype)
-                out[rec.elem_start: rec.elem_start + rec.elem_count] = values
+                copy_elements(out, rec.elem_start, values)
         if out is None:
             out = torch.empty(0, dtype=info.dtype)
         rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
@@ -127,6 +131,40 @@ class Decoder:
             return None
         return out.view(info.shape)
 
+    def _decoded_records(self, info: TensorInfo, codec, after_record):
+        """``(record, segment, decoded result)`` for each record of ``info``, in
+        order. Records are read (checked, repaired) here, one after another;
+        with ``workers`` > 1 their codec work runs on that many threads, at
+        most ``2 * workers`` segments ahead of the caller."""
+        r = self.reader
+
+        def read(rec: RecordInfo) -> SegmentData:
+            seg = r.read_record(rec)
+            if after_record is not None:
+                after_record(rec, seg)
+            return seg
+
+        def decode(rec: RecordInfo, seg: SegmentData):
+            return codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
+
+        if self.workers <= 1 or len(info.records) < 2:
+            for rec in info.records:
+                seg = read(rec)
+                yield rec, seg, decode(rec, seg)
+            return
+        window = 2 * self.workers
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="dtdr-decode-segment") as pool:
+            pending: deque = deque()
+            for rec in info.records:
+                seg = read(rec)
+                pending.append((rec, seg, pool.submit(decode, rec, seg)))
+                if len(pending) >= window:
+                    rec0, seg0, fut = pending.popleft()
+                    yield rec0, seg0, fut.result()
+            while pending:
+                rec0, seg0, fut = pending.popleft()
+                yield rec0, seg0, fut.result()
+
     def tensor_report(self, i: int) -> TensorReport | None:
         """The report of stored tensor ``i`` once it has been decoded."""
         return self._reports.get(i)
@@ -142,6 +180,22 @@ class Decoder:
         if rep.status != EXACT:
             warn_caller(DamageWarning(rep.summary()))
         return rep
+
+
+def copy_elements(out: torch.Tensor, start: int, values: torch.Tensor) -> None:
+    """``out[start:start + len(values)] = values`` for 1-D tensors of one dtype,
+    as one single-threaded memcpy on the calling thread (numpy views of the
+    bytes; bfloat16 has no numpy dtype). A torch slice assignment would run on
+    torch's intra-op thread pool, which on a small shared machine measured
+    2-3x slower than one thread and competes with the other decode threads."""
+    values = values.reshape(-1)
+    if not (out.is_contiguous() and values.is_contiguous() and out.device.type == "cpu"
+            and values.device.type == "cpu" and out.dtype == values.dtype) or values.numel() == 0:
+        out[start:start + values.numel()] = values
+        return
+    size = out.element_size()
+    dst = out.view(torch.uint8).numpy()
+    dst[start * size:(start + values.numel()) * size] = values.view(torch.uint8).numpy()
 
 
 def map_device(map_location, saved_device: str) -> torch.device | str | None:
@@ -195,10 +249,11 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
     decoding overlap, while a prefetch downloads ahead from remote stores), then
     rebuild the object around them. A lost tensor raises IntegrityError naming
     every lost tensor, unless ``partial`` (then it is None in the object)."""
-    dec = Decoder(reader, errors)
-    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
     n = len(reader.tensors)
     workers = workers or DEFAULT_WORKERS
+    # several tensors: one thread per tensor; a lone tensor: its segments on the threads
+    dec = Decoder(reader, errors, workers=workers if n == 1 else 1)
+    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
 
     def decode(i: int):
         t = dec.tensor(i)
