@@ -19,7 +19,7 @@ import torch
 from . import codecs, tree
 from . import decoding, torchfiles
 from .decoding import Decoder, check_workers, progress_bar
-from .codecs.base import Codec
+from .codecs.base import Codec, flat_contiguous
 from .errors import ArgumentError, CheckpointNotFoundError, CodecError, DamageWarning, DTDRError, IntegrityError
 from .format import constants
 from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
@@ -171,12 +171,12 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
 
 def _segments(tensor: torch.Tensor, segment_elems: int):
     """``(first element, 1-D contiguous part)`` of each segment (one for an empty tensor)."""
-    flat = tensor.reshape(-1)
+    flat = flat_contiguous(tensor)
     if flat.numel() == 0:
         yield 0, flat
         return
     for start in range(0, flat.numel(), segment_elems):
-        yield start, flat[start:start + segment_elems].contiguous()
+        yield start, flat[start:start + segment_elems]
 
 
 def _encode_in_order(jobs, workers: int):

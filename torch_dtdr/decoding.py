@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import codecs, tree
+from .codecs.base import copy_elements
 from ._cpu import compute_cores
 from .errors import ArgumentError, DamageWarning, DeviceError, IntegrityError, TruncatedError, warn_caller
 from .format import constants
@@ -180,22 +181,6 @@ class Decoder:
         if rep.status != EXACT:
             warn_caller(DamageWarning(rep.summary()))
         return rep
-
-
-def copy_elements(out: torch.Tensor, start: int, values: torch.Tensor) -> None:
-    """``out[start:start + len(values)] = values`` for 1-D tensors of one dtype,
-    as one single-threaded memcpy on the calling thread (numpy views of the
-    bytes; bfloat16 has no numpy dtype). A torch slice assignment would run on
-    torch's intra-op thread pool, which on a small shared machine measured
-    2-3x slower than one thread and competes with the other decode threads."""
-    values = values.reshape(-1)
-    if not (out.is_contiguous() and values.is_contiguous() and out.device.type == "cpu"
-            and values.device.type == "cpu" and out.dtype == values.dtype) or values.numel() == 0:
-        out[start:start + values.numel()] = values
-        return
-    size = out.element_size()
-    dst = out.view(torch.uint8).numpy()
-    dst[start * size:(start + values.numel()) * size] = values.view(torch.uint8).numpy()
 
 
 def map_device(map_location, saved_device: str) -> torch.device | str | None:
