@@ -165,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     from torch_dtdr.codecs import native
 
-    print(native.describe())
+    print(f"core: {native.core()}")
     print(f"default workers: {torch_dtdr.api.DEFAULT_WORKERS}")
     codecs_measured = args.formats.split(",") if args.formats else FORMATS[2:]
     worker_values = args.workers.split(",") if args.workers else [""]
