@@ -19,6 +19,12 @@ one-thread compress and decompress times (no container, no checksums, no
 file), next to ``dtdr``'s save and load with its checksums and parity. The
 ``core`` line says which codec core ran (``TORCH_DTDR_NATIVE=0`` forces the
 reference).
+
+``--workers 1,2`` measures every DTDR codec once per value of ``workers=``
+(save and load), in the same run, as rows ``dtdr@1``, ``dtdr@2``...;
+without it the library's default is used. ``--formats dtdr,dtdr8`` limits the
+DTDR codecs measured (safetensors and torch always run: they are the
+reference).
 """
 
 from __future__ import annotations
@@ -78,6 +84,12 @@ def zipnn_row(sd: dict, dtype: str, repeat: int) -> dict | None:
             "load_s": timed(lambda: zpn.decompress(packed), repeat)}
 
 
+def dtdr_options(fmt: str) -> tuple[str, dict]:
+    """``("dtdr", {"workers": 2})`` for a row label ``"dtdr@2"``."""
+    codec, _, workers = fmt.partition("@")
+    return codec, ({"workers": int(workers)} if workers else {})
+
+
 def save(fmt: str, sd: dict, path: str) -> None:
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -86,7 +98,8 @@ def save(fmt: str, sd: dict, path: str) -> None:
     elif fmt == "torch":
         torch.save(sd, path)
     else:
-        torch_dtdr.save(sd, path, codec=fmt)
+        codec, options = dtdr_options(fmt)
+        torch_dtdr.save(sd, path, codec=codec, **options)
 
 
 def load(fmt: str, path: str, lazy: bool = False):
@@ -99,7 +112,7 @@ def load(fmt: str, path: str, lazy: bool = False):
             return load(f.read())
     if fmt == "torch":
         return torch.load(path, weights_only=True, mmap=lazy)
-    return torch_dtdr.load(path)
+    return torch_dtdr.load(path, **dtdr_options(fmt)[1])
 
 
 def timed(fn, repeat: int) -> float:
@@ -145,10 +158,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--workers", help="workers= of the DTDR codecs, one value or a comma-separated list "
+                    "(one row per value); default: the library's default")
+    ap.add_argument("--formats", help="the DTDR codecs to measure, comma-separated (default: "
+                    + ",".join(FORMATS[2:]) + "); safetensors and torch always run")
     args = ap.parse_args()
     from torch_dtdr.codecs import native
 
-    print(native.describe())
+    print(f"core: {native.core()}")
+    print(f"default workers: {torch_dtdr.api.DEFAULT_WORKERS}")
+    codecs_measured = args.formats.split(",") if args.formats else FORMATS[2:]
+    worker_values = args.workers.split(",") if args.workers else [""]
+    formats = FORMATS[:2] + [f"{c}@{w}" if w else c for c in codecs_measured for w in worker_values]
     results = []
     runs = [(m, d) for m in (["minilm", "llm"] if args.model == "both" else [args.model])
             for d in args.dtype.split(",")]
@@ -158,7 +179,7 @@ def main() -> None:
         nbytes = sum(v.numel() * v.element_size() for v in sd.values())
         with tempfile.TemporaryDirectory() as d:
             rows = {}
-            for fmt in FORMATS:
+            for fmt in formats:
                 path = os.path.join(d, f"ckpt.{fmt}")
                 save(fmt, sd, path)
                 row = {
@@ -187,13 +208,14 @@ def main() -> None:
             if zrow is None:
                 print("zipnn: not installed (pip install 'torch-dtdr[bench]')")
             else:
-                dt_row = rows["dtdr"]
                 raw_floats = zrow["float_bytes"]
                 print(f"{'zipnn':<12}{zrow['size'] / raw_floats:>7.1%}{'':>8}{zrow['save_s']:>9.3f}{zrow['load_s']:>9.3f}"
-                      f"   (1 thread, float bytes only; vs dtdr: size {dt_row['size'] / nbytes:.3f} of the state dict"
-                      f" vs {zrow['size'] / raw_floats:.3f} of its float bytes; dtdr save / zipnn compress "
-                      f"{dt_row['save_s'] / zrow['save_s']:.2f}, dtdr load / zipnn decompress "
-                      f"{dt_row['load_s'] / zrow['load_s']:.2f})")
+                      f"   (1 thread, float bytes only: {zrow['size'] / raw_floats:.3f} of them)")
+                for label in (f for f in rows if dtdr_options(f)[0] == "dtdr"):
+                    dt_row = rows[label]
+                    print(f"{'':<12}{label}: size {dt_row['size'] / nbytes:.3f} of the state dict; save / zipnn "
+                          f"compress {dt_row['save_s'] / zrow['save_s']:.2f}, load / zipnn decompress "
+                          f"{dt_row['load_s'] / zrow['load_s']:.2f}")
                 rows["zipnn"] = zrow
             print(f"(lazy, for information: safetensors load_file {st['lazy_load_s'] * 1e3:.1f} ms, "
                   f"torch.load(mmap=True) {tt['lazy_load_s'] * 1e3:.1f} ms; "

@@ -18,8 +18,8 @@ import torch
 
 from . import codecs, tree
 from . import decoding, torchfiles
-from .decoding import Decoder, progress_bar
-from .codecs.base import Codec
+from .decoding import Decoder, check_workers, progress_bar
+from .codecs.base import Codec, flat_contiguous
 from .errors import ArgumentError, CheckpointNotFoundError, CodecError, DamageWarning, DTDRError, IntegrityError
 from .format import constants
 from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
@@ -41,6 +41,13 @@ PARITY_LEVELS: dict[str, tuple[int, int, int]] = {
 #: Tensors encoded (save) or decoded (load) at once (see
 #: :data:`torch_dtdr.decoding.DEFAULT_WORKERS`).
 DEFAULT_WORKERS = decoding.DEFAULT_WORKERS
+
+#: The keywords torch.load hands on to pickle's ``Unpickler`` (its
+#: ``**pickle_load_args``: ``fix_imports``, ``encoding``, ``buffers``; the
+#: fourth, ``errors``, is torch_dtdr's own). :func:`load` accepts and ignores
+#: them for a DTDR file, which is never unpickled; any other unknown keyword
+#: is a TypeError there, as torch.load's unpickler would raise one.
+PICKLE_LOAD_KEYWORDS = frozenset({"fix_imports", "encoding", "buffers"})
 
 CodecSpec = str | Codec | Mapping[str, "str | Codec"] | Callable[[str, torch.Tensor], "str | Codec | None"]
 
@@ -164,12 +171,12 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
 
 def _segments(tensor: torch.Tensor, segment_elems: int):
     """``(first element, 1-D contiguous part)`` of each segment (one for an empty tensor)."""
-    flat = tensor.reshape(-1)
+    flat = flat_contiguous(tensor)
     if flat.numel() == 0:
         yield 0, flat
         return
     for start in range(0, flat.numel(), segment_elems):
-        yield start, flat[start:start + segment_elems].contiguous()
+        yield start, flat[start:start + segment_elems]
 
 
 def _encode_in_order(jobs, workers: int):
@@ -194,7 +201,8 @@ def _encode_in_order(jobs, workers: int):
 
 def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None = None, mmap: bool | None = None,
          errors: str = "recover", storage_options: Mapping | None = None, report: bool = False,
-         max_workers: int | None = None, partial: bool = False, **pickle_load_args) -> Any:
+         max_workers: int | None = None, partial: bool = False, workers: int | None = None,
+         **pickle_load_args) -> Any:
     """Load a DTDR file, or hand anything else to :func:`torch.load`.
 
     ``f`` is a local path, an fsspec URL (``s3://``, ``gs://``, ``memory://``,
@@ -215,8 +223,12 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     :class:`~torch_dtdr.errors.IntegrityError` naming every lost tensor unless
     ``partial=True``, which returns ``None`` in its place; ``report=True`` returns ``(obj, Report)``;
     ``max_workers`` bounds the concurrent range requests to a remote store
-    (default :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`). Nothing is unpickled, so ``pickle_module``, ``weights_only`` and extra
-    pickle arguments have no effect; ``mmap=True`` is accepted and has no
+    (default :data:`torch_dtdr.storage.DEFAULT_MAX_WORKERS`); ``workers``
+    threads decode (several tensors at once, or the segments of a lone
+    tensor; default ``DEFAULT_WORKERS``), as ``workers`` threads encode in
+    :func:`save`. Nothing is unpickled, so ``pickle_module``, ``weights_only``
+    and pickle's own keywords (:data:`PICKLE_LOAD_KEYWORDS`) have no effect;
+    any other keyword is a TypeError. ``mmap=True`` is accepted and has no
     effect yet (the data is read and verified in full).
 
     **Anything else** goes to the original :func:`torch.load` with
@@ -225,13 +237,15 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     means torch's own default: ``True`` since torch 2.6 (this function passes
     ``True`` on older torch, unless a ``pickle_module`` is given). An fsspec
     URL, which torch.load cannot open, is opened with ``storage_options`` and
-    passed as a file object. ``errors`` and ``max_workers`` do not apply (torch.load repairs
+    passed as a file object. ``errors``, ``max_workers`` and ``workers`` do not apply (torch.load repairs
     nothing) and ``report=True`` returns ``(obj, None)``.
     """
+    check_workers(workers)
     kind, src = torchfiles.sniff(f, storage_options, partial=True)
     if kind == "dtdr":
+        check_pickle_load_args(pickle_load_args)
         return load_dtdr_source(src, f, map_location, errors=errors, storage_options=storage_options, report=report,
-                                max_workers=max_workers, partial=partial)
+                                max_workers=max_workers, partial=partial, workers=workers)
     if kind == "missing":
         raise CheckpointNotFoundError("no such file", file=src)
     obj = torchfiles.load_torch(f, kind, src, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
@@ -239,13 +253,23 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     return (obj, None) if report else obj
 
 
+def check_pickle_load_args(pickle_load_args: Mapping) -> None:
+    """TypeError for a keyword :func:`load` does not take on a DTDR file
+    (pickle's own keywords, :data:`PICKLE_LOAD_KEYWORDS`, are accepted)."""
+    unknown = sorted(set(pickle_load_args) - PICKLE_LOAD_KEYWORDS)
+    if unknown:
+        raise TypeError(f"load() got an unexpected keyword argument {unknown[0]!r}"
+                        + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""))
+
+
 def load_dtdr_source(src, orig_f, map_location=None, *, errors: str = "recover",
                      storage_options: Mapping | None = None, report: bool = False, max_workers: int | None = None,
-                     partial: bool = False):
+                     partial: bool = False, workers: int | None = None):
     """Decode the DTDR file :func:`torch_dtdr.torchfiles.sniff` found (``src``)
     as :func:`load` does, then leave a file object ``orig_f`` after its data."""
+    check_workers(workers)
     out = decoding.load_file(src, map_location, errors=errors, storage_options=storage_options, report=report,
-                             max_workers=max_workers, partial=partial, workers=DEFAULT_WORKERS)
+                             max_workers=max_workers, partial=partial, workers=workers or DEFAULT_WORKERS)
     torchfiles.consume(orig_f)
     return out
 
@@ -275,18 +299,20 @@ def _first_offset(t: TensorInfo) -> int:
 
 
 def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
-           max_workers: int | None = None) -> Report:
+           max_workers: int | None = None, workers: int | None = None) -> Report:
     """Check every checksum of a DTDR file (every chunk, parity and metadata
     included), try parity repair in memory and report per tensor: exact /
     repaired / degraded / lost. Never raises for
     damage; a file that cannot be opened at all gives a report with
-    ``unreadable`` set. ``max_workers`` is as in :func:`load`. One file: a
+    ``unreadable`` set. ``max_workers`` and ``workers`` (threads decoding
+    the segments of each tensor) are as in :func:`load`. One file: a
     DCP checkpoint folder is verified by :func:`torch_dtdr.dispatch.verify`
     (which is :func:`torch_dtdr.verify`)."""
+    check_workers(workers)
     try:
         with open_source(f, storage_options, max_workers=max_workers) as src:
             reader = ContainerReader(src)
-            dec = Decoder(reader, "recover")
+            dec = Decoder(reader, "recover", workers=workers or DEFAULT_WORKERS)
             # Tensors in file order, each record followed by the scrub of the
             # stripes behind it: one pass over the file serves both (one
             # download, memory bounded by a record and the prefetch window).
@@ -339,7 +365,7 @@ class _NeedsMarking(Exception):
 
 def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
            progress: bool = False, max_workers: int | None = None, allow_degraded: bool = False,
-           salvage: bool = False) -> Report:
+           salvage: bool = False, workers: int | None = None) -> Report:
     """Write a healed copy of ``f`` to ``out`` (default: replace ``f`` atomically;
     ``out_storage_options`` default to ``storage_options``).
 
@@ -359,10 +385,13 @@ def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_o
       the destination is left untouched.
 
     The returned report describes ``f``; its ``exact`` is False whenever the
-    output is marked. ``max_workers`` is as in :func:`load`.
+    output is marked. ``max_workers`` and ``workers`` (threads decoding the
+    segments of each tensor) are as in :func:`load`.
     """
+    check_workers(workers)
+    workers = workers or DEFAULT_WORKERS
     try:
-        return _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers, None)
+        return _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers, None, workers)
     except _NeedsMarking as need:
         rep = need.args[0]
     statuses = {t.name: t.status for t in rep.tensors}
@@ -382,7 +411,7 @@ def repair(f, out=None, *, storage_options: Mapping | None = None, out_storage_o
         err.report = rep
         raise err
     marks = {t.name: t for t in rep.tensors if t.status in (DEGRADED, LOST)}
-    return _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers, marks)
+    return _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers, marks, workers)
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -391,7 +420,7 @@ def _names(names: list[str], limit: int = 10) -> str:
 
 
 def _repair_pass(f, out, storage_options, out_storage_options, progress, max_workers,
-                 marks: dict[str, TensorReport] | None) -> Report:
+                 marks: dict[str, TensorReport] | None, workers: int = 1) -> Report:
     """One pass of :func:`repair`: each record is checked (and decoded, for the
     report) and written out at once. With ``marks`` None, the first tensor that
     is neither exact nor repaired raises :class:`_NeedsMarking` (aborting the
@@ -400,7 +429,7 @@ def _repair_pass(f, out, storage_options, out_storage_options, progress, max_wor
     with open_source(f, storage_options, max_workers=max_workers) as src:
         reader = ContainerReader(src)
         source_name = _base_name(reader.name)
-        dec = Decoder(reader, "recover")
+        dec = Decoder(reader, "recover", workers=workers)
         g = reader.geometry
         index = Index(reader.index.tree, [], dict(reader.index.metadata),
                       {"chunk_size": g.chunk_size, "k": g.k, "m": g.m, "inner_nsym": g.inner_nsym})

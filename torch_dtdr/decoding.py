@@ -12,12 +12,14 @@ and :mod:`torch_dtdr.dcp` call down into it; it knows none of them.
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 import torch
 
 from . import codecs, tree
+from .codecs.base import copy_elements
 from ._cpu import compute_cores
 from .errors import ArgumentError, DamageWarning, DeviceError, IntegrityError, TruncatedError, warn_caller
 from .format import constants
@@ -26,9 +28,16 @@ from .format.reader import ContainerReader, SegmentData, merge_ranges
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
 from .storage import open_source
 
-#: Tensors decoded at once: reads, checks and decodes overlap, and the heavy
-#: work releases the GIL. One per core, at most 4; a 2-vCPU machine gets 1
-#: (see :func:`torch_dtdr._cpu.compute_cores`).
+#: Threads that decode (tensors at once, or the segments of a lone tensor):
+#: reads, checks and decodes overlap, and the compiled codec kernels release
+#: the GIL. One per physical core, at most 4 (see
+#: :func:`torch_dtdr._cpu.compute_cores`). Measured on MiniLM x4 on a 2-core
+#: machine shared with other jobs (``benchmarks/save_load.py --workers 1,2``,
+#: medians of 5 and 7 in two runs): with 2 workers instead of 1 a lossless
+#: ``dtdr`` load took 0.71-0.80 s instead of 0.93-1.15 s in bf16 and
+#: 1.05 s instead of 1.09-1.15 s in fp32, a bf16 save 1.11-1.23 s instead of
+#: 1.32-1.36 s; an fp32 save was 0.02-0.16 s slower and ``dtdr8`` within noise
+#: either way. The default codec gains, so the default is 2 there.
 DEFAULT_WORKERS = min(4, compute_cores())
 
 
@@ -41,14 +50,21 @@ def check_errors(errors, partial: bool = False) -> None:
                             "errors='strict'", field="partial")
 
 
+def check_workers(workers) -> None:
+    """Refuse a ``workers`` argument that is neither None nor a positive int."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ArgumentError(f"workers must be a positive integer or None, got {workers!r}", field="workers")
+
 
 class Decoder:
     """Decodes tensors from a reader and accumulates the report."""
 
-    def __init__(self, reader: ContainerReader, errors: str):
+    def __init__(self, reader: ContainerReader, errors: str, workers: int = 1):
         check_errors(errors)
         self.reader = reader
         self.errors = errors
+        #: threads that decode the segments of one tensor while the next records are read
+        self.workers = max(1, int(workers))
         self.report = Report(reader.name, f"{constants.FORMAT_MAJOR}.{constants.FORMAT_MINOR}", list(reader.events), reader.truncated)
         self._reports: dict[int, TensorReport] = {}
 
@@ -79,15 +95,11 @@ class Decoder:
             self._fail(rep, TruncatedError, "the file ends before this tensor's data", None)
             return None
         bound = 0.0
-        for rec in info.records:
-            seg = r.read_record(rec)
-            if after_record is not None:
-                after_record(rec, seg)
+        for rec, seg, result in self._decoded_records(info, codec, after_record):
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)
             if seg.repaired:
                 rep.status = worst(rep.status, REPAIRED)
-            result = codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
             if not result.exact:
                 floating = info.dtype.is_floating_point or info.dtype.is_complex
                 # Only the residual layer is optional: without anything else a segment has no bounded value.
@@ -103,7 +115,7 @@ class Decoder:
             else:
                 if out is None:
                     out = torch.empty(numel, dtype=info.dtype)
-                out[rec.elem_start: rec.elem_start + rec.elem_count] = values
+                copy_elements(out, rec.elem_start, values)
         if out is None:
             out = torch.empty(0, dtype=info.dtype)
         rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
@@ -126,6 +138,40 @@ class Decoder:
         if rep.status == LOST:
             return None
         return out.view(info.shape)
+
+    def _decoded_records(self, info: TensorInfo, codec, after_record):
+        """``(record, segment, decoded result)`` for each record of ``info``, in
+        order. Records are read (checked, repaired) here, one after another;
+        with ``workers`` > 1 their codec work runs on that many threads, at
+        most ``2 * workers`` segments ahead of the caller."""
+        r = self.reader
+
+        def read(rec: RecordInfo) -> SegmentData:
+            seg = r.read_record(rec)
+            if after_record is not None:
+                after_record(rec, seg)
+            return seg
+
+        def decode(rec: RecordInfo, seg: SegmentData):
+            return codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
+
+        if self.workers <= 1 or len(info.records) < 2:
+            for rec in info.records:
+                seg = read(rec)
+                yield rec, seg, decode(rec, seg)
+            return
+        window = 2 * self.workers
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="dtdr-decode-segment") as pool:
+            pending: deque = deque()
+            for rec in info.records:
+                seg = read(rec)
+                pending.append((rec, seg, pool.submit(decode, rec, seg)))
+                if len(pending) >= window:
+                    rec0, seg0, fut = pending.popleft()
+                    yield rec0, seg0, fut.result()
+            while pending:
+                rec0, seg0, fut = pending.popleft()
+                yield rec0, seg0, fut.result()
 
     def tensor_report(self, i: int) -> TensorReport | None:
         """The report of stored tensor ``i`` once it has been decoded."""
@@ -195,10 +241,11 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
     decoding overlap, while a prefetch downloads ahead from remote stores), then
     rebuild the object around them. A lost tensor raises IntegrityError naming
     every lost tensor, unless ``partial`` (then it is None in the object)."""
-    dec = Decoder(reader, errors)
-    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
     n = len(reader.tensors)
     workers = workers or DEFAULT_WORKERS
+    # several tensors: one thread per tensor; a lone tensor: its segments on the threads
+    dec = Decoder(reader, errors, workers=workers if n == 1 else 1)
+    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
 
     def decode(i: int):
         t = dec.tensor(i)

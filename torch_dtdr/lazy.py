@@ -12,7 +12,7 @@ import torch
 
 from . import codecs, slicing, tree
 from .codecs.base import Damage
-from .decoding import Decoder, load_from_reader, place
+from .decoding import DEFAULT_WORKERS, Decoder, check_workers, load_from_reader, place
 from .errors import DamageWarning, FormatError, IntegrityError, warn_caller
 from .format.reader import ContainerReader
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, worst
@@ -50,7 +50,9 @@ class DTDRFile:
     """
 
     def __init__(self, f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,
-                 max_workers: int | None = None, warn_damage: bool = True):
+                 max_workers: int | None = None, warn_damage: bool = True, workers: int | None = None):
+        check_workers(workers)
+        self._workers = workers or DEFAULT_WORKERS
         self._warn_damage = warn_damage
         self._source = open_source(f, storage_options, max_workers=max_workers)
         try:
@@ -60,7 +62,7 @@ class DTDRFile:
             raise
         self._device = device
         self._errors = errors
-        self._decoder = Decoder(self._reader, errors)
+        self._decoder = Decoder(self._reader, errors, workers=self._workers)
         skeleton = self._reader.index.tree
         self._refs = tree.tensor_refs(skeleton, len(self._reader.tensors))
         self._devices = tree.entry_devices(skeleton, len(self._reader.tensors))
@@ -193,7 +195,8 @@ class DTDRFile:
 
     def load(self, map_location=None) -> Any:
         """The whole saved object, like :func:`torch_dtdr.load`."""
-        obj, _rep = load_from_reader(self._reader, map_location or self._device, self._errors)
+        obj, _rep = load_from_reader(self._reader, map_location or self._device, self._errors,
+                                     workers=self._workers)
         return obj
 
     def report(self) -> Report:
@@ -325,18 +328,20 @@ class DTDRFile:
 
 
 def open(f, *, device=None, errors: str = "recover", storage_options: Mapping | None = None,  # noqa: A001
-         max_workers: int | None = None, warn_damage: bool = True) -> DTDRFile:
+         max_workers: int | None = None, warn_damage: bool = True, workers: int | None = None) -> DTDRFile:
     """Open a DTDR file for lazy reading, in the shape of safetensors'
     ``safe_open``: ``keys()``, ``metadata()``, ``get_tensor(name)``,
     ``get_slice(name)[...]``, ``get_tensors(names)``.
 
-    ``max_workers`` bounds the concurrent range requests to a remote store.
+    ``max_workers`` bounds the concurrent range requests to a remote store;
+    ``workers`` threads decode the segments of a tensor (:meth:`DTDRFile.load`:
+    several tensors at once), as in :func:`torch_dtdr.load`.
     A tensor or slice that comes back degraded (or lost) raises a
     :class:`~torch_dtdr.errors.DamageWarning` at the caller's line;
     ``warn_damage=False`` leaves that to the caller (who reads
     :meth:`DTDRFile.report` at the end, as ``convert`` does)."""
     return DTDRFile(f, device=device, errors=errors, storage_options=storage_options, max_workers=max_workers,
-                    warn_damage=warn_damage)
+                    warn_damage=warn_damage, workers=workers)
 
 
 class TensorSlice:

@@ -36,10 +36,10 @@ __all__ = ["load", "is_dtdr", "patch", "unpatch", "is_patched", "original_load",
 
 
 def _bind(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, errors="recover",
-          storage_options=None, report=False, max_workers=None, partial=False, **pickle_load_args):
+          storage_options=None, report=False, max_workers=None, partial=False, workers=None, **pickle_load_args):
     """torch.load's signature plus torch_dtdr's keywords, as a dict."""
-    return {"map_location": map_location, "errors": errors, "storage_options": storage_options,
-            "report": report, "max_workers": max_workers, "partial": partial}
+    return {"pickle_load_args": pickle_load_args, "map_location": map_location, "errors": errors, "storage_options": storage_options,
+            "report": report, "max_workers": max_workers, "partial": partial, "workers": workers}
 
 
 # --------------------------------------------------------------------------- patching
@@ -60,10 +60,11 @@ def _make_load_wrapper(prev):
                 b = _bind(f, *args, **kwargs)
             except TypeError:
                 return prev(f, *args, **kwargs)  # the same TypeError torch.load gives
+            api.check_pickle_load_args(b["pickle_load_args"])  # a keyword neither load takes: TypeError
             return load_dtdr_source(src, f, b["map_location"], errors=b["errors"],
                                     storage_options=b["storage_options"], report=b["report"],
-                                    max_workers=b["max_workers"], partial=b["partial"])
-        if not {"report", "storage_options", "max_workers", "partial"} & kwargs.keys():
+                                    max_workers=b["max_workers"], partial=b["partial"], workers=b["workers"])
+        if not {"report", "storage_options", "max_workers", "partial", "workers"} & kwargs.keys():
             if kind == "url":
                 with open_url(src, None) as fh:
                     return prev(fh, *args, **kwargs)
@@ -74,6 +75,7 @@ def _make_load_wrapper(prev):
         report = kw.pop("report", False)
         kw.pop("max_workers", None)
         kw.pop("partial", None)
+        kw.pop("workers", None)
         if kind == "url":
             with open_url(src, so) as fh:
                 obj = prev(fh, *args, **kw)

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CodecError
 from . import _blocks as B
-from .base import Codec, Damage, SectionSpec, SegmentResult
+from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous
 
 _QDT_NP = {8: np.dtype("<i1"), 16: np.dtype("<i2")}
 _QDT_T = {8: torch.int8, 16: torch.int16}
@@ -42,7 +42,7 @@ def check_input(codec: Codec, x: torch.Tensor) -> torch.Tensor:
     x = x.detach()
     if x.device.type != "cpu":
         x = x.cpu()
-    return x.reshape(-1).contiguous()
+    return flat_contiguous(x)
 
 
 def read_factors(data: Mapping, lay: B.Layout, damage: Damage | None, offset: int = 0):

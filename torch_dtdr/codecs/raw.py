@@ -24,7 +24,7 @@ import torch
 from ..errors import CodecError
 from . import _blocks as B
 from . import register
-from .base import Codec, Damage, SectionSpec, SegmentResult
+from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous
 
 _NAMES = [
     "float16", "bfloat16", "float32", "float64",
@@ -68,7 +68,7 @@ class Raw(Codec):
             raise CodecError(f"codec 'raw' encodes torch tensors, got {type(x).__name__}")
         if not self.accepts(x.dtype):
             raise CodecError(f"codec 'raw' cannot store dtype {x.dtype}")
-        x = x.detach().reshape(-1).contiguous().cpu()
+        x = flat_contiguous(x.detach().cpu())
         if x.dtype == torch.bool:
             x = x.to(torch.uint8)
         if x.numel() == 0:

@@ -164,14 +164,15 @@ def _shard_contents(path: str, storage_options) -> tuple[dict, dict[str, dict]]:
 
 
 def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress: bool = False,
-                      max_workers: int | None = None) -> CheckpointReport:
+                      max_workers: int | None = None, workers: int | None = None) -> CheckpointReport:
     """Check a DTDR DCP checkpoint folder: both metadata copies, every checksum
     of every shard (parity repair tried in memory, nothing written), and that
     every item the metadata names is in its shard with the right dtype and
     shape. Never raises for damage; a folder without committed metadata gives a
     report with ``unreadable`` set (exit code 3) that still verifies the shard
     files it finds. Raises :class:`IncompleteCheckpointError` (a
-    ``FileNotFoundError``) only when the folder does not exist."""
+    ``FileNotFoundError``) only when the folder does not exist. ``workers``
+    threads decode the segments of each tensor (see :func:`torch_dtdr.load`)."""
     from ..api import verify
     from ..errors import DTDRError
 
@@ -234,7 +235,7 @@ def verify_checkpoint(path, *, storage_options: Mapping | None = None, progress:
             rep.files.append(Report(fpath, unreadable=str(e)))
             rep.problems.append(f"{name}: {e.message}")
             continue
-        r = verify(fpath, storage_options=storage_options, max_workers=max_workers)
+        r = verify(fpath, storage_options=storage_options, max_workers=max_workers, workers=workers)
         rep.files.append(r)
         if r.unreadable or doc is None:
             continue
