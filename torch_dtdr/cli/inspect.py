@@ -38,17 +38,124 @@ def run_info(args) -> int:
 
 
 def add_verify(parser) -> None:
-    options.add_common(parser)
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="DTDR files or DTDR DCP checkpoint folders, local paths or fsspec URLs; local globs "
+                             "(quoted or not) are expanded")
+    options.add_storage_option(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable output: one report object for one PATH, an array for several")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the per-tensor table for clean files too")
+    parser.add_argument("-j", "--jobs", type=options.positive_int, default=4, metavar="N",
+                        help="files checked at the same time (default 4)")
     options.add_max_workers(parser)
+    parser.epilog = ("A clean file prints one line: path, size, status, time, throughput. A damaged file prints its "
+                     "per-tensor table (damage counted in whole checksum chunks) and the command that heals it. "
+                     "Several paths end with a summary line; the exit status is the worst file's: 0 clean, "
+                     "1 damaged but repairable exactly, 2 degraded or lost, 3 unreadable or missing.")
+
+
+_STATUS_WORDS = {"exact": "clean", "repaired": "damaged, repairable exactly", "degraded": "DEGRADED",
+                 "lost": "LOST"}
+
+
+def heal_command(path: str, status: str, is_folder: bool) -> str | None:
+    """The ``dtdr repair`` line that heals a file with ``status`` (None when nothing can)."""
+    import shlex
+
+    quoted = shlex.quote(path)
+    if status == "exact":
+        return None
+    if is_folder:
+        return "heal each damaged shard file listed above with: dtdr repair SHARD"
+    if status == "repaired":
+        return f"heal it with: dtdr repair {quoted}"
+    stem = path[:-5] if path.endswith(".dtdr") else path
+    if status == "degraded":
+        return (f"write a copy with the degraded tensors marked: dtdr repair {quoted} -o "
+                f"{shlex.quote(stem + '.repaired.dtdr')}")
+    return (f"save what survives: dtdr repair {quoted} -o {shlex.quote(stem + '.salvaged.dtdr')} --salvage")
+
+
+def _verify_one(path: str, so, max_workers):
+    """``(report or None, error or None, size, seconds, is_folder)`` for one path; never raises
+    a torch_dtdr or I/O error (it is returned)."""
+    import time
+
+    from ..dispatch import verify
+    from ..errors import DTDRError
+    from ..storage import isdir, total_size
+
+    started = time.perf_counter()
+    try:
+        size = total_size(path, so)
+        rep = verify(path, storage_options=so, progress=False, max_workers=max_workers)
+        return rep, None, size, time.perf_counter() - started, isdir(path, so)
+    except (DTDRError, OSError) as e:
+        return None, e, 0, time.perf_counter() - started, False
 
 
 def run_verify(args) -> int:
-    from ..dispatch import verify
+    import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    rep = verify(args.path, storage_options=options.storage_options(args.storage_option), progress=not args.json,
-                 max_workers=args.max_workers)
-    print(rep.to_json(indent=2) if args.json else rep)
-    return rep.exit_code
+    from . import display
+
+    so = options.storage_options(args.storage_option)
+    paths = display.expand_paths(args.paths)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
+        futures = [pool.submit(_verify_one, p, so, args.max_workers) for p in paths]
+        bar = display.byte_bar(0, "verify", enabled=not args.json)
+        results = []
+        try:
+            for future in futures:
+                result = future.result()
+                bar.total = (bar.total or 0) + result[2]
+                bar.update(result[2])
+                results.append(result)
+        finally:
+            bar.close()
+    if len(paths) == 1 and results[0][1] is not None:
+        raise results[0][1]  # one path: the usual one-line error
+    statuses = []
+    if args.json:
+        objects = []
+        for path, (rep, error, size, seconds, _) in zip(paths, results):
+            if rep is None:
+                objects.append({"file": path, "status": "lost", "unreadable": f"{type(error).__name__}: {error}",
+                                "exit_code": 3})
+                statuses.append(3)
+                continue
+            d = rep.to_dict()
+            d.update(size=size, elapsed_s=round(seconds, 4), exit_code=rep.exit_code)
+            objects.append(d)
+            statuses.append(rep.exit_code)
+        print(json.dumps(objects[0] if len(objects) == 1 else objects, indent=2))
+        return max(statuses)
+    width = max(len(p) for p in paths)
+    word_width = max(len("UNREADABLE" if r[0].unreadable else _STATUS_WORDS[r[0].status]) for r in results
+                     if r[0] is not None) if any(r[0] is not None for r in results) else 0
+    total_bytes = 0
+    for path, (rep, error, size, seconds, is_folder) in zip(paths, results):
+        total_bytes += size
+        if rep is None:
+            print(f"{path:<{width}}  unreadable: {type(error).__name__}: {' '.join(str(error).split())}")
+            statuses.append(3)
+            continue
+        statuses.append(rep.exit_code)
+        word = "UNREADABLE" if rep.unreadable else _STATUS_WORDS[rep.status]
+        print(f"{path:<{width}}  {display.size(size):>10}  {word:<{word_width}}  {seconds:>6.2f} s  {display.rate(size, seconds)}")
+        if not rep.clean or args.verbose:
+            print("\n".join("  " + line for line in str(rep).splitlines()))
+            heal = None if rep.unreadable else heal_command(path, rep.status, is_folder)
+            if heal:
+                print(f"  {heal}")
+    if len(paths) > 1:
+        elapsed = time.perf_counter() - started
+        counts = {code: statuses.count(code) for code in range(4)}
+        print(f"{len(paths)} paths, {display.size(total_bytes)} in {elapsed:.2f} s ({display.rate(total_bytes, elapsed)}): "
+              f"{counts[0]} clean, {counts[1]} repairable, {counts[2]} degraded or lost, {counts[3]} unreadable")
+    return max(statuses)
 
 
 def add_repair(parser) -> None:
