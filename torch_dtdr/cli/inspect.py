@@ -15,26 +15,96 @@ from . import options
 
 def add_info(parser) -> None:
     options.add_common(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="the full provenance metadata (default: folded to one line)")
+    parser.description = ("What a DTDR file or DTDR DCP checkpoint folder holds, from its index alone: sizes, "
+                          "stored vs raw bytes and ratio per codec, the parity overhead (inner code included), "
+                          "the metadata and the tensors.")
+
+
+def parity_overhead(geometry: dict) -> float:
+    """The parity bytes a full stripe adds per data byte: ``m`` parity chunks per ``k`` data chunks, plus the
+    ``archive`` level's inner code (``P = nsym * ceil(chunk / (255 - nsym))`` bytes for each of the
+    ``k + m`` chunks; docs/format.md section 1)."""
+    k, m, chunk, nsym = geometry["k"], geometry["m"], geometry["chunk_size"], geometry.get("inner_nsym") or 0
+    inner = nsym * -(-chunk // (255 - nsym)) if nsym else 0
+    return (m * chunk + (k + m) * inner) / (k * chunk)
+
+
+def _folder_infos(path: str, so) -> list[dict]:
+    from ..api import info
+    from ..kinds import DCP_METADATA_NAMES, DCP_SHARD_RE
+    from ..storage import join, listdir
+
+    names = [n for n in listdir(path, so) if DCP_SHARD_RE.fullmatch(n) or n in DCP_METADATA_NAMES]
+    return [info(join(path, n), storage_options=so) for n in names]
+
+
+def _fold(metadata: dict, verbose: bool, limit: int = 100) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in sorted(metadata.items()))
+    text = " ".join(text.split())
+    return text if verbose or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def run_info(args) -> int:
-    from ..api import info
+    from ..errors import FormatError
+    from ..kinds import folder_kind
+    from . import display
 
-    d = info(args.path, storage_options=options.storage_options(args.storage_option))
+    so = options.storage_options(args.storage_option)
+    kind = folder_kind(args.path, so)
+    if kind is not None and kind != "dcp":
+        raise FormatError(f"a {kind} folder, not a DTDR file or DTDR DCP checkpoint (convert it with dtdr convert)",
+                          file=args.path)
+    if kind == "dcp":
+        infos = _folder_infos(args.path, so)
+    else:
+        from ..api import info
+
+        infos = [info(args.path, storage_options=so)]
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(infos[0] if kind is None else {"folder": args.path, "files": infos}, indent=2))
         return 0
-    g = d["geometry"]
-    print(f"{d['file']}: DTDR format {d['format_version']}, {d['file_size']} bytes, {len(d['tensors'])} tensors")
-    print(f"  parity: {g['algorithm']} k={g['k']} m={g['m']} chunk={g['chunk_size']} "
-          f"(overhead {100 * g['m'] / g['k']:.2f}%)")
-    if d["metadata"]:
-        print(f"  metadata: {d['metadata']}")
-    w = max([len(t["name"]) for t in d["tensors"]] + [6])
-    print(f"  {'tensor':<{w}}  {'dtype':<10}{'shape':<20}{'codec':<8}{'stored':>12}{'raw':>12}")
-    for t in d["tensors"]:
-        print(f"  {t['name']:<{w}}  {t['dtype']:<10}{str(t['shape']):<20}{t['codec']:<8}{t['stored_bytes']:>12}{t['raw_bytes']:>12}")
+    if kind == "dcp":
+        total = sum(d["file_size"] for d in infos)
+        print(f"{args.path}: DTDR DCP checkpoint, {len(infos)} files, {display.size(total)}, "
+              f"{sum(len(d['tensors']) for d in infos)} tensors")
+    for d in infos:
+        _print_file_info(d, args.verbose, display, indent="  " if kind == "dcp" else "")
     return 0
+
+
+def _print_file_info(d: dict, verbose: bool, display, indent: str = "") -> None:
+    g = d["geometry"]
+    tensors = d["tensors"]
+    print(f"{indent}{d['file']}: DTDR format {d['format_version']}, {display.size(d['file_size'])} "
+          f"({d['file_size']} bytes), {len(tensors)} tensors")
+    by_codec: dict[str, list[int]] = {}
+    for t in tensors:
+        sums = by_codec.setdefault(t["codec"], [0, 0, 0])
+        sums[0] += 1
+        sums[1] += t["stored_bytes"]
+        sums[2] += t["raw_bytes"]
+    stored = sum(v[1] for v in by_codec.values())
+    raw = sum(v[2] for v in by_codec.values())
+    overhead = parity_overhead(g)
+    inner = f" + inner code {g['inner_nsym']} symbols per chunk" if g.get("inner_nsym") else ""
+    print(f"{indent}  parity: {g['algorithm']} k={g['k']} m={g['m']}{inner}, chunk {display.size(g['chunk_size'])}: "
+          f"overhead {100 * overhead:.2f} % of the data")
+    print(f"{indent}  {'codec':<8}{'tensors':>8}{'stored':>12}{'raw':>12}{'ratio':>8}")
+    for codec, (n, s_bytes, r_bytes) in sorted(by_codec.items()):
+        print(f"{indent}  {codec:<8}{n:>8}{display.size(s_bytes):>12}{display.size(r_bytes):>12}"
+              f"{(r_bytes / s_bytes if s_bytes else 0):>7.2f}x")
+    print(f"{indent}  {'total':<8}{len(tensors):>8}{display.size(stored):>12}{display.size(raw):>12}"
+          f"{(raw / stored if stored else 0):>7.2f}x   file {display.size(d['file_size'])}: "
+          f"{display.percent(d['file_size'] - stored, stored)} over the stored tensor bytes (parity, index, padding)")
+    if d["metadata"]:
+        print(f"{indent}  metadata: {_fold(d['metadata'], verbose)}")
+    w = max([len(t["name"]) for t in tensors] + [6])
+    print(f"{indent}  {'tensor':<{w}}  {'dtype':<10}{'shape':<20}{'codec':<8}{'stored':>12}{'raw':>12}")
+    for t in tensors:
+        print(f"{indent}  {t['name']:<{w}}  {t['dtype']:<10}{str(t['shape']):<20}{t['codec']:<8}"
+              f"{display.size(t['stored_bytes']):>12}{display.size(t['raw_bytes']):>12}")
 
 
 def add_verify(parser) -> None:

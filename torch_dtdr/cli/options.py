@@ -72,5 +72,5 @@ def add_encoding(parser: argparse.ArgumentParser) -> None:
     """``--codec``, ``--parity``, ``--block-size``: how a DTDR output is encoded."""
     parser.add_argument("--codec", default="dtdr", help="DTDR codec: dtdr (lossless, default), dtdr16, dtdr8, raw")
     parser.add_argument("--parity", type=parity, default="default",
-                        help="parity level: default, strong, off, or K,M")
+                        help="parity level: default, strong, archive (adds an inner code per chunk), off, or K,M")
     parser.add_argument("--block-size", type=int, default=None, help="codec block size (default: the codec's)")
