@@ -54,3 +54,34 @@ def byte_bar(total: int, desc: str, enabled: bool = True):
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                 disable=None if enabled else True)
+
+
+class spinner:
+    """A tqdm bar with no total that shows elapsed time while a step without byte counts runs (on a
+    terminal only); a context manager."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc, self.enabled, self._bar, self._stop = desc, enabled, None, None
+
+    def __enter__(self):
+        import threading
+
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc=self.desc, total=None, bar_format="{desc}: {elapsed}", leave=False,
+                         disable=None if self.enabled else True)
+        if not self._bar.disable:
+            self._stop = threading.Event()
+            thread = threading.Thread(target=self._tick, daemon=True)
+            thread.start()
+        return self
+
+    def _tick(self):
+        while not self._stop.wait(0.5):
+            self._bar.refresh()
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+        self._bar.close()
+        return False

@@ -246,9 +246,22 @@ def run_repair(args) -> int:
     from ..api import repair
     from ..errors import DTDRError
 
+    from ..dispatch import verify
+
     so = options.storage_options(args.storage_option)
     # the output takes --output-storage-option, else the options of PATH
     out_so = options.storage_options(args.output_storage_option) if args.output_storage_option else so
+    if args.output is None:
+        # a clean file is left alone: not rewritten, its bytes and mtime unchanged
+        found = verify(args.path, storage_options=so, progress=not args.json, max_workers=args.max_workers)
+        if found.clean:
+            if args.json:
+                d = found.to_dict()
+                d["written"] = None
+                print(json.dumps(d, indent=2))
+            else:
+                print(f"{args.path} is clean: nothing to repair, file left unchanged")
+            return 0
     try:
         rep = repair(args.path, args.output, storage_options=so, out_storage_options=out_so, progress=not args.json,
                      max_workers=args.max_workers, allow_degraded=args.allow_degraded, salvage=args.salvage)
