@@ -215,7 +215,9 @@ def run_verify(args) -> int:
         statuses.append(rep.exit_code)
         word = "UNREADABLE" if rep.unreadable else _STATUS_WORDS[rep.status]
         print(f"{path:<{width}}  {display.size(size):>10}  {word:<{word_width}}  {seconds:>6.2f} s  {display.rate(size, seconds)}")
-        if not rep.clean or args.verbose:
+        if rep.unreadable and not args.verbose:
+            print(f"  unreadable: {' '.join(str(rep.unreadable).split())}")
+        elif not rep.clean or args.verbose:
             print("\n".join("  " + line for line in str(rep).splitlines()))
             heal = None if rep.unreadable else heal_command(path, rep.status, is_folder)
             if heal:

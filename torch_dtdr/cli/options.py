@@ -29,10 +29,10 @@ def storage_options(pairs: list[str] | None) -> dict | None:
 
 def parity(text: str):
     """A ``--parity`` value: a level name (``default``, ``strong``, ``off``,
-    ``archive``) as given, or ``K,M`` as a pair of ints."""
+    ``archive``) as given, or ``K,M`` as a pair of ints (``(K, M)`` and ``[K, M]`` too)."""
     if "," not in text:
         return text
-    k, _, m = text.partition(",")
+    k, _, m = text.strip().strip("()[]").partition(",")
     try:
         return int(k), int(m)
     except ValueError:
