@@ -193,19 +193,44 @@ def test_usage_errors_exit_2(args):
     assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+@pytest.mark.parametrize("command", [["info"], ["verify", "-v"], ["info", "--json"]])
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path, command):
     """`dtdr info f | head -1`: the reader goes away; no BrokenPipeError traceback."""
     src = tmp_path / "many.dtdr"
     torch_dtdr.save({f"tensor_with_a_long_name_{i:05d}": torch.zeros(1) for i in range(3000)}, src,
                     parity="off")
-    proc = subprocess.Popen([sys.executable, "-m", "torch_dtdr.cli", "info", str(src)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "torch_dtdr.cli", *command, str(src)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=_env())
     first = proc.stdout.readline()
     proc.stdout.close()  # output is far larger than a pipe buffer: the command is still writing
     _, err = proc.communicate(timeout=120)
-    assert first.startswith(str(src).encode())
+    assert first.strip()
     assert proc.returncode == 0
     assert err == b"", err.decode()
+
+
+def test_an_interrupted_repair_exits_130_and_leaves_the_file(tmp_path):
+    """Ctrl-C while `dtdr repair` writes its temp file: one line, status 130, the damaged file as it was and
+    no temp file left behind."""
+    src = tmp_path / "big.dtdr"
+    torch_dtdr.save({f"w{i}": torch.randn(4_000_000) for i in range(8)}, src, codec="raw")
+    from torch_dtdr.faults import corrupt
+
+    corrupt(str(src), mode="bitflip", count=50, seed=3)
+    before = src.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "torch_dtdr.cli", "repair", str(src)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
+    deadline = time.monotonic() + 100
+    while (proc.poll() is None and time.monotonic() < deadline
+           and not any(name.endswith(".dtdr-tmp") for name in os.listdir(tmp_path))):
+        time.sleep(0.005)
+    assert proc.poll() is None, "the repair ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines() == ["dtdr: interrupted"], err.decode()
+    assert src.read_bytes() == before
+    assert os.listdir(tmp_path) == ["big.dtdr"]
 
 
 def test_an_interrupt_exits_130_with_one_line(tmp_path):
