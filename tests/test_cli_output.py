@@ -171,3 +171,43 @@ def test_a_second_undo_says_the_file_is_already_restored(tmp_path):
     path.write_bytes(before[:-10] + b"0123456789")  # neither damaged as recorded nor the original
     third = _dtdr("undo", str(record))
     assert third.returncode == 3 and third.stderr.startswith("dtdr: IntegrityError: ")
+
+
+def _on_a_terminal(args: list[str]) -> str:
+    """Run ``args`` with stdout and stderr on a pseudo-terminal (120 columns) and return what it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals")
+def test_progress_counts_bytes_on_a_terminal_and_is_off_in_a_pipe(tmp_path):
+    path = tmp_path / "m.dtdr"
+    torch_dtdr.save({f"w{i}": torch.randn(500_000) for i in range(4)}, path, codec="raw")
+    shown = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "repair", str(path), "-o", str(tmp_path / "o.dtdr")])
+    assert re.search(r"repair: +\d+%\|.*\| [\d.]+[kMG]?/7\.6\dM \[", shown), shown  # a bar over the bytes (7.6 MiB)
+    assert "B/s" in shown and "tensor" not in shown
+    saved = _on_a_terminal([sys.executable, "-c", "import torch, torch_dtdr; torch_dtdr.save("
+                            "{'w': torch.zeros(3_000_000)}, %r, progress=True)" % str(tmp_path / "s.dtdr")])
+    assert re.search(r"save: +\d+%\|.*/11\.4M \[", saved), saved
+    piped = _dtdr("repair", str(path), "-o", str(tmp_path / "p.dtdr"))
+    assert piped.returncode == 0 and piped.stderr == ""  # no bar when not a terminal

@@ -146,7 +146,7 @@ def heal_command(path: str, status: str, is_folder: bool) -> str | None:
     return (f"save what survives: dtdr repair {quoted} -o {shlex.quote(stem + '.salvaged.dtdr')} --salvage")
 
 
-def _verify_one(path: str, so, max_workers):
+def _verify_one(path: str, so, max_workers, progress: bool = False):
     """``(report or None, error or None, size, seconds, is_folder)`` for one path; never raises
     a torch_dtdr or I/O error (it is returned)."""
     import time
@@ -158,7 +158,7 @@ def _verify_one(path: str, so, max_workers):
     started = time.perf_counter()
     try:
         size = total_size(path, so)
-        rep = verify(path, storage_options=so, progress=False, max_workers=max_workers)
+        rep = verify(path, storage_options=so, progress=progress, max_workers=max_workers)
         return rep, None, size, time.perf_counter() - started, isdir(path, so)
     except (DTDRError, OSError) as e:
         return None, e, 0, time.perf_counter() - started, False
@@ -174,8 +174,10 @@ def run_verify(args) -> int:
     paths = display.expand_paths(args.paths)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
-        futures = [pool.submit(_verify_one, p, so, args.max_workers) for p in paths]
-        bar = display.byte_bar(0, "verify", enabled=not args.json)
+        # one path: a bar of its bytes as they are checked; several: a bar of the files' bytes as each ends
+        futures = [pool.submit(_verify_one, p, so, args.max_workers, len(paths) == 1 and not args.json)
+                   for p in paths]
+        bar = display.byte_bar(0, "verify", enabled=len(paths) > 1 and not args.json)
         results = []
         try:
             for future in futures:
