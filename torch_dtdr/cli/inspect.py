@@ -170,6 +170,8 @@ def run_verify(args) -> int:
 
     from . import display
 
+    from .. import dispatch  # noqa: F401 - imported before the clock starts: the summary times the checks
+
     so = options.storage_options(args.storage_option)
     paths = display.expand_paths(args.paths)
     started = time.perf_counter()
