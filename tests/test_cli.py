@@ -228,7 +228,7 @@ def test_an_interrupted_repair_exits_130_and_leaves_the_file(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
-    assert err.decode().strip().splitlines() == ["dtdr: interrupted"], err.decode()
+    assert err.decode().strip().splitlines() == ["dtdr: interrupted; nothing written"], err.decode()
     assert src.read_bytes() == before
     assert os.listdir(tmp_path) == ["big.dtdr"]
 
