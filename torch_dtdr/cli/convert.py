@@ -85,11 +85,16 @@ def run_convert(args) -> int:
     if lossy and lossless_target:
         print(f"dtdr: warning: {args.path} is stored with the lossy codec(s) {', '.join(lossy)}; the safetensors "
               "output holds their dequantised weights, not the original ones", file=sys.stderr)
+    from ..kinds import folder_kind
+
+    # writing one DTDR file from a file: a bar of the bytes encoded; anything else: the time it takes
+    byte_bar = (not args.json and (to == "dtdr" or (to is None and args.output.endswith(".dtdr")))
+                and folder_kind(args.path, so) not in ("dcp", "torch-dcp"))
     started = time.perf_counter()
-    with display.spinner(f"convert {args.path}", enabled=not args.json):
+    with display.spinner(f"convert {args.path}", enabled=not args.json and not byte_bar):
         summary = convert(args.path, args.output, to=to, codec=args.codec, parity=args.parity,
                           block_size=args.block_size, errors=args.errors, storage_options=so,
-                          out_storage_options=out_so, allow_pickle=args.allow_pickle)
+                          out_storage_options=out_so, allow_pickle=args.allow_pickle, progress=byte_bar)
     seconds = time.perf_counter() - started
     source_size = total_size(args.path, so)
     written = sum(total_size(f, out_so) for f in summary["files"])
