@@ -88,3 +88,30 @@ def test_atomic_local_path(tmp_path):
     with pytest.raises(StorageError):
         with storage.atomic_local_path(str(tmp_path / "no-such-folder" / "x.bin")):
             pass
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permissions")
+def test_atomic_local_path_gives_the_usual_permissions(tmp_path):
+    """A writer that creates its file 0600 (safetensors does) still leaves a file with the mode
+    open(dest, "wb") would give: 0666 less the umask for a new file, the old mode for a replaced one."""
+    old_umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.bin"
+        with storage.atomic_local_path(str(fresh)) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"x")
+            os.close(fd)
+        assert os.stat(fresh).st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        os.chmod(kept, 0o640)
+        with storage.atomic_local_path(str(kept)) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"new")
+            os.close(fd)
+        assert os.stat(kept).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old_umask)
+    dest = tmp_path / "saved.dtdr"
+    torch_dtdr.save({"w": torch.zeros(4)}, dest)
+    assert os.stat(dest).st_mode & 0o777 == 0o666 & ~old_umask

@@ -18,7 +18,7 @@ import torch
 
 from . import codecs, tree
 from . import decoding, torchfiles
-from .decoding import Decoder, check_workers, progress_bar
+from .decoding import Decoder, check_workers
 from .codecs.base import Codec, flat_contiguous
 from .errors import ArgumentError, CheckpointNotFoundError, CodecError, DamageWarning, DTDRError, IntegrityError
 from .format import constants
@@ -125,7 +125,7 @@ def _parity(parity) -> tuple[int, int, int]:
 def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = None, parity="default",
          metadata: Mapping[str, str] | None = None, storage_options: Mapping | None = None,
          chunk_size: int = constants.DEFAULT_CHUNK_SIZE, segment_elems: int = constants.DEFAULT_SEGMENT_ELEMS,
-         workers: int | None = None) -> None:
+         workers: int | None = None, progress: bool = False) -> None:
     """Save ``obj`` (a tensor, or dicts/lists/tuples around tensors and plain
     values) to ``f``: a local path, an fsspec URL or a writable binary file.
 
@@ -137,6 +137,7 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
     The destination is written atomically: a failed save leaves nothing there.
     ``workers`` threads encode segments ahead of the writer (default
     ``DEFAULT_WORKERS``); memory stays bounded by a few segments.
+    ``progress=True`` shows a bar of the tensor bytes encoded (on a terminal only).
     """
     k, m, inner = _parity(parity)
     skeleton, entries = tree.flatten(obj)
@@ -159,7 +160,12 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
         jobs = ((tid, seg, start, part, c, info)
                 for tid, (e, info, c) in enumerate(zip(entries, infos, chosen))
                 for seg, (start, part) in enumerate(_segments(e.tensor, segment_elems)))
-        for (tid, seg, start, part, c, info), encoded in _encode_in_order(jobs, workers or DEFAULT_WORKERS):
+        encoded_jobs = _encode_in_order(jobs, workers or DEFAULT_WORKERS)
+        if progress:
+            segment_bytes = [min(segment_elems, e.tensor.numel() - start) * e.tensor.element_size()
+                             for e in entries for start in range(0, max(e.tensor.numel(), 1), segment_elems)]
+            encoded_jobs = byte_progress(encoded_jobs, segment_bytes, True, "save")
+        for (tid, seg, start, part, c, info), encoded in encoded_jobs:
             offset, header = w.write_record(
                 constants.RECORD_KIND_SEGMENT, tid, seg, start, part.numel(),
                 [(s.name, s.copies, encoded[s.name]) for s in c.sections(part.dtype)])
@@ -167,6 +173,26 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
         stream_end = w.logical_offset
         index.geometry["n_data_chunks"] = -(-stream_end // chunk_size)
         w.finish(index.to_json())
+
+
+def byte_progress(items, sizes, enabled: bool, desc: str):
+    """``items`` behind a tqdm bar counting bytes (``sizes[i]`` once item ``i`` is done): rate and ETA in
+    bytes, shown only on a terminal (``disable=None``); ``items`` as they are when not ``enabled``."""
+    if not enabled:
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    sizes = list(sizes)
+    with tqdm(total=sum(sizes), desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+              disable=None) as bar:
+        for i, item in enumerate(items):  # every item, whatever ``sizes`` holds
+            yield item
+            bar.update(sizes[i] if i < len(sizes) else 0)
+
+
+def _stored_bytes(t: TensorInfo) -> int:
+    return sum(r.end - r.offset for r in t.records)
 
 
 def _segments(tensor: torch.Tensor, segment_elems: int):
@@ -325,7 +351,8 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
                     scrubber.run_until(max(o + n for o, n in reads))
 
             with reader.prefetch((rec for i in order for rec in reader.tensors[i].records), also=scrubber.reads()):
-                for i in progress_bar(order, progress, "verify"):
+                sizes = [_stored_bytes(reader.tensors[i]) for i in order]
+                for i in byte_progress(order, sizes, progress, "verify"):
                     dec.tensor(i, after_record=scrub_behind)
                 dec.report.events += scrubber.finish()
             with warnings.catch_warnings():
@@ -454,8 +481,9 @@ def _repair_pass(f, out, storage_options, out_storage_options, progress, max_wor
                 index.geometry["algorithm"] = w.code.algorithm
                 w.write_record(constants.RECORD_KIND_MANIFEST, constants.MANIFEST_TENSOR_ID, 0, 0, 0,
                                [("manifest", 1, encode_index(index.to_json(with_records=False)))])
-                for tid, (tinfo, new) in progress_bar(list(enumerate(zip(reader.tensors, index.tensors))), progress,
-                                                   "repair"):
+                pairs = list(enumerate(zip(reader.tensors, index.tensors)))
+                for tid, (tinfo, new) in byte_progress(pairs, [_stored_bytes(t) for t in reader.tensors], progress,
+                                                       "repair"):
                     lost_mark = new.provenance is not None and new.provenance["status"] == PROVENANCE_LOST
                     if lost_mark and tinfo.provenance is None:
                         dec.tensor(tid, after_record=None)  # for the report; nothing of it is written

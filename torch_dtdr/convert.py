@@ -256,7 +256,8 @@ def _is_tensor_dict(obj) -> bool:
 # --------------------------------------------------------------------------- writing DTDR
 
 
-def _write_dtdr(obj, layout: dict, dst, *, codec, parity, block_size, metadata, storage_options) -> None:
+def _write_dtdr(obj, layout: dict, dst, *, codec, parity, block_size, metadata, storage_options,
+                progress: bool = False) -> None:
     from .api import save
 
     files = layout.get("files") or []
@@ -267,7 +268,7 @@ def _write_dtdr(obj, layout: dict, dst, *, codec, parity, block_size, metadata, 
     meta.update(metadata or {})
     meta[METADATA_KEY] = json.dumps(dict(layout, promoted=promoted, version=_LAYOUT_VERSION), separators=(",", ":"))
     save(obj, dst, codec=codec, parity=parity, block_size=block_size, metadata=meta,
-         storage_options=storage_options)
+         storage_options=storage_options, progress=progress)
 
 
 # --------------------------------------------------------------------------- writing safetensors
@@ -508,7 +509,7 @@ def _infer_to(src_kind: str, dst: str, storage_options) -> str:
 def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", block_size: int | None = None,
             metadata: Mapping[str, str] | None = None, errors: str = "strict",
             storage_options: Mapping | None = None, out_storage_options: Mapping | None = None,
-            allow_pickle: bool = False) -> dict:
+            allow_pickle: bool = False, progress: bool = False) -> dict:
     """Convert ``src`` to ``dst`` (local paths or fsspec URLs).
 
     A distributed (DCP) checkpoint folder as ``src`` is gathered into one DTDR
@@ -536,7 +537,8 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
     ``allow_pickle`` accepts a standard DCP checkpoint folder as ``src`` (see
     :func:`torch_dtdr.dcp.dcp_to_dtdr`); only for checkpoints you trust.
 
-    Returns a summary: ``{"from", "to", "files", "tensors"}``.
+    ``progress=True`` shows a bar of the bytes encoded when writing a DTDR file from a file (on a
+    terminal only). Returns a summary: ``{"from", "to", "files", "tensors"}``.
     """
     if to not in (None, "dtdr", "safetensors", "dcp"):
         raise ArgumentError(f"to must be 'dtdr', 'safetensors' or 'dcp', got {to!r}", field="to")
@@ -572,10 +574,10 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
             from .api import save
 
             save(obj, dst_s, codec=codec, parity=parity, block_size=block_size, metadata=meta,
-                 storage_options=storage_options)
+                 storage_options=storage_options, progress=progress)
         else:
             _write_dtdr(obj, layout, dst_s, codec=codec, parity=parity, block_size=block_size, metadata=metadata,
-                        storage_options=storage_options)
+                        storage_options=storage_options, progress=progress)
         n = len(obj) if isinstance(obj, Mapping) else None
         return {"from": kind, "to": "dtdr", "files": [dst_s], "tensors": n}
     # to safetensors

@@ -830,6 +830,21 @@ def corrupt(
 # --------------------------------------------------------------------------- undo
 
 
+def is_restored(record: FaultRecord, path=None, storage_options: dict | None = None) -> bool:
+    """Whether the file of ``record`` (or ``path``) already holds the original bytes (its size and
+    sha256 match the record's), as after a successful :func:`undo`."""
+    if not isinstance(record, FaultRecord):
+        raise FaultArgumentError(f"is_restored needs a FaultRecord, got {type(record).__name__}")
+    url, fs, p = _open_fs(record.target if path is None else path, storage_options)
+    if _file_size(fs, p, url) != record.original_size:
+        return False
+    digest = hashlib.sha256()
+    with fs.open(p, "rb") as src:
+        for block in iter(lambda: src.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest() == record.original_sha256
+
+
 def undo(record: FaultRecord, path=None, storage_options: dict | None = None) -> str:
     """Restore the damaged file of ``record`` bit-exactly; returns its URL.
 

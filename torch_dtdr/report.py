@@ -134,11 +134,21 @@ class Report(Verdict):
             lines.append(f"  container: {e}")
         if self.truncated:
             lines.append("  container: file truncated")
-        w = max([len(t.name) for t in self.tensors] + [6])
-        lines.append(f"  {'tensor':<{w}}  {'status':<9}{'codec':<8}{'damaged bytes':>14}{'elements':>10}  bound")
-        for t in self.tensors:
-            dmg = sum(e - s for s, e in t.damaged_bytes) + sum(e - s for s, e in t.repaired_bytes)
-            bound = "-" if t.status in (EXACT, REPAIRED) else ("unknown" if t.error_bound is None else f"{t.error_bound:.3g}")
-            lines.append(f"  {t.name:<{w}}  {t.status:<9}{t.codec:<8}{dmg:>14}{t.degraded_elements:>10}  {bound}")
+        lines.extend(self.table())
         lines.append("  " + ", ".join(f"{n} {k}" for k, n in self.counts().items()))
         return "\n".join(lines)
+
+    def table(self) -> list[str]:
+        """The per-tensor table, columns labelled. Damage is counted in whole checksum chunks (the unit the
+        reader checks): "repaired chunk bytes" failed their checksum and were restored bit-exactly,
+        "unrepaired chunk bytes" could not be; the bytes actually wrong within them may be fewer."""
+        w = max([len(t.name) for t in self.tensors] + [6])
+        lines = [f"  {'tensor':<{w}}  {'status':<9}{'codec':<8}{'repaired chunk bytes':>22}"
+                 f"{'unrepaired chunk bytes':>24}{'bad elements':>14}  max error"]
+        for t in self.tensors:
+            fixed = sum(e - s for s, e in t.repaired_bytes)
+            broken = sum(e - s for s, e in t.damaged_bytes)
+            bound = "-" if t.status in (EXACT, REPAIRED) else ("unknown" if t.error_bound is None else f"{t.error_bound:.3g}")
+            lines.append(f"  {t.name:<{w}}  {t.status:<9}{t.codec:<8}{fixed:>22}{broken:>24}"
+                         f"{t.degraded_elements:>14}  {bound}")
+        return lines

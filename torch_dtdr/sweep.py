@@ -443,7 +443,9 @@ def _get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None
+        from .errors import ArgumentError
+
+        raise ArgumentError(f"unknown format {name!r}; known: {', '.join(FORMATS)}", field="formats") from None
 
 
 # --------------------------------------------------------------------------- one run

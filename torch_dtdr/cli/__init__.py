@@ -75,6 +75,10 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+#: Commands after whose interruption no file has changed: they only read, or write one file atomically.
+_NOTHING_WRITTEN_WHEN_INTERRUPTED = frozenset({"info", "verify", "repair"})
+
+
 class _CommandParser(argparse.ArgumentParser):
     """A subcommand's parser that adds its arguments on first use (parsing or
     help), so building the whole ``dtdr`` parser imports no library module."""
@@ -189,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("dtdr: interrupted", file=sys.stderr)
+        # these commands write nothing, or write only through an atomic temp file that is removed
+        nothing_written = args.command in _NOTHING_WRITTEN_WHEN_INTERRUPTED
+        print("dtdr: interrupted" + ("; nothing written" if nothing_written else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place a command's failure becomes an exit status
         if args.debug:

@@ -42,8 +42,36 @@ def add_dcp_convert(parser) -> None:
     parser.set_defaults(json=False)
 
 
+def _lossy_codecs(path: str, so) -> list[str]:
+    """The lossy codecs a DTDR file's tensors are stored with (empty for a lossless file or another kind)."""
+    from ..api import info
+    from ..codecs import get as codec_class
+    from ..errors import DTDRError
+    from ..kinds import kind_of
+
+    if kind_of(path, so) != "dtdr":
+        return []
+    try:
+        names = sorted({t["codec"] for t in info(path, storage_options=so)["tensors"]})
+    except (DTDRError, OSError):
+        return []  # the conversion itself reports an unreadable source
+    lossy = []
+    for name in names:
+        try:
+            if not getattr(codec_class(name), "lossless", True):
+                lossy.append(name)
+        except (DTDRError, KeyError, ValueError):
+            continue
+    return lossy
+
+
 def run_convert(args) -> int:
+    import sys
+    import time
+
     from ..convert import convert
+    from ..storage import total_size
+    from . import display
 
     so = options.storage_options(args.storage_option)
     out_so = options.storage_options(args.output_storage_option) or so
@@ -52,13 +80,39 @@ def run_convert(args) -> int:
         from ..storage import isdir
 
         to = "dtdr" if isdir(args.path, so) else "dcp"
-    summary = convert(args.path, args.output, to=to, codec=args.codec, parity=args.parity,
-                      block_size=args.block_size, errors=args.errors, storage_options=so,
-                      out_storage_options=out_so, allow_pickle=args.allow_pickle)
+    lossy = _lossy_codecs(args.path, so)
+    lossless_target = to == "safetensors" or (to is None and args.output.endswith(".safetensors"))
+    if lossy and lossless_target:
+        print(f"dtdr: warning: {args.path} is stored with the lossy codec(s) {', '.join(lossy)}; the safetensors "
+              "output holds their dequantised weights, not the original ones", file=sys.stderr)
+    from ..kinds import folder_kind
+
+    # writing one DTDR file from a file: a bar of the bytes encoded; anything else: the time it takes
+    byte_bar = (not args.json and (to == "dtdr" or (to is None and args.output.endswith(".dtdr")))
+                and folder_kind(args.path, so) not in ("dcp", "torch-dcp"))
+    started = time.perf_counter()
+    with display.spinner(f"convert {args.path}", enabled=not args.json and not byte_bar):
+        summary = convert(args.path, args.output, to=to, codec=args.codec, parity=args.parity,
+                          block_size=args.block_size, errors=args.errors, storage_options=so,
+                          out_storage_options=out_so, allow_pickle=args.allow_pickle, progress=byte_bar)
+    seconds = time.perf_counter() - started
+    source_size = total_size(args.path, so)
+    written = sum(total_size(f, out_so) for f in summary["files"])
+    summary.update(source_size=source_size, written_size=written, seconds=round(seconds, 3))
+    if summary["to"] in ("dtdr", "dcp"):
+        summary.update(codec=args.codec, parity=args.parity if isinstance(args.parity, str) else list(args.parity))
+    if lossy:
+        summary["lossy_source_codecs"] = lossy
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        print(f"converted {args.path} ({summary['from']}) -> {summary['to']}: " + ", ".join(summary["files"]))
+        return 0
+    encoding = ""
+    if summary["to"] in ("dtdr", "dcp"):
+        parity = args.parity if isinstance(args.parity, str) else ",".join(map(str, args.parity))
+        encoding = f", codec {args.codec}, parity {parity}"
+    print(f"converted {args.path} ({summary['from']}, {display.size(source_size)}) -> {summary['to']}: "
+          f"{', '.join(summary['files'])} ({display.size(written)}, {display.percent(written, source_size)} of the "
+          f"source{encoding}) in {seconds:.1f} s")
     return 0
 
 

@@ -114,9 +114,18 @@ def add_undo(parser) -> None:
 
 
 def run_undo(args) -> int:
-    from ..faults import FaultRecord, undo
+    from ..errors import IntegrityError
+    from ..faults import FaultRecord, is_restored, undo
 
     rec = FaultRecord.load(args.record)
-    url = undo(rec, args.target, storage_options=options.storage_options(args.storage_option))
+    so = options.storage_options(args.storage_option)
+    try:
+        url = undo(rec, args.target, storage_options=so)
+    except IntegrityError:
+        if not is_restored(rec, args.target, storage_options=so):
+            raise
+        print(f"{args.target or rec.target} is already restored (sha256 {rec.original_sha256[:16]}, "
+              f"{rec.original_size} bytes); nothing to do")
+        return 0
     print(f"restored {url} (sha256 {rec.original_sha256[:16]}, {rec.original_size} bytes)")
     return 0

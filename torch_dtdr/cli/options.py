@@ -29,10 +29,10 @@ def storage_options(pairs: list[str] | None) -> dict | None:
 
 def parity(text: str):
     """A ``--parity`` value: a level name (``default``, ``strong``, ``off``,
-    ``archive``) as given, or ``K,M`` as a pair of ints."""
+    ``archive``) as given, or ``K,M`` as a pair of ints (``(K, M)`` and ``[K, M]`` too)."""
     if "," not in text:
         return text
-    k, _, m = text.partition(",")
+    k, _, m = text.strip().strip("()[]").partition(",")
     try:
         return int(k), int(m)
     except ValueError:
@@ -72,5 +72,5 @@ def add_encoding(parser: argparse.ArgumentParser) -> None:
     """``--codec``, ``--parity``, ``--block-size``: how a DTDR output is encoded."""
     parser.add_argument("--codec", default="dtdr", help="DTDR codec: dtdr (lossless, default), dtdr16, dtdr8, raw")
     parser.add_argument("--parity", type=parity, default="default",
-                        help="parity level: default, strong, off, or K,M")
+                        help="parity level: default, strong, archive (adds an inner code per chunk), off, or K,M")
     parser.add_argument("--block-size", type=int, default=None, help="codec block size (default: the codec's)")

@@ -58,7 +58,7 @@ package reaches a file.
 from __future__ import annotations
 
 from .files import (child_inside, exists, isdir, listdir, Location, makedirs, open_fsspec_file, read_bytes,
-                    read_head, remove, remove_symlink, write_bytes_atomic)
+                    read_head, remove, remove_symlink, total_size, write_bytes_atomic)
 from .paths import (DEFAULT_MAX_WORKERS, DEFAULT_PART_SIZE, DEFAULT_PREFETCH_WINDOW, is_local_fs, is_plain_name,
                     is_url, join, known_protocol, TEMP_SUFFIX, url_to_fs)
 from .prefetch import Prefetch
@@ -73,6 +73,7 @@ __all__ = [
     "open_source",
     "open_sink",
     "exists",
+    "total_size",
     "isdir",
     "listdir",
     "makedirs",

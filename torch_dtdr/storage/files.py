@@ -68,6 +68,26 @@ def listdir(f: PathOrURL, storage_options: dict | None = None) -> list[str]:
     return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
 
 
+def total_size(f: PathOrURL, storage_options: dict | None = None) -> int:
+    """The size in bytes of a file, or of every file directly in a folder (a DCP checkpoint);
+    a missing path is a :class:`~torch_dtdr.errors.CheckpointNotFoundError`."""
+    r = resolve(f, storage_options, allow_fileobj=False)
+    try:
+        if r[0] == "local":
+            if os.path.isdir(r[1]):
+                return sum(e.stat().st_size for e in os.scandir(r[1]) if e.is_file())
+            return os.stat(r[1]).st_size
+        fs, path = r[1], r[2]
+        _uncached(fs, path)
+        if fs.isdir(path):
+            return sum(int(e.get("size") or 0) for e in fs.ls(path, detail=True) if e.get("type") == "file")
+        return int(fs.size(path))
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError("no such file or folder", file=fspath(f)) from e
+    except Exception as e:
+        raise storage_error("cannot read the size", e, file=fspath(f)) from e
+
+
 def makedirs(f: PathOrURL, storage_options: dict | None = None) -> None:
     """Create a directory and its parents (object stores need none: the first
     write creates the prefix)."""

@@ -171,14 +171,29 @@ def atomic_local_path(dest: str):
     tmp = local_temp_path(target)
     remove_stale_temps(folder)
     try:
+        dest_mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        dest_mode = None
+    try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+            if hasattr(os, "fchmod"):
+                # a writer may create its file 0600; the result gets what open(dest, "wb")
+                # would give it: the replaced file's mode, else 0666 less the umask
+                os.fchmod(fh.fileno(), dest_mode if dest_mode is not None else 0o666 & ~current_umask())
         os.replace(tmp, target)
         _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _pid_alive(pid: int) -> bool:
