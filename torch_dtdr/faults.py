@@ -838,11 +838,8 @@ def is_restored(record: FaultRecord, path=None, storage_options: dict | None = N
     url, fs, p = _open_fs(record.target if path is None else path, storage_options)
     if _file_size(fs, p, url) != record.original_size:
         return False
-    digest = hashlib.sha256()
-    with fs.open(p, "rb") as src:
-        for block in iter(lambda: src.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest() == record.original_sha256
+    digest, _size = _sha256_of(url, storage_options)
+    return digest == record.original_sha256
 
 
 def undo(record: FaultRecord, path=None, storage_options: dict | None = None) -> str:
