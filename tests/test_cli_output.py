@@ -209,6 +209,9 @@ def test_progress_counts_bytes_on_a_terminal_and_is_off_in_a_pipe(tmp_path):
     saved = _on_a_terminal([sys.executable, "-c", "import torch, torch_dtdr; torch_dtdr.save("
                             "{'w': torch.zeros(3_000_000)}, %r, progress=True)" % str(tmp_path / "s.dtdr")])
     assert re.search(r"save: +\d+%\|.*/11\.4M \[", saved), saved
+    loaded = _on_a_terminal([sys.executable, "-c", "import torch_dtdr; torch_dtdr.load(%r, progress=True)" % str(path)])
+    assert re.search(r"load: +\d+%\|.*\| [\d.]+[kMG]?/7\.6\dM \[", loaded), loaded  # bytes, not tensors
+    assert "B/s" in loaded and "tensor" not in loaded
     save_file({"w": torch.zeros(3_000_000)}, str(tmp_path / "m.safetensors"))
     converted = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "convert", str(tmp_path / "m.safetensors"),
                                 str(tmp_path / "c.dtdr")])

@@ -18,7 +18,7 @@ import torch
 
 from . import codecs, tree
 from . import decoding, torchfiles
-from .decoding import Decoder, check_workers
+from .decoding import Decoder, byte_progress, check_workers, stored_bytes
 from .codecs.base import Codec, flat_contiguous
 from .errors import ArgumentError, CheckpointNotFoundError, CodecError, DamageWarning, DTDRError, IntegrityError
 from .format import constants
@@ -175,26 +175,6 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
         w.finish(index.to_json())
 
 
-def byte_progress(items, sizes, enabled: bool, desc: str):
-    """``items`` behind a tqdm bar counting bytes (``sizes[i]`` once item ``i`` is done): rate and ETA in
-    bytes, shown only on a terminal (``disable=None``); ``items`` as they are when not ``enabled``."""
-    if not enabled:
-        yield from items
-        return
-    from tqdm.auto import tqdm
-
-    sizes = list(sizes)
-    with tqdm(total=sum(sizes), desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-              disable=None) as bar:
-        for i, item in enumerate(items):  # every item, whatever ``sizes`` holds
-            yield item
-            bar.update(sizes[i] if i < len(sizes) else 0)
-
-
-def _stored_bytes(t: TensorInfo) -> int:
-    return sum(r.end - r.offset for r in t.records)
-
-
 def _segments(tensor: torch.Tensor, segment_elems: int):
     """``(first element, 1-D contiguous part)`` of each segment (one for an empty tensor)."""
     flat = flat_contiguous(tensor)
@@ -228,7 +208,7 @@ def _encode_in_order(jobs, workers: int):
 def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None = None, mmap: bool | None = None,
          errors: str = "recover", storage_options: Mapping | None = None, report: bool = False,
          max_workers: int | None = None, partial: bool = False, workers: int | None = None,
-         **pickle_load_args) -> Any:
+         progress: bool = False, **pickle_load_args) -> Any:
     """Load a DTDR file, or hand anything else to :func:`torch.load`.
 
     ``f`` is a local path, an fsspec URL (``s3://``, ``gs://``, ``memory://``,
@@ -271,6 +251,7 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
     if kind == "dtdr":
         check_pickle_load_args(pickle_load_args)
         return load_dtdr_source(src, f, map_location, errors=errors, storage_options=storage_options, report=report,
+                                progress=progress,
                                 max_workers=max_workers, partial=partial, workers=workers)
     if kind == "missing":
         raise CheckpointNotFoundError("no such file", file=src)
@@ -290,12 +271,13 @@ def check_pickle_load_args(pickle_load_args: Mapping) -> None:
 
 def load_dtdr_source(src, orig_f, map_location=None, *, errors: str = "recover",
                      storage_options: Mapping | None = None, report: bool = False, max_workers: int | None = None,
-                     partial: bool = False, workers: int | None = None):
+                     partial: bool = False, workers: int | None = None, progress: bool = False):
     """Decode the DTDR file :func:`torch_dtdr.torchfiles.sniff` found (``src``)
     as :func:`load` does, then leave a file object ``orig_f`` after its data."""
     check_workers(workers)
     out = decoding.load_file(src, map_location, errors=errors, storage_options=storage_options, report=report,
-                             max_workers=max_workers, partial=partial, workers=workers or DEFAULT_WORKERS)
+                             max_workers=max_workers, partial=partial, workers=workers or DEFAULT_WORKERS,
+                             progress=progress)
     torchfiles.consume(orig_f)
     return out
 
@@ -351,7 +333,7 @@ def verify(f, *, storage_options: Mapping | None = None, progress: bool = False,
                     scrubber.run_until(max(o + n for o, n in reads))
 
             with reader.prefetch((rec for i in order for rec in reader.tensors[i].records), also=scrubber.reads()):
-                sizes = [_stored_bytes(reader.tensors[i]) for i in order]
+                sizes = [stored_bytes(reader.tensors[i]) for i in order]
                 for i in byte_progress(order, sizes, progress, "verify"):
                     dec.tensor(i, after_record=scrub_behind)
                 dec.report.events += scrubber.finish()
@@ -482,7 +464,7 @@ def _repair_pass(f, out, storage_options, out_storage_options, progress, max_wor
                 w.write_record(constants.RECORD_KIND_MANIFEST, constants.MANIFEST_TENSOR_ID, 0, 0, 0,
                                [("manifest", 1, encode_index(index.to_json(with_records=False)))])
                 pairs = list(enumerate(zip(reader.tensors, index.tensors)))
-                for tid, (tinfo, new) in byte_progress(pairs, [_stored_bytes(t) for t in reader.tensors], progress,
+                for tid, (tinfo, new) in byte_progress(pairs, [stored_bytes(t) for t in reader.tensors], progress,
                                                        "repair"):
                     lost_mark = new.provenance is not None and new.provenance["status"] == PROVENANCE_LOST
                     if lost_mark and tinfo.provenance is None:

@@ -236,16 +236,18 @@ def lost_tensors_error(rep: Report) -> IntegrityError | None:
 
 
 def load_from_reader(reader: ContainerReader, map_location, errors: str, workers: int | None = None,
-                      partial: bool = False) -> tuple[Any, Report]:
+                      partial: bool = False, progress: bool = False) -> tuple[Any, Report]:
     """Decode every tensor (``workers`` at a time, so reading, checking and
     decoding overlap, while a prefetch downloads ahead from remote stores), then
     rebuild the object around them. A lost tensor raises IntegrityError naming
-    every lost tensor, unless ``partial`` (then it is None in the object)."""
+    every lost tensor, unless ``partial`` (then it is None in the object).
+    ``progress=True`` shows a bar of the stored bytes decoded (on a terminal only)."""
     n = len(reader.tensors)
     workers = workers or DEFAULT_WORKERS
     # several tensors: one thread per tensor; a lone tensor: its segments on the threads
     dec = Decoder(reader, errors, workers=workers if n == 1 else 1)
     devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
+    sizes = [stored_bytes(t) for t in reader.tensors]
 
     def decode(i: int):
         t = dec.tensor(i)
@@ -254,9 +256,9 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
     with reader.prefetch(rec for t in reader.tensors for rec in t.records):
         if workers > 1 and n > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
-                loaded = list(pool.map(decode, range(n)))
+                loaded = list(byte_progress(pool.map(decode, range(n)), sizes, progress, "load"))
         else:
-            loaded = [decode(i) for i in range(n)]
+            loaded = list(byte_progress(map(decode, range(n)), sizes, progress, "load"))
     rep = dec.finish()
     error = None if partial else lost_tensors_error(rep)
     if error is not None:
@@ -267,7 +269,7 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
 
 def load_file(f, map_location=None, *, errors: str = "recover", storage_options: Mapping | None = None,
               report: bool = False, max_workers: int | None = None, partial: bool = False,
-              workers: int | None = None):
+              workers: int | None = None, progress: bool = False):
     """Load an object from a DTDR file (what :func:`torch_dtdr.api.load` does for one).
 
     ``map_location`` takes torch.load's forms (a device string or
@@ -288,14 +290,31 @@ def load_file(f, map_location=None, *, errors: str = "recover", storage_options:
     """
     check_errors(errors, partial)
     with open_source(f, storage_options, max_workers=max_workers) as src:
-        obj, rep = load_from_reader(ContainerReader(src), map_location, errors, workers=workers, partial=partial)
+        obj, rep = load_from_reader(ContainerReader(src), map_location, errors, workers=workers, partial=partial,
+                                    progress=progress)
     return (obj, rep) if report else obj
 
 
-def progress_bar(items, enabled: bool, desc: str):
-    """``items`` behind a tqdm progress bar when ``enabled`` (tqdm is imported only then)."""
+def byte_progress(items, sizes, enabled: bool, desc: str):
+    """``items`` behind a tqdm bar counting bytes (``sizes[i]`` once item ``i`` is done): rate and ETA in
+    bytes, shown only on a terminal (``disable=None``); ``items`` as they are when not ``enabled``."""
     if not enabled:
-        return items
+        yield from items
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=None)
+    sizes = list(sizes)
+    with tqdm(total=sum(sizes), desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+              disable=None) as bar:
+        for i, item in enumerate(items):  # every item, whatever ``sizes`` holds
+            yield item
+            bar.update(sizes[i] if i < len(sizes) else 0)
+
+
+def _stored_bytes(t: TensorInfo) -> int:
+    return sum(r.end - r.offset for r in t.records)
+
+
+def stored_bytes(t: TensorInfo) -> int:
+    """The bytes tensor ``t``'s records take in the file (what a byte progress bar counts)."""
+    return sum(r.end - r.offset for r in t.records)

@@ -36,10 +36,12 @@ __all__ = ["load", "is_dtdr", "patch", "unpatch", "is_patched", "original_load",
 
 
 def _bind(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, errors="recover",
-          storage_options=None, report=False, max_workers=None, partial=False, workers=None, **pickle_load_args):
+          storage_options=None, report=False, max_workers=None, partial=False, workers=None, progress=False,
+          **pickle_load_args):
     """torch.load's signature plus torch_dtdr's keywords, as a dict."""
     return {"pickle_load_args": pickle_load_args, "map_location": map_location, "errors": errors, "storage_options": storage_options,
-            "report": report, "max_workers": max_workers, "partial": partial, "workers": workers}
+            "report": report, "max_workers": max_workers, "partial": partial, "workers": workers,
+            "progress": progress}
 
 
 # --------------------------------------------------------------------------- patching
@@ -63,8 +65,9 @@ def _make_load_wrapper(prev):
             api.check_pickle_load_args(b["pickle_load_args"])  # a keyword neither load takes: TypeError
             return load_dtdr_source(src, f, b["map_location"], errors=b["errors"],
                                     storage_options=b["storage_options"], report=b["report"],
-                                    max_workers=b["max_workers"], partial=b["partial"], workers=b["workers"])
-        if not {"report", "storage_options", "max_workers", "partial", "workers"} & kwargs.keys():
+                                    max_workers=b["max_workers"], partial=b["partial"], workers=b["workers"],
+                                    progress=b["progress"])
+        if not {"report", "storage_options", "max_workers", "partial", "workers", "progress"} & kwargs.keys():
             if kind == "url":
                 with open_url(src, None) as fh:
                     return prev(fh, *args, **kwargs)
