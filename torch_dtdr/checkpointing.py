@@ -15,6 +15,7 @@ for and a failure nobody looked at is reported with a warning naming the file.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 import sys
 import threading
 import warnings
@@ -168,3 +169,9 @@ def _at_exit() -> None:
 
 
 atexit.register(_at_exit)
+# A save still running at exit needs its encode and upload thread pools, which concurrent.futures stops
+# accepting work in threading's own exit hooks, before `atexit` handlers run. Waiting from a threading exit
+# hook registered after concurrent.futures' (they run last-registered first) lets pending saves finish.
+_register_threading_exit = getattr(threading, "_register_atexit", None)
+if _register_threading_exit is not None:
+    _register_threading_exit(wait_for_saves)
