@@ -121,14 +121,9 @@ def _load_dtdr_in_place(module: torch.nn.Module, f, device, errors, storage_opti
             if name not in given or not isinstance(target, torch.Tensor):
                 continue
             if target.device.type == "meta":
-                value = stored.get_tensor(name)
-                if value is None:
-                    lost.append(name)
-                    continue
-                if tuple(value.shape) != tuple(target.shape):
-                    mismatched.append(_size_mismatch(name, value.shape, target.shape))
-                    continue
-                assigned[name] = value.to(device=device, dtype=target.dtype)
+                value = _fitting_value(stored, name, target, lost, mismatched)
+                if value is not None:
+                    assigned[name] = value.to(device=device, dtype=target.dtype)
                 continue
             where = (target.untyped_storage().data_ptr(), target.storage_offset(), tuple(target.shape),
                      target.dtype)
@@ -142,17 +137,13 @@ def _load_dtdr_in_place(module: torch.nn.Module, f, device, errors, storage_opti
                 lost.append(name)  # under errors="recover" only a lost tensor raises here
                 continue
             if not done:
-                value = stored.get_tensor(name)
-                if value is None:
-                    lost.append(name)
-                    continue
-                if tuple(value.shape) != tuple(target.shape):
-                    mismatched.append(_size_mismatch(name, value.shape, target.shape))
-                    stored.release()
-                    continue
-                with torch.no_grad():
-                    target.copy_(value)
+                value = _fitting_value(stored, name, target, lost, mismatched)
+                if value is not None:
+                    with torch.no_grad():
+                        target.copy_(value)
                 stored.release()
+                if value is None:
+                    continue
             filled.add(where)
         report = stored.report()
     if lost:
@@ -168,6 +159,18 @@ def _load_dtdr_in_place(module: torch.nn.Module, f, device, errors, storage_opti
             missing = [k for k in missing if k not in group]
     unexpected = [k for k in names if k not in targets]
     return missing, unexpected, mismatched
+
+
+def _fitting_value(stored, name: str, target: torch.Tensor, lost: list[str], mismatched: list[str]):
+    """Tensor ``name`` decoded whole, when it can go into ``target``; else None, with ``name`` added
+    to ``lost`` (nothing came back) or a line to ``mismatched`` (another shape)."""
+    value = stored.get_tensor(name)
+    if value is None:
+        lost.append(name)
+    elif tuple(value.shape) != tuple(target.shape):
+        mismatched.append(_size_mismatch(name, value.shape, target.shape))
+        value = None
+    return value
 
 
 def _size_mismatch(name, stored_shape, model_shape) -> str:
