@@ -25,7 +25,7 @@
 #include <string.h>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(DTDR_NO_CLONES)
-#define DTDR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DTDR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DTDR_CLONES
 #endif
@@ -109,82 +109,115 @@ static inline float load_work(const void *src, int dt, Py_ssize_t i) {
 
 /* ------------------------------------------------------------------ transforms */
 
+/* Eight-lane vectors (GCC vector extensions: AVX2 registers in the avx2/avx512
+ * clones, SSE pairs in the default one). Loads and stores go through memcpy, so
+ * no alignment is assumed. */
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8i v8i_load(const void *p) { v8i v; memcpy(&v, p, 32); return v; }
+static inline void v8i_store(void *p, v8i v) { memcpy(p, &v, 32); }
+
+/* The stages h = 1, 2, 4 inside every 8-lane vector: lane j becomes
+ * t_j + s_j v_j with t the vector with partner lanes (j XOR h) swapped in and
+ * s_j = -1 on the upper lane of each pair: (a, b) -> (b + a, a + (-b)) = (a + b, a - b),
+ * exactly the butterfly (IEEE addition commutes, and x + (-y) is x - y). */
+static const v8i SWAP1 = {1, 0, 3, 2, 5, 4, 7, 6}, SWAP2 = {2, 3, 0, 1, 6, 7, 4, 5}, SWAP4 = {4, 5, 6, 7, 0, 1, 2, 3};
+static const v8i NEG1 = {0, -1, 0, -1, 0, -1, 0, -1}, NEG2 = {0, 0, -1, -1, 0, 0, -1, -1},
+                 NEG4 = {0, 0, 0, 0, -1, -1, -1, -1};
+
 /* The specified forward butterfly (docs/codecs.md 2.6): stages h = 1, 2, 4, ...,
  * m/2 in that order; stage h maps every pair (j, j + h) with bit h of j clear to
- * (v[j] + v[j+h], v[j] - v[j+h]), each rounded to binary32. */
+ * (v[j] + v[j+h], v[j] - v[j+h]), each rounded to binary32. Every element goes
+ * through the stages in that order (two stages share a pass over the block). */
 DTDR_CLONES
 static void fwht_f32(float *restrict v, Py_ssize_t m) {
     Py_ssize_t i, j, h;
-    if (m >= 4) {
-        for (i = 0; i < m; i += 4) {
-            float a0 = v[i], a1 = v[i + 1], a2 = v[i + 2], a3 = v[i + 3];
-            float b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
-            v[i] = b0 + b2; v[i + 1] = b1 + b3; v[i + 2] = b0 - b2; v[i + 3] = b1 - b3;
+    if (m >= 8) {
+        const v8i S1 = NEG1 & INT32_MIN, S2 = NEG2 & INT32_MIN, S4 = NEG4 & INT32_MIN; /* sign bits */
+        for (i = 0; i < m; i += 8) {
+            v8f x;
+            memcpy(&x, v + i, 32);
+            x = __builtin_shuffle(x, SWAP1) + (v8f)((v8i)x ^ S1);
+            x = __builtin_shuffle(x, SWAP2) + (v8f)((v8i)x ^ S2);
+            x = __builtin_shuffle(x, SWAP4) + (v8f)((v8i)x ^ S4);
+            memcpy(v + i, &x, 32);
         }
-        h = 4;
-    } else {
-        h = 1;
+        for (h = 8; 4 * h <= m; h <<= 2)
+            for (i = 0; i < m; i += 4 * h)
+                for (j = 0; j < h; j += 8) {
+                    v8f a0, a1, a2, a3;
+                    memcpy(&a0, v + i + j, 32);
+                    memcpy(&a1, v + i + h + j, 32);
+                    memcpy(&a2, v + i + 2 * h + j, 32);
+                    memcpy(&a3, v + i + 3 * h + j, 32);
+                    v8f b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3; /* stage h */
+                    a0 = b0 + b2; a2 = b0 - b2; a1 = b1 + b3; a3 = b1 - b3;     /* stage 2h */
+                    memcpy(v + i + j, &a0, 32);
+                    memcpy(v + i + h + j, &a1, 32);
+                    memcpy(v + i + 2 * h + j, &a2, 32);
+                    memcpy(v + i + 3 * h + j, &a3, 32);
+                }
+        for (; h < m; h <<= 1)
+            for (i = 0; i < m; i += 2 * h)
+                for (j = 0; j < h; j += 8) {
+                    v8f a, b;
+                    memcpy(&a, v + i + j, 32);
+                    memcpy(&b, v + i + h + j, 32);
+                    v8f lo = a + b, hi = a - b;
+                    memcpy(v + i + j, &lo, 32);
+                    memcpy(v + i + h + j, &hi, 32);
+                }
+        return;
     }
-    /* two stages (h, 2h) per pass over the block: the same operations, half the memory traffic */
-    for (; 4 * h <= m; h <<= 2)
-        for (i = 0; i < m; i += 4 * h) {
-            float *restrict p0 = v + i, *restrict p1 = v + i + h, *restrict p2 = v + i + 2 * h, *restrict p3 = v + i + 3 * h;
-            for (j = 0; j < h; j++) {
-                float a0 = p0[j], a1 = p1[j], a2 = p2[j], a3 = p3[j];
-                float b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3; /* stage h */
-                p0[j] = b0 + b2; /* stage 2h */
-                p2[j] = b0 - b2;
-                p1[j] = b1 + b3;
-                p3[j] = b1 - b3;
+    for (h = 1; h < m; h <<= 1)
+        for (i = 0; i < m; i += 2 * h)
+            for (j = i; j < i + h; j++) {
+                float a = v[j], b = v[j + h];
+                v[j] = a + b;
+                v[j + h] = a - b;
             }
-        }
-    for (; h < m; h <<= 1)
-        for (i = 0; i < m; i += 2 * h) {
-            float *restrict lo = v + i, *restrict hi = v + i + h;
-            for (j = 0; j < h; j++) {
-                float a = lo[j], b = hi[j];
-                lo[j] = a + b;
-                hi[j] = a - b;
-            }
-        }
 }
 
 /* The exact integer transform of the decoder (any order gives the same sums). */
 DTDR_CLONES
 static void fwht_i32(int32_t *restrict v, Py_ssize_t m) {
     Py_ssize_t i, j, h;
-    if (m >= 4) {
-        for (i = 0; i < m; i += 4) {
-            int32_t a0 = v[i], a1 = v[i + 1], a2 = v[i + 2], a3 = v[i + 3];
-            int32_t b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
-            v[i] = b0 + b2; v[i + 1] = b1 + b3; v[i + 2] = b0 - b2; v[i + 3] = b1 - b3;
+    if (m >= 8) {
+        for (i = 0; i < m; i += 8) {
+            v8i x = v8i_load(v + i);
+            x = __builtin_shuffle(x, SWAP1) + ((x ^ NEG1) - NEG1);
+            x = __builtin_shuffle(x, SWAP2) + ((x ^ NEG2) - NEG2);
+            x = __builtin_shuffle(x, SWAP4) + ((x ^ NEG4) - NEG4);
+            v8i_store(v + i, x);
         }
-        h = 4;
-    } else {
-        h = 1;
+        for (h = 8; 4 * h <= m; h <<= 2)
+            for (i = 0; i < m; i += 4 * h)
+                for (j = 0; j < h; j += 8) {
+                    v8i a0 = v8i_load(v + i + j), a1 = v8i_load(v + i + h + j);
+                    v8i a2 = v8i_load(v + i + 2 * h + j), a3 = v8i_load(v + i + 3 * h + j);
+                    v8i b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
+                    v8i_store(v + i + j, b0 + b2);
+                    v8i_store(v + i + 2 * h + j, b0 - b2);
+                    v8i_store(v + i + h + j, b1 + b3);
+                    v8i_store(v + i + 3 * h + j, b1 - b3);
+                }
+        for (; h < m; h <<= 1)
+            for (i = 0; i < m; i += 2 * h)
+                for (j = 0; j < h; j += 8) {
+                    v8i a = v8i_load(v + i + j), b = v8i_load(v + i + h + j);
+                    v8i_store(v + i + j, a + b);
+                    v8i_store(v + i + h + j, a - b);
+                }
+        return;
     }
-    /* two stages (h, 2h) per pass over the block: the same operations, half the memory traffic */
-    for (; 4 * h <= m; h <<= 2)
-        for (i = 0; i < m; i += 4 * h) {
-            int32_t *restrict p0 = v + i, *restrict p1 = v + i + h, *restrict p2 = v + i + 2 * h, *restrict p3 = v + i + 3 * h;
-            for (j = 0; j < h; j++) {
-                int32_t a0 = p0[j], a1 = p1[j], a2 = p2[j], a3 = p3[j];
-                int32_t b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3; /* stage h */
-                p0[j] = b0 + b2; /* stage 2h */
-                p2[j] = b0 - b2;
-                p1[j] = b1 + b3;
-                p3[j] = b1 - b3;
+    for (h = 1; h < m; h <<= 1)
+        for (i = 0; i < m; i += 2 * h)
+            for (j = i; j < i + h; j++) {
+                int32_t a = v[j], b = v[j + h];
+                v[j] = a + b;
+                v[j + h] = a - b;
             }
-        }
-    for (; h < m; h <<= 1)
-        for (i = 0; i < m; i += 2 * h) {
-            int32_t *restrict lo = v + i, *restrict hi = v + i + h;
-            for (j = 0; j < h; j++) {
-                int32_t a = lo[j], b = hi[j];
-                lo[j] = a + b;
-                hi[j] = a - b;
-            }
-        }
 }
 
 /* ------------------------------------------------------------------ base layer */
@@ -319,35 +352,50 @@ static void decode_block(int32_t *restrict s, float *restrict sf, const void *qs
     }
     fwht_i32(s, m);
     if (qbits == 8) {
-        /* |S| <= 128 m, so the clamp is needed only when 128 m |f| may exceed M
-         * (fl32 is monotone and M is a binary32 number). */
-        const int clamp = 128.0 * (double)m * fabs((double)f) > M;
-        float *restrict o32 = dt == DT_F32 ? (float *)dst : sf;
-        for (j = 0; j < count; j++) o32[j] = (float)((s[j] ^ nm[j]) - nm[j]) * f;
-        if (clamp) {
-            const float Mf = (float)M;
-            for (j = 0; j < count; j++) {
-                float v = o32[j];
-                v = v > Mf ? Mf : v;
-                o32[j] = v < -Mf ? -Mf : v;
-            }
-        }
-        for (j = 0; j < count; j++) o32[j] = o32[j] + 0.0f;
+        /* One pass per block: v = fl32(d_j S_j * f), clamped to [-M, M] (a no-op
+         * for every value that is already inside; f is finite, so no NaN), +0.0,
+         * then the cast. */
+        const float Mf = (float)M;
         switch (dt) {
-        case DT_F32: break;
+        case DT_F32: {
+            float *restrict o = (float *)dst;
+            for (j = 0; j < count; j++) {
+                float v = (float)((s[j] ^ nm[j]) - nm[j]) * f;
+                v = v > Mf ? Mf : v;
+                v = v < -Mf ? -Mf : v;
+                o[j] = v + 0.0f;
+            }
+            break;
+        }
         case DT_F64: {
             double *restrict o = (double *)dst;
-            for (j = 0; j < count; j++) o[j] = (double)sf[j];
+            for (j = 0; j < count; j++) {
+                float v = (float)((s[j] ^ nm[j]) - nm[j]) * f;
+                v = v > Mf ? Mf : v;
+                v = v < -Mf ? -Mf : v;
+                o[j] = (double)(v + 0.0f);
+            }
             break;
         }
         case DT_BF16: {
             uint16_t *restrict o = (uint16_t *)dst;
-            const uint32_t *restrict u = (const uint32_t *)sf; /* finite values: no NaN case */
-            for (j = 0; j < count; j++) o[j] = (uint16_t)((u[j] + 0x7FFFu + ((u[j] >> 16) & 1u)) >> 16);
+            for (j = 0; j < count; j++) {
+                float v = (float)((s[j] ^ nm[j]) - nm[j]) * f;
+                v = v > Mf ? Mf : v;
+                v = v < -Mf ? -Mf : v;
+                uint32_t u = f32_bits(v + 0.0f); /* finite: no NaN case */
+                o[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            }
             break;
         }
         default: {
             uint16_t *restrict o = (uint16_t *)dst;
+            for (j = 0; j < count; j++) {
+                float v = (float)((s[j] ^ nm[j]) - nm[j]) * f;
+                v = v > Mf ? Mf : v;
+                v = v < -Mf ? -Mf : v;
+                sf[j] = v + 0.0f;
+            }
             for (j = 0; j < count; j++) o[j] = f32_to_f16(sf[j]);
         }
         }
@@ -589,6 +637,7 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
         return nf;                                                                                           \
     }                                                                                                        \
                                                                                                              \
+    DTDR_CLONES                                                                                              \
     static Py_ssize_t residual_encode_##W(const unsigned char *px8, const unsigned char *pb8, const int32_t *A,  \
                                           const int32_t *Zc, Py_ssize_t n, Py_ssize_t bs, const DInfo *d,     \
                                           unsigned char *payload, unsigned char *lo, Py_ssize_t *lolen,       \
@@ -617,31 +666,20 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
                     }                                                                                        \
                 }                                                                                            \
             }                                                                                                \
+            /* branch-free bit writer: after each element fewer than 8 bits wait in acc, so     \
+             * acc holds at most 7 + kmax <= 63 bits; 8 bytes are stored each time (the buffer  \
+             * has 8 bytes of slack) and the completed ones kept */                              \
             for (Py_ssize_t i = 0; i < cnt; i++) {                                                           \
                 acc |= (uint64_t)rr[i] << nacc;                                                              \
                 nacc += kk[i];                                                                               \
-                if (W < 64) {                                                                                \
-                    if (nacc >= 32) {                                                                        \
-                        uint32_t word = (uint32_t)acc;                                                       \
-                        memcpy(lo + out, &word, 4);                                                          \
-                        out += 4;                                                                            \
-                        acc >>= 32;                                                                          \
-                        nacc -= 32;                                                                          \
-                    }                                                                                        \
-                } else {                                                                                     \
-                    while (nacc >= 8) {                                                                      \
-                        lo[out++] = (unsigned char)acc;                                                      \
-                        acc >>= 8;                                                                           \
-                        nacc -= 8;                                                                           \
-                    }                                                                                        \
-                }                                                                                            \
+                memcpy(lo + out, &acc, 8);                                                                   \
+                int done = nacc >> 3;                                                                        \
+                out += done;                                                                                 \
+                acc >>= 8 * done;                                                                             \
+                nacc &= 7;                                                                                   \
             }                                                                                                \
         }                                                                                                    \
-        while (nacc > 0) {                                                                                   \
-            lo[out++] = (unsigned char)acc;                                                                  \
-            acc >>= 8;                                                                                       \
-            nacc -= 8;                                                                                       \
-        }                                                                                                    \
+        if (nacc > 0) lo[out++] = (unsigned char)acc;                                                        \
         *lolen = out;                                                                                        \
         *nonfinite = nf;                                                                                     \
         return n + 4 * nb + nesc * (W / 8);                                                                  \
@@ -663,23 +701,29 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
     }                                                                                                        \
                                                                                                              \
     DTDR_CLONES                                                                                              \
-    static void apply_pass##W(T *restrict bits, const T *restrict rr, Py_ssize_t cnt) {                      \
+    static int apply_pass##W(T *restrict bits, const T *restrict rr, Py_ssize_t cnt, T nfmask) {             \
+        int nf = 0;                                                                                          \
         for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
             T r = rr[i];                                                                                     \
             T delta = (T)((T)(r >> 1) ^ (T)(-(T)(r & 1)));                                                   \
-            bits[i] = ord##W((T)(ord##W(bits[i]) + delta));                                                  \
+            T v = ord##W((T)(ord##W(bits[i]) + delta));                                                      \
+            nf |= (v & nfmask) == nfmask;                                                                    \
+            bits[i] = v;                                                                                     \
         }                                                                                                    \
+        return nf;                                                                                           \
     }                                                                                                        \
                                                                                                              \
+    DTDR_CLONES                                                                                              \
     static int residual_decode_##W(const unsigned char *payload, const unsigned char *lo, Py_ssize_t lolen,   \
                                    const unsigned char *dmg, unsigned char *bits8, const int32_t *A,          \
                                    const int32_t *Zc, const unsigned char *block_ok, Py_ssize_t n,            \
                                    Py_ssize_t bs, const DInfo *d, unsigned char *lost, uint8_t *kk, T *rr) {  \
         T *bits = (T *)bits8;                                                                                \
         const uint32_t emask = (1u << d->ebits) - 1;                                                         \
+        const T nfmask = (T)((T)emask << d->mant);                                                           \
         Py_ssize_t nb = (n + bs - 1) / bs, ei = 0;                                                           \
         const unsigned char *plane = payload, *totals = payload + n, *esc = payload + n + 4 * nb;            \
-        int any_lost = 0;                                                                                    \
+        int any_lost = 0, nonfinite = 0;                                                                     \
         uint64_t bstart = 0;                                                                                 \
         for (Py_ssize_t t = 0; t < nb; t++) {                                                                \
             Py_ssize_t e0 = t * bs, cnt = (e0 + bs < n ? bs : n - e0);                                       \
@@ -698,6 +742,33 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
             /* a good block: its bits lie inside [bstart, bstart + tot) <= 8 * lolen */                     \
             uint64_t pos = bstart;                                                                           \
             int hit_any = 0;                                                                                 \
+            const unsigned char *pl = plane + e0;                                                            \
+            const int has_esc = memchr(pl, 255, (size_t)cnt) != NULL;                                       \
+            if (!dmg && (bstart + tot) / 8 + 8 <= (uint64_t)lolen) {                                         \
+                /* fast path: every 8-byte read stays inside the stream; escapes fixed after */              \
+                for (Py_ssize_t i = 0; i < cnt; i++) {                                                       \
+                    int k = kk[i];                                                                           \
+                    uint64_t word;                                                                           \
+                    memcpy(&word, lo + (pos >> 3), 8);                                                       \
+                    uint64_t lv = (word >> (pos & 7)) & (((uint64_t)1 << k) - 1);                            \
+                    pos += (uint64_t)k;                                                                      \
+                    rr[i] = (T)((T)((T)pl[i] << k) | (T)lv);                                                 \
+                }                                                                                            \
+                if (has_esc) {                                                                               \
+                    for (Py_ssize_t i = 0; i < cnt; i++) {                                                   \
+                        if (pl[i] == 255) {                                                                  \
+                            T hi;                                                                            \
+                            int k = kk[i];                                                                   \
+                            memcpy(&hi, esc + (W / 8) * ei, W / 8);                                          \
+                            ei++;                                                                            \
+                            rr[i] = (T)((T)(hi << k) | (T)(rr[i] & (T)(((T)1 << k) - 1)));                   \
+                        }                                                                                    \
+                    }                                                                                        \
+                }                                                                                            \
+                nonfinite |= apply_pass##W(bits + e0, rr, cnt, nfmask);                                      \
+                bstart += tot;                                                                               \
+                continue;                                                                                    \
+            }                                                                                                \
             for (Py_ssize_t i = 0; i < cnt; i++) {                                                           \
                 int k = kk[i];                                                                               \
                 Py_ssize_t byte = (Py_ssize_t)(pos >> 3);                                                    \
@@ -731,13 +802,13 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
             if (hit_any) {                                                                                   \
                 any_lost = 1;                                                                                \
                 for (Py_ssize_t i = 0; i < cnt; i++)                                                         \
-                    if (!lost[e0 + i]) apply_pass##W(bits + e0 + i, rr + i, 1);                              \
+                    if (!lost[e0 + i]) nonfinite |= apply_pass##W(bits + e0 + i, rr + i, 1, nfmask);         \
             } else {                                                                                         \
-                apply_pass##W(bits + e0, rr, cnt);                                                           \
+                nonfinite |= apply_pass##W(bits + e0, rr, cnt, nfmask);                                      \
             }                                                                                                \
             bstart += tot;                                                                                   \
         }                                                                                                    \
-        return any_lost;                                                                                     \
+        return any_lost | (nonfinite << 1);                                                                  \
     }
 
 RESIDUAL_KERNELS(16, uint16_t, int16_t)
@@ -787,7 +858,7 @@ static PyObject *py_residual_encode_frame(PyObject *self, PyObject *args) {
         ok = check_len(&px, n * isz, "px") == 0 && check_len(&pb, n * isz, "pb") == 0 &&
              check_len(&A, 4 * nb, "A") == 0 && check_len(&Z, 4 * nb, "Zc") == 0 &&
              check_len(&pay, n + 4 * nb + n * isz, "payload") == 0 &&
-             check_len(&lo, (n * kmax + 7) / 8, "lo") == 0;
+             check_len(&lo, (n * kmax + 7) / 8 + 8, "lo") == 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         plen = residual_encode_kernel(px.view.buf, pb.view.buf, A.view.buf, Z.view.buf, n, bs, &d, pay.view.buf,
@@ -805,7 +876,9 @@ static PyObject *py_residual_encode_frame(PyObject *self, PyObject *args) {
 
 /* Decode the residual of one frame into bits (holding the base patterns).
  * Returns -1 when the payload is malformed (nothing written: every element
- * lost), 0 when every element was restored, 1 when lost[] marks some lost. */
+ * lost), else a bit set: 1 when lost[] marks some elements lost (left at their
+ * base value), 2 when a restored value is an infinity or a NaN (all exponent
+ * bits set; base values never are). */
 static int residual_decode_kernel(const unsigned char *payload, Py_ssize_t plen, const unsigned char *lo,
                                   Py_ssize_t lolen, const unsigned char *dmg, unsigned char *bits,
                                   const int32_t *A, const int32_t *Zc, const unsigned char *block_ok, Py_ssize_t n,
@@ -837,7 +910,7 @@ static int residual_decode_kernel(const unsigned char *payload, Py_ssize_t plen,
 }
 
 /* residual_decode_frame(payload, lo, lo_damage_or_None, bits, A, Zc, block_ok, n, bs, w, mant, ebits, kmax, lost)
- *   -> status (-1 malformed, 0 all restored, 1 some lost) */
+ *   -> status (-1 malformed, else bit 0: some lost, bit 1: a restored value is non-finite) */
 static PyObject *py_residual_decode_frame(PyObject *self, PyObject *args) {
     PyObject *opay, *olo, *odmg, *obits, *oA, *oZ, *ook, *olost;
     Py_ssize_t n, bs;

@@ -308,6 +308,9 @@ class _FrameContext:
         self.mv = mv
         self.rdt = read_dtype(dtype)
         self.kp = KParams(f, lay, dtype)
+        #: whether a restored value is non-finite: False once the compiled core
+        #: decoded every frame and saw none; None when unknown (reference core)
+        self.nonfinite = False if native.module() is not None and pb is out_bits else None
 
 
 def _k_frame(ctx: KParams, pbj: np.ndarray, b0: int, nb: int, n: int) -> np.ndarray:
@@ -469,7 +472,8 @@ def _decode_frame(ctx: _FrameContext, dctx, j: int):
 
 def _decode_frame_compiled(compiled, ctx: _FrameContext, payload, lo0: int, lolen: int, b0, b1, e0, e1):
     """The compiled core's version of the rest of :func:`_decode_frame` (same
-    results; the payload checks happen inside it, bounds-checked)."""
+    results; the payload checks happen inside it, bounds-checked). Also notes
+    in ``ctx.nonfinite`` whether a restored value is an infinity or a NaN."""
     info, n = ctx.info, e1 - e0
     bm = ctx.bm
     dmg = None
@@ -482,7 +486,9 @@ def _decode_frame_compiled(compiled, ctx: _FrameContext, payload, lo0: int, lole
     )
     if status < 0:
         return np.ones(n, bool)
-    return None if status == 0 else lost.view(bool)
+    if status & 2:
+        ctx.nonfinite = True
+    return lost.view(bool) if status & 1 else None
 
 
 #: Threads used to decode the residual frames of one segment (frames are
@@ -507,13 +513,15 @@ def decode_residual(
     lay: B.Layout,
     dtype: torch.dtype,
     fblocks: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, bool | None]:
     """Apply the residual: write exact bit patterns into ``out_bits`` (signed
     ints, initialised with the base ``pb``; may be the same array) for the
     elements it can restore.
 
-    ``block_ok`` marks blocks whose base and factor are intact. Returns a
-    boolean mask of the elements left at their base value (lost residual).
+    ``block_ok`` marks blocks whose base and factor are intact. Returns
+    ``(lost, nonfinite)``: a boolean mask of the elements left at their base
+    value (lost residual), and whether a restored value is an infinity or a
+    NaN (``None`` when this core does not know: check ``out_bits``).
     """
     ctx = _FrameContext(pb, out_bits, f, block_ok, resid, table, table_bad, resid_damage, lay, dtype, fblocks)
     nframes = len(table)
@@ -547,4 +555,4 @@ def decode_residual(
         if lm is not None:
             e0 = j * fblocks * bs
             lost[e0 : e0 + len(lm)] = lm
-    return lost
+    return lost, ctx.nonfinite

@@ -144,10 +144,12 @@ class DTDR(Codec):
         else:
             bits = values.view(info.tint).numpy()
             rdm = damage.ranges.get("residual") if damage is not None else None
-            lost = R.decode_residual(
+            lost, nonfinite = R.decode_residual(
                 bits, bits, f, block_ok, data["residual"], table, table_bad, rdm, lay, dtype, self._fblocks
             )
-            if not flags & R.FLAG_UNBOUNDED and R.nonfinite_any(bits, info):
+            if nonfinite is None:
+                nonfinite = R.nonfinite_any(bits, info)
+            if not flags & R.FLAG_UNBOUNDED and nonfinite:
                 # Only undetected corruption can produce a non-finite value in a
                 # segment that saved none: fall back to the base layer there.
                 bad = ~torch.isfinite(values)
