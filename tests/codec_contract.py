@@ -123,6 +123,37 @@ class CodecContract:
                     assert r.degraded_elements > 0
                     assert r.error_bound is None or (r.error_bound >= 0 and not math.isnan(r.error_bound))
 
+    def test_decode_into_out_gives_the_same_result_in_place(self):
+        """A codec that declares ``decodes_into`` writes into the ``out`` slice it is given
+        (no copy for the caller) and returns what it returns without ``out``, damaged input
+        included; bytes of the surrounding tensor are left alone."""
+        c = self.codec()
+        if not c.decodes_into:
+            return
+        rng = np.random.default_rng(11)
+        for dtype in self.dtypes():
+            x = sample(dtype, seed=9)
+            enc = c.encode(x)
+            cases = [(enc, None)]
+            for name, data in enc.items():
+                if data:
+                    a = int(rng.integers(0, len(data)))
+                    bad = bytearray(data)
+                    bad[a] ^= 0x5A
+                    cases.append(({**enc, name: bytes(bad)}, Damage(ranges={name: [(a, a + 1)]})))
+            for data, damage in cases:
+                want = c.decode(data, dtype, x.numel(), damage)
+                whole = torch.full((x.numel() + 10,), 7, dtype=dtype) if dtype != torch.bool else \
+                    torch.ones(x.numel() + 10, dtype=dtype)
+                target = whole[5: 5 + x.numel()]
+                got = c.decode(data, dtype, x.numel(), damage, out=target)
+                assert got.values.data_ptr() == target.data_ptr(), (c.name, dtype)
+                assert same_bits(got.values, want.values) and same_bits(target, want.values), (c.name, dtype)
+                assert (got.exact, got.degraded_elements, got.error_bound) == \
+                    (want.exact, want.degraded_elements, want.error_bound)
+                assert same_bits(whole[:5], torch.full((5,), 7, dtype=dtype) if dtype != torch.bool
+                                 else torch.ones(5, dtype=dtype))
+
     def test_to_dict_and_from_dict(self):
         c = self.codec()
         d = c.to_dict()

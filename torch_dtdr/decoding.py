@@ -95,7 +95,9 @@ class Decoder:
             self._fail(rep, TruncatedError, "the file ends before this tensor's data", None)
             return None
         bound = 0.0
-        for rec, seg, result in self._decoded_records(info, codec, after_record):
+        if out is None and len(info.records) > 1:
+            out = torch.empty(numel, dtype=info.dtype)  # the segments decode straight into it
+        for rec, seg, result in self._decoded_records(info, codec, after_record, out):
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)
             if seg.repaired:
@@ -112,9 +114,7 @@ class Decoder:
             values = result.values
             if len(info.records) == 1 and out is None:
                 out = values
-            else:
-                if out is None:
-                    out = torch.empty(numel, dtype=info.dtype)
+            elif values.numel() and values.data_ptr() != out[rec.elem_start:].data_ptr():
                 copy_elements(out, rec.elem_start, values)
         if out is None:
             out = torch.empty(0, dtype=info.dtype)
@@ -139,11 +139,12 @@ class Decoder:
             return None
         return out.view(info.shape)
 
-    def _decoded_records(self, info: TensorInfo, codec, after_record):
+    def _decoded_records(self, info: TensorInfo, codec, after_record, out: torch.Tensor | None):
         """``(record, segment, decoded result)`` for each record of ``info``, in
         order. Records are read (checked, repaired) here, one after another;
         with ``workers`` > 1 their codec work runs on that many threads, at
-        most ``2 * workers`` segments ahead of the caller."""
+        most ``2 * workers`` segments ahead of the caller. Codecs that can
+        decode into ``out`` (the whole tensor, 1-D) write their slice of it."""
         r = self.reader
 
         def read(rec: RecordInfo) -> SegmentData:
@@ -152,8 +153,14 @@ class Decoder:
                 after_record(rec, seg)
             return seg
 
+        into = out is not None and codec.decodes_into and out.is_contiguous() and out.device.type == "cpu"
+
         def decode(rec: RecordInfo, seg: SegmentData):
-            return codec.decode(seg.sections, info.dtype, rec.elem_count, seg.damage if seg.damage else None)
+            damage = seg.damage if seg.damage else None
+            if into and rec.elem_start + rec.elem_count <= out.numel():
+                target = out[rec.elem_start: rec.elem_start + rec.elem_count]
+                return codec.decode(seg.sections, info.dtype, rec.elem_count, damage, out=target)
+            return codec.decode(seg.sections, info.dtype, rec.elem_count, damage)
 
         if self.workers <= 1 or len(info.records) < 2:
             for rec in info.records:

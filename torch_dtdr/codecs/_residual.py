@@ -287,9 +287,12 @@ class KParams:
 
 
 class _FrameContext:
-    """Read-only state shared by the frame decoders of one segment."""
+    """State shared by the frame decoders of one segment: read-only, but for
+    ``lost`` (the segment's mask of elements left at their base value, where
+    each frame marks its own elements) and ``nonfinite``."""
 
     def __init__(self, pb, out_bits, f, block_ok, resid, table, table_bad, resid_damage, lay, dtype, fblocks):
+        self.lost: np.ndarray | None = None
         self.info = INFO[dtype]
         self.dtype = dtype
         self.pb, self.out_bits = pb, out_bits
@@ -335,14 +338,15 @@ def _k_frame(ctx: KParams, pbj: np.ndarray, b0: int, nb: int, n: int) -> np.ndar
 
 def _decode_frame(ctx: _FrameContext, dctx, j: int):
     """Decode frame j into ``ctx.out_bits``. Returns ``None`` when every element
-    was restored, else a boolean mask (over the frame) of the elements left at
-    their base value."""
+    was restored or the lost ones are already marked in ``ctx.lost``, ``True``
+    when the whole frame is lost, else a boolean mask (over the frame) of the
+    elements left at their base value."""
     info, lay, bs = ctx.info, ctx.lay, ctx.lay.block_size
     b0, b1 = j * ctx.fblocks, min((j + 1) * ctx.fblocks, lay.nblocks)
     e0, e1 = b0 * bs, min(b1 * bs, lay.numel)
     n, nb = e1 - e0, b1 - b0
     s, end = ctx.starts[j], ctx.ends[j]
-    all_lost = np.ones(n, bool)
+    all_lost = True
     if s is None or end is None or not (0 <= s <= end <= ctx.total_len):
         return all_lost
     bm = ctx.bm
@@ -479,16 +483,16 @@ def _decode_frame_compiled(compiled, ctx: _FrameContext, payload, lo0: int, lole
     dmg = None
     if bm is not None and lolen and bm[lo0 : lo0 + lolen].any():
         dmg = bm[lo0 : lo0 + lolen].view(np.uint8)
-    lost = np.zeros(n, np.uint8)
     status = compiled.residual_decode_frame(
         payload, ctx.mv[lo0 : lo0 + lolen], dmg, ctx.out_bits[e0:e1], ctx.kp.A32[b0:b1], ctx.kp.Zc32[b0:b1],
-        ctx.block_ok[b0:b1].view(np.uint8), n, ctx.lay.block_size, info.w, info.mant, info.ebits, info.kmax, lost,
+        ctx.block_ok[b0:b1].view(np.uint8), n, ctx.lay.block_size, info.w, info.mant, info.ebits, info.kmax,
+        ctx.lost[e0:e1].view(np.uint8),
     )
     if status < 0:
-        return np.ones(n, bool)
+        return True
     if status & 2:
         ctx.nonfinite = True
-    return lost.view(bool) if status & 1 else None
+    return None
 
 
 #: Threads used to decode the residual frames of one segment (frames are
@@ -525,7 +529,7 @@ def decode_residual(
     """
     ctx = _FrameContext(pb, out_bits, f, block_ok, resid, table, table_bad, resid_damage, lay, dtype, fblocks)
     nframes = len(table)
-    lost = np.zeros(lay.numel, bool)
+    lost = ctx.lost = np.zeros(lay.numel, bool)
     bs = lay.block_size
 
     def run(frames):
@@ -552,7 +556,9 @@ def decode_residual(
         with _active_lock:
             _active -= 1
     for j, lm in results:
-        if lm is not None:
+        if lm is True:
+            lost[j * fblocks * bs : (j + 1) * fblocks * bs] = True
+        elif lm is not None:
             e0 = j * fblocks * bs
             lost[e0 : e0 + len(lm)] = lm
     return lost, ctx.nonfinite

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CodecError
 from . import _blocks as B
-from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous
+from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous, usable_out
 
 _QDT_NP = {8: np.dtype("<i1"), 16: np.dtype("<i2")}
 _QDT_T = {8: torch.int8, 16: torch.int16}
@@ -112,6 +112,7 @@ class TransformCodec(Codec):
 
     qbits: ClassVar[int] = 8
     lossless: ClassVar[bool] = False
+    decodes_into: ClassVar[bool] = True
 
     def __post_init__(self):
         B.check_block_size(self.block_size)
@@ -138,11 +139,14 @@ class TransformCodec(Codec):
         numel: int,
         damage: Damage | None = None,
         device: torch.device | str | None = None,
+        *,
+        out: torch.Tensor | None = None,
     ) -> SegmentResult:
         if not self.accepts(dtype):
             raise CodecError(f"codec {self.name!r} cannot decode dtype {dtype}")
         lay = B.layout(numel, self.block_size)
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        out = usable_out(out, dtype, numel) if dev.type == "cpu" else None
         if numel == 0:
             return SegmentResult(torch.empty(0, dtype=dtype, device=dev))
         f, bad_f = read_factors(data, lay, damage)
@@ -150,7 +154,7 @@ class TransformCodec(Codec):
         ft = torch.from_numpy(f)
         if dev.type != "cpu":
             q, ft = q.to(dev), ft.to(dev)
-        values = B.decode_base(q, ft, dtype, numel, self.block_size, self.seed, self.qbits)
+        values = B.decode_base(q, ft, dtype, numel, self.block_size, self.seed, self.qbits, out=out)
         bad_base = np.ones(lay.nblocks, bool) if missing else (counts > 0 if counts is not None else np.zeros(lay.nblocks, bool))
         degraded = bad_f | bad_base
         if not degraded.any():

@@ -55,6 +55,14 @@ def copy_elements(out: torch.Tensor, start: int, values: torch.Tensor) -> None:
     dst[start:start + n] = src
 
 
+def usable_out(out: torch.Tensor | None, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+    """``out`` when a codec can decode straight into it (1-D, contiguous, CPU,
+    ``dtype``, ``numel`` elements), else None."""
+    if out is None or out.dtype != dtype or out.dim() != 1 or out.numel() != numel:
+        return None
+    return out if out.is_contiguous() and out.device.type == "cpu" else None
+
+
 def flat_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t.reshape(-1).contiguous()`` (``t`` itself, flattened, when it is
     already contiguous), copying a strided CPU tensor on the calling thread."""
@@ -121,6 +129,8 @@ class Codec(ABC):
     name: ClassVar[str]
     #: True when decode returns the saved bits exactly (absent damage).
     lossless: ClassVar[bool]
+    #: True when :meth:`decode` takes the keyword ``out`` (codecs written before it existed do not).
+    decodes_into: ClassVar[bool] = False
 
     @abstractmethod
     def accepts(self, dtype: torch.dtype) -> bool:
@@ -141,11 +151,17 @@ class Codec(ABC):
         dtype: torch.dtype,
         numel: int,
         damage: Damage | None = None,
+        *,
+        out: torch.Tensor | None = None,
     ) -> SegmentResult:
         """Decode one segment of ``numel`` elements of ``dtype``.
 
         Must never raise on damaged data that passed the container's structural
         checks, and must never return a NaN or Inf that was not saved.
+        ``out``, when given, is a 1-D contiguous CPU tensor of ``dtype`` and
+        ``numel`` elements (a slice of the whole tensor, say) that the codec
+        may decode into, saving the caller a copy: the result's ``values`` is
+        then ``out`` itself. A codec may ignore it; callers check.
         """
 
     def to_dict(self) -> dict:

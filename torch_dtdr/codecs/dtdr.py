@@ -30,7 +30,7 @@ from . import _blocks as B
 from . import _residual as R
 from . import register
 from ._transform import check_input, read_coefs, read_factors, rounding_allowance
-from .base import Codec, Damage, SectionSpec, SegmentResult
+from .base import Codec, Damage, SectionSpec, SegmentResult, usable_out
 
 
 @register
@@ -45,6 +45,7 @@ class DTDR(Codec):
 
     name: ClassVar[str] = "dtdr"
     lossless: ClassVar[bool] = True
+    decodes_into: ClassVar[bool] = True
 
     def __post_init__(self):
         B.check_block_size(self.block_size)
@@ -93,17 +94,20 @@ class DTDR(Codec):
         numel: int,
         damage: Damage | None = None,
         device: torch.device | str | None = None,
+        *,
+        out: torch.Tensor | None = None,
     ) -> SegmentResult:
         if not self.accepts(dtype):
             raise CodecError(f"codec 'dtdr' cannot decode dtype {dtype}")
-        res = self._decode_cpu(data, dtype, numel, damage)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        res = self._decode_cpu(data, dtype, numel, damage, usable_out(out, dtype, numel) if on_cpu else None)
         if device is not None and torch.device(device).type != "cpu":
             res.values = res.values.to(device)
         return res
 
     # ------------------------------------------------------------------ decode
 
-    def _decode_cpu(self, data, dtype, numel, damage) -> SegmentResult:
+    def _decode_cpu(self, data, dtype, numel, damage, out=None) -> SegmentResult:
         lay = B.layout(numel, self.block_size)
         if numel == 0:
             return SegmentResult(torch.empty(0, dtype=dtype))
@@ -133,7 +137,7 @@ class DTDR(Codec):
                 table_bad[:avail] |= part.reshape(avail, 8).any(axis=1)
 
         q, counts, base_missing = read_coefs(data, lay, 8, damage)
-        values = B.decode_base(q, torch.from_numpy(f), dtype, numel, self.block_size, self.seed, 8)
+        values = B.decode_base(q, torch.from_numpy(f), dtype, numel, self.block_size, self.seed, 8, out=out)
 
         bad_base = np.ones(nb, bool) if base_missing else (counts > 0 if counts is not None else np.zeros(nb, bool))
         block_ok = ~bad_f & ~bad_base

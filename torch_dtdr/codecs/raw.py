@@ -24,7 +24,7 @@ import torch
 from ..errors import CodecError
 from . import _blocks as B
 from . import register
-from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous
+from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous, usable_out
 
 _NAMES = [
     "float16", "bfloat16", "float32", "float64",
@@ -55,6 +55,7 @@ class Raw(Codec):
 
     name: ClassVar[str] = "raw"
     lossless: ClassVar[bool] = True
+    decodes_into: ClassVar[bool] = True
     copies: int = 3
 
     def accepts(self, dtype: torch.dtype) -> bool:
@@ -81,20 +82,26 @@ class Raw(Codec):
         dtype: torch.dtype,
         numel: int,
         damage: Damage | None = None,
+        *,
+        out: torch.Tensor | None = None,
     ) -> SegmentResult:
         if not self.accepts(dtype):
             raise CodecError(f"codec 'raw' cannot decode dtype {dtype}")
         isz = dtype.itemsize
         nbytes = numel * isz
+        out = usable_out(out, dtype, numel) if nbytes else None
+        target = out.view(torch.uint8).numpy() if out is not None else None
         missing = "data" not in data or (damage is not None and "data" in damage.missing)
         bad = None
         if missing:
-            buf = np.zeros(nbytes, np.uint8)
+            buf = np.zeros(nbytes, np.uint8) if target is None else target
+            buf[:] = 0
             bad = np.ones(numel, bool)
         else:
             mv = B.as_bytes(data["data"])
             have = min(len(mv), nbytes)
-            buf = np.empty(nbytes, np.uint8) if have == nbytes else np.zeros(nbytes, np.uint8)
+            buf = np.empty(nbytes, np.uint8) if target is None else target
+            buf[have:] = 0
             if have:
                 buf[:have] = np.frombuffer(mv, np.uint8, have)
             bm = B.damaged_mask(damage.ranges.get("data"), nbytes) if damage is not None else None
@@ -110,7 +117,10 @@ class Raw(Codec):
             np.not_equal(buf, 0, out=buf.view(bool))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "ComplexHalf support is experimental"
-            values = torch.from_numpy(buf).view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+            if out is not None:
+                values = out
+            else:
+                values = torch.from_numpy(buf).view(dtype) if nbytes else torch.empty(0, dtype=dtype)
         if bad is None:
             return SegmentResult(values)
         return SegmentResult(values, exact=False, degraded_elements=int(bad.sum()), error_bound=None)
