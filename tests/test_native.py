@@ -409,3 +409,65 @@ def test_version_names_the_core():
         assert "codec core: " in out.stdout
         if want is not None:
             assert f"codec core: {want})" in out.stdout
+
+
+def _intact_case(dtype, n=5000, seed=0):
+    codec = codecs.from_dict({"name": "dtdr", "frame_elements": 2048})
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    return codec, x, codec.encode(x)
+
+
+def _with_factor(sections, block: int, value: float) -> dict:
+    meta = bytearray(sections["meta"])
+    meta[4 + 4 * block: 8 + 4 * block] = np.float32(value).tobytes()
+    return {**sections, "meta": bytes(meta)}
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_one_call_segment_decode_takes_clean_segments_and_matches_the_reference(dtype):
+    codec, x, sections = _intact_case(dtype)
+    fast = codec._decode_intact(sections, dtype, x.numel(), None)
+    assert fast is not None and fast.exact and raw_bytes(fast.values) == raw_bytes(x)
+    got, want = both(lambda: codec.decode(sections, dtype, x.numel()))
+    same_result(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", ["nan factor", "negative factor", "huge factor", "short residual", "short meta",
+                                  "bad frame", "non-finite restored", "too many frames"])
+def test_one_call_segment_decode_hands_unusual_segments_to_the_general_path(dtype, case):
+    """Checksums pass on a file a stranger wrote, so "undamaged" sections can still be
+    implausible: the one-call decode must step aside and the general path must give
+    exactly what the reference gives."""
+    codec, x, sections = _intact_case(dtype)
+    if case == "nan factor":
+        data = _with_factor(sections, 2, float("nan"))
+    elif case == "negative factor":
+        data = _with_factor(sections, 1, -1.0)
+    elif case == "huge factor":
+        data = _with_factor(sections, 0, 3e38)
+    elif case == "short residual":
+        data = {**sections, "residual": sections["residual"][:-9]}
+    elif case == "short meta":
+        data = {**sections, "meta": sections["meta"][:-1]}
+    elif case == "bad frame":
+        resid = bytearray(sections["residual"])
+        resid[0] ^= 0xFF  # the first zstd frame's magic number
+        data = {**sections, "residual": bytes(resid)}
+    elif case == "too many frames":
+        data = sections
+        codec = codecs.from_dict({"name": "dtdr", "frame_elements": 1024})  # reads a table of twice as many frames
+    else:  # a restored NaN in a segment whose flags say it saved none
+        y = x.clone()
+        y[7] = float("nan")
+        enc = codec.encode(y)
+        meta = bytearray(enc["meta"])
+        meta[0:4] = bytes(4)  # clear UNBOUNDED
+        data = {**enc, "meta": bytes(meta)}
+    assert codec._decode_intact(data, dtype, x.numel(), None) is None
+    got, want = both(lambda: codec.decode(data, dtype, x.numel()))
+    same_result(got, want)
+    assert torch.isfinite(got.values).all() or case == "non-finite restored" and not got.exact

@@ -951,6 +951,127 @@ static PyObject *py_residual_decode_frame(PyObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
+/* ------------------------------------------------------------------ whole dtdr segments */
+
+/* The split-width parameters of one block (docs/codecs.md 4.5) in the form the
+ * kernels use: k = max(min(A - e, Zc), 0) with Zc = min(A - 1, Z, kmax). */
+static void block_param_of(float f, Py_ssize_t m, const DInfo *d, int delta, int32_t *A, int32_t *Zc) {
+    uint32_t fb = f32_bits(f);
+    if ((fb & 0x7FFFFFFFu) == 0) {
+        *A = 0;
+        *Zc = -1; /* min(A - 1, Z, kmax) with A = Z = 0: every k is 0 */
+        return;
+    }
+    int lg = 0;
+    while (((Py_ssize_t)1 << lg) < m) lg++;
+    int bias = (1 << (d->ebits - 1)) - 1;
+    int S = (int)((fb >> 23) & 0xFF) - 127 + (lg / 2 - 2) + bias;
+    int a = S + d->mant + delta;
+    int sm = S > 1 ? S : 1, bl = 0;
+    while (sm >> bl) bl++;
+    int z = d->mant + bl + delta;
+    int zc = a - 1 < z ? a - 1 : z;
+    *A = a;
+    *Zc = zc < d->kmax ? zc : d->kmax;
+}
+
+/* Decode a whole undamaged dtdr segment (docs/codecs.md 4): factors, base
+ * layer, every residual frame (payloads already decompressed by the caller).
+ * Returns 0 when every element was restored exactly into out, 1 when the
+ * segment needs the general path (an implausible factor, a malformed frame,
+ * an unexpected non-finite value, short sections: the general path decides
+ * what is lost), -1 when out of memory. */
+static int dtdr_segment_kernel(const unsigned char *meta, Py_ssize_t meta_len, const char *base, Py_ssize_t base_len,
+                               const unsigned char *resid, Py_ssize_t resid_len, Py_buffer *payloads,
+                               Py_ssize_t npayloads, const uint8_t *neg, char *out, Py_ssize_t numel, Py_ssize_t bs,
+                               int dt, double M, const DInfo *d, int delta, Py_ssize_t fblocks) {
+    const Py_ssize_t nfull = numel / bs, tail = numel % bs, nb = nfull + (tail ? 1 : 0);
+    const Py_ssize_t mtail = tail ? next_pow2(tail) : 0, ncoef = nfull * bs + mtail;
+    const Py_ssize_t nframes = (nb + fblocks - 1) / fblocks, toff = 4 + 4 * nb, isz = d->w / 8;
+    const float fmax = (float)(3.4028234663852886e+38 / 63.0);
+    if (numel <= 0 || meta_len < toff + 8 * nframes || base_len < ncoef || npayloads != nframes) return 1;
+    uint32_t flags;
+    memcpy(&flags, meta, 4);
+    float *f = (float *)malloc(sizeof(float) * (size_t)nb);
+    int32_t *A = (int32_t *)malloc(sizeof(int32_t) * (size_t)nb);
+    int32_t *Zc = (int32_t *)malloc(sizeof(int32_t) * (size_t)nb);
+    unsigned char *ok = (unsigned char *)malloc((size_t)fblocks);
+    unsigned char *lost = (unsigned char *)malloc((size_t)(fblocks * bs));
+    int rc = 1, nonfinite = 0;
+    if (!f || !A || !Zc || !ok || !lost) { rc = -1; goto done; }
+    memcpy(f, meta + 4, sizeof(float) * (size_t)nb);
+    for (Py_ssize_t b = 0; b < nb; b++) {
+        if (!(f[b] >= 0.0f && f[b] <= fmax)) goto done; /* NaN too: the general path replaces it */
+        block_param_of(f[b], b < nfull ? bs : mtail, d, delta, A + b, Zc + b);
+    }
+    memset(ok, 1, (size_t)fblocks);
+    if (decode_base_kernel(base, 8, f, dt, numel, bs, neg, M, out) < 0) { rc = -1; goto done; }
+    Py_ssize_t pos = 0;
+    for (Py_ssize_t j = 0; j < nframes; j++) {
+        uint32_t zlen, lolen;
+        memcpy(&zlen, meta + toff + 8 * j, 4);
+        memcpy(&lolen, meta + toff + 8 * j + 4, 4);
+        if ((Py_ssize_t)zlen + (Py_ssize_t)lolen > resid_len - 8 - pos) goto done;
+        const Py_ssize_t b0 = j * fblocks, b1 = b0 + fblocks < nb ? b0 + fblocks : nb;
+        const Py_ssize_t e0 = b0 * bs, e1 = b1 * bs < numel ? b1 * bs : numel;
+        int r = residual_decode_kernel((const unsigned char *)payloads[j].buf, payloads[j].len, resid + pos + zlen,
+                                       (Py_ssize_t)lolen, NULL, (unsigned char *)out + e0 * isz, A + b0, Zc + b0, ok,
+                                       e1 - e0, bs, d, lost);
+        if (r == -2) { rc = -1; goto done; }
+        if (r < 0 || (r & 1)) goto done;
+        nonfinite |= (r & 2) != 0;
+        pos += (Py_ssize_t)zlen + (Py_ssize_t)lolen;
+    }
+    rc = nonfinite && !(flags & 1) ? 1 : 0;
+done:
+    free(f); free(A); free(Zc); free(ok); free(lost);
+    return rc;
+}
+
+/* dtdr_decode_segment(meta, base, residual, payloads, neg, out, numel, block_size, dtype_code, M,
+ *                     w, mant, ebits, kmax, delta, frame_blocks) -> 0 exact, 1 take the general path */
+static PyObject *py_dtdr_decode_segment(PyObject *self, PyObject *args) {
+    PyObject *ometa, *obase, *oresid, *opay, *oneg, *oout;
+    Py_ssize_t numel, bs, fblocks;
+    int dt, w, mant, ebits, kmax, delta, rc = -3;
+    double M;
+    DInfo d;
+    Buf meta, base, resid, neg, out;
+    if (!PyArg_ParseTuple(args, "OOOO!OOnnidiiiiin", &ometa, &obase, &oresid, &PyList_Type, &opay, &oneg, &oout,
+                          &numel, &bs, &dt, &M, &w, &mant, &ebits, &kmax, &delta, &fblocks))
+        return NULL;
+    if (dt < 0 || dt > 3 || dinfo_of(w, mant, ebits, kmax, &d) < 0 || w != 8 * dt_size(dt) || numel < 0 ||
+        check_block(bs) < 0 || fblocks < 1 || fblocks > (1 << 24) / bs || delta < -8 || delta > 8) {
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad segment parameters");
+        return NULL;
+    }
+    Py_ssize_t npay = PyList_GET_SIZE(opay), got_pay = 0;
+    Py_buffer *pay = (Py_buffer *)PyMem_Calloc((size_t)(npay ? npay : 1), sizeof(Py_buffer));
+    if (!pay) return PyErr_NoMemory();
+    Buf *all[5] = {&meta, &base, &resid, &neg, &out};
+    PyObject *objs[5] = {ometa, obase, oresid, oneg, oout};
+    const char *names[5] = {"meta", "base", "residual", "neg", "out"};
+    int got = 0, ok = 1;
+    for (; got < 5; got++)
+        if (buf_get(objs[got], all[got], got == 4, names[got]) < 0) { ok = 0; break; }
+    for (; ok && got_pay < npay; got_pay++)
+        if (PyObject_GetBuffer(PyList_GET_ITEM(opay, got_pay), &pay[got_pay], PyBUF_SIMPLE) < 0) { ok = 0; break; }
+    if (ok) ok = check_len(&neg, bs, "neg") == 0 && check_len(&out, numel * dt_size(dt), "out") == 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = dtdr_segment_kernel(meta.view.buf, meta.view.len, base.view.buf, base.view.len, resid.view.buf,
+                                 resid.view.len, pay, npay, neg.view.buf, out.view.buf, numel, bs, dt, M, &d, delta,
+                                 fblocks);
+        Py_END_ALLOW_THREADS
+        if (rc == -1) { PyErr_NoMemory(); ok = 0; }
+    }
+    for (Py_ssize_t i = 0; i < got_pay; i++) PyBuffer_Release(&pay[i]);
+    PyMem_Free(pay);
+    for (int i = 0; i < got; i++) buf_release(all[i]);
+    if (!ok) return NULL;
+    return PyLong_FromLong(rc);
+}
+
 /* f32_convert(src float32 buffer, dtype_code, out): the decoder's casts, for tests. */
 static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
     PyObject *osrc, *oout;
@@ -991,6 +1112,7 @@ static PyMethodDef methods[] = {
     {"decode_base", py_decode_base, METH_VARARGS, "The normative base-layer decode."},
     {"residual_encode_frame", py_residual_encode_frame, METH_VARARGS, "Encode one residual frame (before zstd)."},
     {"residual_decode_frame", py_residual_decode_frame, METH_VARARGS, "Apply one residual frame (after zstd)."},
+    {"dtdr_decode_segment", py_dtdr_decode_segment, METH_VARARGS, "Decode a whole undamaged dtdr segment."},
     {"f32_convert", py_f32_convert, METH_VARARGS, "float32 -> float16/bfloat16 with the decoder's rounding."},
     {NULL, NULL, 0, NULL},
 };

@@ -495,6 +495,17 @@ def _decode_frame_compiled(compiled, ctx: _FrameContext, payload, lo0: int, lole
     return None
 
 
+_local = threading.local()
+
+
+def thread_decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor (one per thread: creating one per segment is measurable)."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
 #: Threads used to decode the residual frames of one segment (frames are
 #: independent; numpy and zstd release the GIL). Set to 1 to decode inline.
 #: Used only while no other segment is being decoded: when a load already
