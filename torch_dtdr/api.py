@@ -189,8 +189,11 @@ def _encode_in_order(jobs, workers: int):
     """Encode segments on ``workers`` threads, yielding ``(job, sections)`` in
     job order; at most ``2 * workers`` encoded segments wait in memory."""
     if workers <= 1:
-        for job in jobs:
-            yield job, job[4].encode(job[3])
+        try:
+            for job in jobs:
+                yield job, job[4].encode(job[3])
+        finally:
+            codecs.release_thread_buffers()
         return
     window = 2 * workers
     with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-encode") as pool:

@@ -39,5 +39,7 @@ def names() -> list[str]:
 
 # Importing the modules registers them.
 from . import raw, dtdr, dtdr8, dtdr16  # noqa: E402,F401
+from ._residual import release_thread_buffers  # noqa: E402
 
-__all__ = ["Codec", "Damage", "SectionSpec", "SegmentResult", "register", "get", "from_dict", "names"]
+__all__ = ["Codec", "Damage", "SectionSpec", "SegmentResult", "register", "get", "from_dict", "names",
+           "release_thread_buffers"]

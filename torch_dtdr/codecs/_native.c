@@ -1072,6 +1072,117 @@ static PyObject *py_dtdr_decode_segment(PyObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
+/* Sizes of frame j's areas in the encoder's scratch buffers: the payload before
+ * zstd (plane, totals, escapes at most) and the lo stream (with 8 bytes of slack). */
+static inline Py_ssize_t frame_payload_cap(Py_ssize_t n, Py_ssize_t nb, Py_ssize_t isz) { return n + 4 * nb + n * isz; }
+static inline Py_ssize_t frame_lo_cap(Py_ssize_t n, int kmax) { return (n * kmax + 7) / 8 + 8; }
+
+/* Encode a whole dtdr segment except the zstd step: base layer (q, f), its
+ * decode into scratch, and every residual frame (payload and lo stream at the
+ * offsets frame_payload_cap / frame_lo_cap give). lens[2j], lens[2j+1] receive
+ * the frame's payload and lo lengths. Returns the flags, or -1 when out of memory. */
+static int dtdr_encode_kernel(const void *x, Py_ssize_t numel, Py_ssize_t bs, int dt, double M, const uint8_t *neg,
+                              const DInfo *d, int delta, Py_ssize_t fblocks, char *q, float *f, char *scratch,
+                              unsigned char *payload, unsigned char *lo, Py_ssize_t *lens) {
+    const Py_ssize_t nfull = numel / bs, tail = numel % bs, nb = nfull + (tail ? 1 : 0);
+    const Py_ssize_t mtail = tail ? next_pow2(tail) : 0, isz = d->w / 8;
+    const Py_ssize_t nframes = (nb + fblocks - 1) / fblocks;
+    int flags = 0;
+    if (encode_base_kernel(x, dt, numel, bs, neg, 8, q, f) < 0) return -1;
+    if (decode_base_kernel(q, 8, f, dt, numel, bs, neg, M, scratch) < 0) return -1;
+    if (dt == DT_F64) {
+        const double *v = (const double *)x;
+        for (Py_ssize_t i = 0; i < numel; i++) flags |= fabs(v[i]) > (double)F32_MAX; /* infinities too */
+    }
+    int32_t *A = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb ? nb : 1));
+    int32_t *Zc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb ? nb : 1));
+    if (!A || !Zc) { free(A); free(Zc); return -1; }
+    for (Py_ssize_t b = 0; b < nb; b++) block_param_of(f[b], b < nfull ? bs : mtail, d, delta, A + b, Zc + b);
+    Py_ssize_t poff = 0, loff = 0;
+    for (Py_ssize_t j = 0; j < nframes; j++) {
+        const Py_ssize_t b0 = j * fblocks, b1 = b0 + fblocks < nb ? b0 + fblocks : nb;
+        const Py_ssize_t e0 = b0 * bs, e1 = b1 * bs < numel ? b1 * bs : numel, n = e1 - e0;
+        Py_ssize_t lolen = 0;
+        int nonfinite = 0;
+        Py_ssize_t plen = residual_encode_kernel((const unsigned char *)x + e0 * isz,
+                                                 (const unsigned char *)scratch + e0 * isz, A + b0, Zc + b0, n, bs, d,
+                                                 payload + poff, lo + loff, &lolen, &nonfinite);
+        if (plen < 0) { flags = -1; break; }
+        flags |= nonfinite;
+        lens[2 * j] = plen;
+        lens[2 * j + 1] = lolen;
+        poff += frame_payload_cap(n, b1 - b0, isz);
+        loff += frame_lo_cap(n, d->kmax);
+    }
+    free(A);
+    free(Zc);
+    return flags;
+}
+
+/* dtdr_encode_segment(x, numel, block_size, dtype_code, M, neg, w, mant, ebits, kmax, delta, frame_blocks,
+ *                     q_out, f_out, scratch, payload_out, lo_out) -> (flags, [payload_len, lo_len, ...]) */
+static PyObject *py_dtdr_encode_segment(PyObject *self, PyObject *args) {
+    PyObject *ox, *oneg, *oq, *of, *oscr, *opay, *olo;
+    Py_ssize_t numel, bs, fblocks;
+    int dt, w, mant, ebits, kmax, delta, flags = -2;
+    double M;
+    DInfo d;
+    Buf x, neg, q, f, scr, pay, lo;
+    if (!PyArg_ParseTuple(args, "OnnidOiiiiinOOOOO", &ox, &numel, &bs, &dt, &M, &oneg, &w, &mant, &ebits, &kmax,
+                          &delta, &fblocks, &oq, &of, &oscr, &opay, &olo))
+        return NULL;
+    if (dt < 0 || dt > 3 || dinfo_of(w, mant, ebits, kmax, &d) < 0 || w != 8 * dt_size(dt) || numel < 0 ||
+        check_block(bs) < 0 || fblocks < 1 || fblocks > (1 << 24) / bs || delta < -8 || delta > 8) {
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad segment parameters");
+        return NULL;
+    }
+    const Py_ssize_t nb = numel / bs + (numel % bs ? 1 : 0), isz = w / 8;
+    const Py_ssize_t ncoef = (numel / bs) * bs + (numel % bs ? next_pow2(numel % bs) : 0);
+    const Py_ssize_t nframes = (nb + fblocks - 1) / fblocks;
+    Py_ssize_t need_pay = 0, need_lo = 0;
+    for (Py_ssize_t j = 0; j < nframes; j++) {
+        const Py_ssize_t b0 = j * fblocks, b1 = b0 + fblocks < nb ? b0 + fblocks : nb;
+        const Py_ssize_t n = (b1 * bs < numel ? b1 * bs : numel) - b0 * bs;
+        need_pay += frame_payload_cap(n, b1 - b0, isz);
+        need_lo += frame_lo_cap(n, kmax);
+    }
+    Py_ssize_t *lens = (Py_ssize_t *)PyMem_Calloc((size_t)(2 * nframes + 1), sizeof(Py_ssize_t));
+    if (!lens) return PyErr_NoMemory();
+    Buf *all[7] = {&x, &neg, &q, &f, &scr, &pay, &lo};
+    PyObject *objs[7] = {ox, oneg, oq, of, oscr, opay, olo};
+    const char *names[7] = {"x", "neg", "q", "f", "scratch", "payload", "lo"};
+    int got = 0, ok = 1;
+    for (; got < 7; got++)
+        if (buf_get(objs[got], all[got], got >= 2, names[got]) < 0) { ok = 0; break; }
+    if (ok)
+        ok = check_len(&x, numel * isz, "x") == 0 && check_len(&neg, bs, "neg") == 0 &&
+             check_len(&q, ncoef, "q") == 0 && check_len(&f, 4 * nb, "f") == 0 &&
+             check_len(&scr, numel * isz, "scratch") == 0 && check_len(&pay, need_pay, "payload") == 0 &&
+             check_len(&lo, need_lo, "lo") == 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        flags = dtdr_encode_kernel(x.view.buf, numel, bs, dt, M, neg.view.buf, &d, delta, fblocks, q.view.buf,
+                                   f.view.buf, scr.view.buf, pay.view.buf, lo.view.buf, lens);
+        Py_END_ALLOW_THREADS
+        if (flags < 0) { PyErr_NoMemory(); ok = 0; }
+    }
+    for (int i = 0; i < got; i++) buf_release(all[i]);
+    PyObject *result = NULL;
+    if (ok) {
+        PyObject *lst = PyList_New(2 * nframes);
+        if (lst) {
+            for (Py_ssize_t i = 0; i < 2 * nframes; i++) {
+                PyObject *v = PyLong_FromSsize_t(lens[i]);
+                if (!v) { Py_CLEAR(lst); break; }
+                PyList_SET_ITEM(lst, i, v);
+            }
+        }
+        if (lst) result = Py_BuildValue("iN", flags, lst);
+    }
+    PyMem_Free(lens);
+    return result;
+}
+
 /* f32_convert(src float32 buffer, dtype_code, out): the decoder's casts, for tests. */
 static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
     PyObject *osrc, *oout;
@@ -1113,6 +1224,7 @@ static PyMethodDef methods[] = {
     {"residual_encode_frame", py_residual_encode_frame, METH_VARARGS, "Encode one residual frame (before zstd)."},
     {"residual_decode_frame", py_residual_decode_frame, METH_VARARGS, "Apply one residual frame (after zstd)."},
     {"dtdr_decode_segment", py_dtdr_decode_segment, METH_VARARGS, "Decode a whole undamaged dtdr segment."},
+    {"dtdr_encode_segment", py_dtdr_encode_segment, METH_VARARGS, "Encode a whole dtdr segment (but for zstd)."},
     {"f32_convert", py_f32_convert, METH_VARARGS, "float32 -> float16/bfloat16 with the decoder's rounding."},
     {NULL, NULL, 0, NULL},
 };

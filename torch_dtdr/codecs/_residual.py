@@ -506,6 +506,42 @@ def thread_decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
+def thread_compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor for ``level`` (content size on, no checksum: docs/codecs.md 4.6)."""
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    return cctx
+
+
+#: Per-thread scratch buffers above this size are not kept between calls.
+SCRATCH_KEEP = 64 << 20
+
+
+def thread_scratch(name: str, nbytes: int) -> np.ndarray:
+    """A uint8 scratch buffer of at least ``nbytes`` owned by this thread and
+    reused between segments (fresh large allocations cost a page fault per
+    4 KiB on every segment). Its contents are undefined."""
+    cache = getattr(_local, "scratch", None)
+    if cache is None:
+        cache = _local.scratch = {}
+    buf = cache.get(name)
+    if buf is None or len(buf) < nbytes:
+        buf = np.empty(max(nbytes, 1), np.uint8)
+        if nbytes <= SCRATCH_KEEP:
+            cache[name] = buf
+    return buf[:nbytes]
+
+
+def release_thread_buffers() -> None:
+    """Drop this thread's scratch buffers (a thread that encodes now and then
+    need not keep tens of MB; worker threads drop theirs when they end)."""
+    _local.__dict__.pop("scratch", None)
+
+
 #: Threads used to decode the residual frames of one segment (frames are
 #: independent; numpy and zstd release the GIL). Set to 1 to decode inline.
 #: Used only while no other segment is being decoded: when a load already
