@@ -128,6 +128,38 @@ def test_read_ranges_equals_sequential(store):
         assert src.read_ranges(ranges, max_workers=1) == sequential
 
 
+def test_read_into_scatters_exactly_what_read_returns(store):
+    """read_into fills several buffers in order (the reader's data pieces and parity gaps),
+    stops at the end of the file and counts what it read, on every back-end."""
+    data = _data(300_001, seed=4)
+    url = store.url("scatter")
+    write_bytes_atomic(url, data, store.options)
+    rng = random.Random(5)
+    with open_source(url, store.options) as src:
+        for offset in (0, 17, 4096, len(data) - 100_000, len(data) - 3, len(data)):
+            sizes = [rng.randrange(0, 40_000) for _ in range(rng.randrange(1, 9))]
+            buffers = [bytearray(b"\xee" * n) for n in sizes]
+            before = src.bytes_read
+            got = src.read_into(offset, [memoryview(b) for b in buffers])
+            want = data[offset: offset + sum(sizes)]
+            assert got == len(want) and src.bytes_read - before == got
+            filled = b"".join(buffers)
+            assert filled[:got] == want and filled[got:] == b"\xee" * (len(filled) - got)
+        many = [bytearray(3) for _ in range(3000)]  # more buffers than one vectored read takes
+        assert src.read_into(5, many) == 9000 and b"".join(many) == data[5:9005]
+
+
+def test_local_read_into_of_a_shrunk_file_is_a_storage_error(tmp_path):
+    p = tmp_path / "x"
+    p.write_bytes(_data(10_000))
+    with open_source(p) as src:
+        with open(p, "r+b") as f:
+            f.truncate(5_000)
+        with pytest.raises(StorageError) as ei:
+            src.read_into(4_000, [bytearray(1_000), bytearray(1_000)])
+        assert ei.value.byte_range == (4_000, 6_000)
+
+
 def test_missing_path(store):
     url = store.url("does-not-exist.dtdr")
     with pytest.raises(CheckpointNotFoundError) as ei:

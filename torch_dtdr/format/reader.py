@@ -433,17 +433,11 @@ class ContainerReader:
         a = start // c * c
         b = -(-end // c) * c
         pieces = g.physical_ranges(a, b)
-        raws = self._read_pieces(pieces)
-        missing_from = None
-        if all(len(raw) == n for (_l, _p, n), raw in zip(pieces, raws)):
-            # the common case: one gather copy, no zero fill first
-            buf = bytearray().join(raws)
-        else:
-            buf = bytearray(b - a)
-            for (lstart, _p, n), raw in zip(pieces, raws):
-                buf[lstart - a: lstart - a + len(raw)] = raw
-                if len(raw) < n and missing_from is None:
-                    missing_from = lstart + len(raw)
+        # uninitialised (no zero fill of what the read overwrites); past the end of the file: zeros
+        buf = memoryview(np.empty(b - a, np.uint8))
+        missing_from = self._read_pieces_into(pieces, buf, a)
+        if missing_from is not None:
+            buf[missing_from - a:] = bytes(b - missing_from)
         for j in (range(a // c, b // c) if self._patched and patched else ()):
             if j in self._patched:
                 buf[j * c - a: (j + 1) * c - a] = self._patched[j]
@@ -481,16 +475,32 @@ class ContainerReader:
         first = pieces[0][1]
         return [(first, pieces[-1][1] + pieces[-1][2] - first)]
 
-    def _read_pieces(self, pieces) -> list[bytes]:
-        """The bytes of each ``(logical, physical, length)`` piece."""
+    def _read_pieces_into(self, pieces, buf: memoryview, base: int) -> int | None:
+        """Read ``(logical, physical, length)`` pieces into ``buf`` (logical
+        offset ``base`` at index 0) with scatter reads: a span's parity gaps go
+        to a scratch buffer, so the data lands in place without a gather copy.
+        Returns the logical offset where the file's bytes end (None when every
+        piece was read whole); the rest of ``buf`` is left as it was."""
         requests = self._requests(pieces)
-        datas = self.source.read_ranges(requests, max_workers=self.max_workers,
-                                        part_size=_SPAN_PART if len(requests) == 1 else None)
-        if len(requests) == len(pieces):
-            return datas
-        first = requests[0][0]
-        mv = memoryview(datas[0])
-        return [mv[p - first: p - first + n] for _l, p, n in pieces]
+        groups = [pieces] if len(requests) < len(pieces) else [[p] for p in pieces]
+        mv = buf
+        gap_scratch = None
+        for (offset, _length), group in zip(requests, groups):
+            views = []
+            pos = offset
+            for lstart, phys, n in group:
+                if phys > pos:
+                    if gap_scratch is None or len(gap_scratch) < phys - pos:
+                        gap_scratch = bytearray(phys - pos)
+                    views.append(memoryview(gap_scratch)[: phys - pos])
+                views.append(mv[lstart - base: lstart - base + n])
+                pos = phys + n
+            got = self.source.read_into(offset, views, part_size=_SPAN_PART if len(requests) == 1 else None)
+            for lstart, phys, n in group:
+                filled = min(n, max(0, got - (phys - offset)))
+                if filled < n:
+                    return lstart + filled
+        return None
 
     def record_reads(self, rec: RecordInfo) -> list[tuple[int, int]]:
         """The physical ``(offset, length)`` reads :meth:`read_record` makes for
