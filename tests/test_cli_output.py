@@ -42,10 +42,10 @@ def test_verify_several_paths_and_a_quoted_glob(tmp_path):
     assert [line.split()[0] for line in clean] == ["a.dtdr", "a.dtdr", "b.dtdr"]  # one line per clean file
     damaged = lines.index(next(line for line in lines if line.startswith("c.dtdr")))
     assert "damaged, repairable exactly" in lines[damaged]
-    header = next(line for line in lines if "repaired chunk bytes" in line)
-    assert header.split()[:3] == ["tensor", "status", "codec"] and "unrepaired chunk bytes" in header
+    header = next(line for line in lines if "wrong bytes repaired" in line)
+    assert header.split()[:3] == ["tensor", "status", "codec"] and "unrepaired bytes (whole chunks)" in header
     row_w = next(line for line in lines if line.split()[:2] == ["w", "repaired"])
-    assert int(row_w.split()[3]) > 0  # repaired chunk bytes counted
+    assert int(row_w.split()[3]) == 3  # the 3 flipped bytes, restored
     assert "heal it with: dtdr repair c.dtdr" in proc.stdout
     assert lines[-1].startswith("4 paths, ") and lines[-1].endswith(
         "3 clean, 1 repairable, 0 degraded or lost, 0 unreadable")
@@ -66,7 +66,7 @@ def test_verify_clean_file_table_only_with_verbose(tmp_path):
     quiet = _dtdr("verify", "a.dtdr", cwd=tmp_path)
     assert quiet.returncode == 0 and len(quiet.stdout.splitlines()) == 1
     verbose = _dtdr("verify", "-v", "a.dtdr", cwd=tmp_path)
-    assert "repaired chunk bytes" in verbose.stdout and len(verbose.stdout.splitlines()) > 3
+    assert "wrong bytes repaired" in verbose.stdout and len(verbose.stdout.splitlines()) > 3
 
 
 def test_verify_json_one_object_or_an_array(tmp_path):

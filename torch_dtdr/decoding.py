@@ -98,6 +98,7 @@ class Decoder:
         for rec, seg, result in self._decoded_records(info, codec, after_record):
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)
+            rep.wrong_bytes_repaired += seg.wrong_bytes
             if seg.repaired:
                 rep.status = worst(rep.status, REPAIRED)
             if not result.exact:
@@ -120,6 +121,7 @@ class Decoder:
             out = torch.empty(0, dtype=info.dtype)
         rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
         rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
+        rep.unrepaired_bytes = sum(e - s for s, e in rep.damaged_bytes)
         if rep.status in (DEGRADED, LOST):
             rep.error_bound = bound
         if prov is not None and rep.status != LOST:
