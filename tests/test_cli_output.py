@@ -218,3 +218,21 @@ def test_progress_counts_bytes_on_a_terminal_and_is_off_in_a_pipe(tmp_path):
     assert re.search(r"save: +\d+%\|.*/11\.4M \[", converted), converted
     piped = _dtdr("repair", str(path), "-o", str(tmp_path / "p.dtdr"))
     assert piped.returncode == 0 and piped.stderr == ""  # no bar when not a terminal
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals")
+def test_sweep_progress_counts_the_bytes_of_the_runs(tmp_path):
+    torch.manual_seed(0)
+    save_file({"w": torch.randn(300_000), "b": torch.randn(64)}, str(tmp_path / "tiny.safetensors"))
+    shown = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "sweep", str(tmp_path / "tiny.safetensors"),
+                            "--fractions", "0,1e-4", "--seeds", "2", "--formats", "dtdr", "--workers", "1",
+                            "--out", str(tmp_path / "out"), "--keep-work"])
+    runs_bytes = 4 * os.path.getsize(tmp_path / "out" / ".sweep-work" / "dtdr.dtdr")  # 2 fractions x 2 seeds
+    from tqdm import tqdm
+
+    total = tqdm.format_sizeof(runs_bytes, divisor=1024)
+    assert re.search(r"sweep: +100%\|.*\| " + re.escape(total) + "/" + re.escape(total) + r" \[", shown), shown
+    assert "B/s" in shown and "run/s" not in shown and "s/run" not in shown
+    piped = _dtdr("sweep", str(tmp_path / "tiny.safetensors"), "--fractions", "0", "--seeds", "1", "--formats", "dtdr",
+                  "--workers", "1", "--out", str(tmp_path / "out2"))
+    assert piped.returncode == 0 and "sweep:" not in piped.stderr  # no bar when not a terminal
