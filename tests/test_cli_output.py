@@ -236,3 +236,22 @@ def test_sweep_progress_counts_the_bytes_of_the_runs(tmp_path):
     piped = _dtdr("sweep", str(tmp_path / "tiny.safetensors"), "--fractions", "0", "--seeds", "1", "--formats", "dtdr",
                   "--workers", "1", "--out", str(tmp_path / "out2"))
     assert piped.returncode == 0 and "sweep:" not in piped.stderr  # no bar when not a terminal
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals")
+def test_conversions_to_safetensors_and_dcp_show_bytes_on_a_terminal(tmp_path):
+    torch.manual_seed(0)
+    torch_dtdr.save({"w": torch.randn(3_000_000), "b": torch.randn(16)}, tmp_path / "m.dtdr")
+    raw = f"{(3_000_000 + 16) * 4 / 2**20:.1f}M"  # the tensor bytes the safetensors output holds (11.4 MiB)
+    to_st = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "convert", str(tmp_path / "m.dtdr"),
+                            str(tmp_path / "m.safetensors")])
+    assert re.search(r"convert: +\d+%\|.*\| [\d.]+[kMG]?/" + re.escape(raw) + r" \[", to_st), to_st
+    assert "B/s" in to_st
+    to_dcp = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "convert", str(tmp_path / "m.dtdr"),
+                             str(tmp_path / "ck"), "--to", "dcp"])
+    assert re.search(r"load: +\d+%\|.*B/s", to_dcp) and re.search(r"save: +\d+%\|.*B/s", to_dcp), to_dcp
+    back = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "convert", str(tmp_path / "ck"),
+                           str(tmp_path / "back.dtdr")])
+    assert re.search(r"save: +\d+%\|.*B/s", back), back
+    piped = _dtdr("convert", "m.dtdr", "p.safetensors", cwd=tmp_path)
+    assert piped.returncode == 0 and piped.stderr == ""  # no bar when not a terminal

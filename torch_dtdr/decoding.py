@@ -313,6 +313,15 @@ def byte_progress(items, sizes, enabled: bool, desc: str):
             bar.update(sizes[i] if i < len(sizes) else 0)
 
 
+def byte_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar of ``total`` bytes (rate and ETA in bytes), shown only on a terminal (``disable=None``);
+    one that shows nothing when not ``enabled``. ``update(n)`` as ``n`` more bytes are done; close it."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                disable=None if enabled else True)
+
+
 def _stored_bytes(t: TensorInfo) -> int:
     return sum(r.end - r.offset for r in t.records)
 
