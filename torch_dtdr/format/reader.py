@@ -76,6 +76,17 @@ class SegmentData:
     wrong_bytes: int = 0
 
 
+@dataclass
+class SectionData:
+    """Bytes of (a range of) one section, read on their own."""
+
+    data: bytes | memoryview
+    damage: list[tuple[int, int]]  # ranges of ``data`` left damaged
+    repaired: list[tuple[int, int]]  # logical ranges restored (by parity, or by voting between copies)
+    bad: list[tuple[int, int]]  # logical ranges left damaged
+    wrong_bytes: int = 0  # bytes restored by parity, counted byte by byte
+
+
 class ContainerReader:
     """Random access to a DTDR container held by a storage ``Source``."""
 
@@ -709,6 +720,47 @@ class ContainerReader:
             return SegmentData(sections, damage, merge_ranges(res.repaired + voted), subtract_ranges(res.bad, voted),
                                wrong_bytes)
         return SegmentData(sections, damage, res.repaired, res.bad, wrong_bytes)
+
+    def read_section(self, rec: RecordInfo, name: str, start: int = 0, end: int | None = None) -> SectionData:
+        """Bytes ``[start, end)`` (default: all) of section ``name`` of ``rec``, checked and repaired chunk by
+        chunk, without reading the rest of the record. A section stored in copies is read whole, its copies
+        voted as :meth:`read_record` does. Needs the file's chunk checksums (:attr:`verifies_chunks`) and a
+        record within the stream; otherwise (and for an unknown name or range) FormatError."""
+        pos = rec.body_start
+        for spec in rec.sections:
+            if spec.name == name:
+                break
+            pos += spec.stored_length
+        else:
+            raise FormatError(f"record has no section {name!r}", file=self.name, byte_range=(rec.offset, rec.end))
+        end = spec.length if end is None else end
+        whole = (start, end) == (0, spec.length)
+        if (not self.verifies_chunks or rec.end > self.stream_length or not 0 <= start <= end <= spec.length
+                or (spec.copies > 1 and not whole)):
+            raise FormatError(f"cannot read bytes [{start}, {end}) of section {name!r} on their own",
+                              file=self.name, byte_range=(pos, pos + spec.stored_length))
+        if spec.copies == 1:
+            res = self.read_logical(pos + start, pos + end)
+            first = pos + start
+            damage = [(x - first, y - first) for x, y in res.bad]
+            if damage:
+                # a chunk that fails its checksum may hold other bytes' damage: when the whole section
+                # matches its digest, none of its bytes are damaged (as read_record judges it)
+                whole_section = res.data if whole else self.read_logical(pos, pos + spec.length).data
+                if hash64(whole_section) == spec.digest:
+                    damage = []
+            return SectionData(res.data, damage, res.repaired, res.bad, res.wrong_bytes)
+        res = self.read_logical(pos, pos + spec.stored_length)
+        copies = []
+        for i in range(spec.copies):
+            lo = pos + i * spec.length
+            copies.append((res.data[i * spec.length:(i + 1) * spec.length],
+                           [(max(x, lo) - lo, min(y, lo + spec.length) - lo) for x, y in res.bad
+                            if x < lo + spec.length and y > lo]))
+        value, bad = _combine_copies(copies, spec.digest)
+        if bad:
+            return SectionData(value, bad, res.repaired, res.bad, res.wrong_bytes)
+        return SectionData(value, [], merge_ranges(res.repaired + res.bad), [], res.wrong_bytes)
 
     def scrub(self, batch_stripes: int = 64) -> list[str]:
         """Check every chunk of the striped region (data and parity, including
