@@ -29,6 +29,12 @@ SAFETENSORS_DTYPES = {
 }
 
 
+#: A slice decodes the units that hold it (blocks, or ``dtdr`` residual frames) in at most this many
+#: separate ranges per segment (each a few reads); beyond that, or past half the segment, the segment
+#: is decoded whole.
+MAX_UNIT_SPANS = 64
+
+
 def _contiguous_strides(shape) -> list[int]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -291,8 +297,9 @@ class DTDRFile:
                 rec_end = rec.elem_start + rec.elem_count
                 wanted = [(k, max(a, rec.elem_start), min(b, rec_end)) for k, (a, b) in enumerate(pieces)
                           if a < rec_end and b > rec.elem_start]
-                if by_units:
-                    got = self._read_units(info, codec, rec, unit, wanted, pieces, values, floating)
+                spans = self._unit_spans(rec, unit, wanted) if by_units else None
+                if spans is not None:
+                    got = self._read_units(info, codec, rec, unit, spans, wanted, pieces, values, floating)
                     status = worst(status, got[0])
                     bad += got[1]
                     continue
@@ -319,19 +326,30 @@ class DTDRFile:
                                                                                     hi - rec.elem_start]
         return values, status, bad
 
-    def _read_units(self, info, codec, rec, unit: int, wanted, pieces, values, floating: bool):
-        """Decode, of record ``rec``, only the units of ``unit`` elements that the ``wanted`` pieces
-        ``(k, first, end)`` touch, reading the record's ``meta`` and the byte ranges of its other sections
-        those units need; write them into ``values``. Returns the worst status and the damaged ranges."""
-        reader = self._reader
-        status, bad = EXACT, []
-        spans: list[list[int]] = []  # unit ranges, merged
+    def _unit_spans(self, rec, unit: int, wanted) -> list[list[int]] | None:
+        """The ranges of units of ``unit`` elements of record ``rec`` that the ``wanted`` pieces
+        ``(k, first, end)`` touch, merged where less than a checksum chunk of units apart (a read costs a
+        chunk anyway); None when decoding the whole record is the better plan: the ranges cover more than
+        half its units, or they are more than :data:`MAX_UNIT_SPANS` (one read each)."""
+        gap = self._reader.geometry.chunk_size // unit
+        spans: list[list[int]] = []
         for _k, lo, hi in sorted(wanted, key=lambda w: w[1]):
             u0, u1 = (lo - rec.elem_start) // unit, -(-(hi - rec.elem_start) // unit)
-            if spans and u0 <= spans[-1][1]:
+            if spans and u0 <= spans[-1][1] + gap:
                 spans[-1][1] = max(spans[-1][1], u1)
             else:
                 spans.append([u0, u1])
+        covered = sum(u1 - u0 for u0, u1 in spans)
+        if len(spans) > MAX_UNIT_SPANS or 2 * covered > -(-rec.elem_count // unit):
+            return None
+        return spans
+
+    def _read_units(self, info, codec, rec, unit: int, spans, wanted, pieces, values, floating: bool):
+        """Decode, of record ``rec``, only the unit ranges ``spans`` (which hold the ``wanted`` pieces
+        ``(k, first, end)``), reading the record's ``meta`` and the byte ranges of its other sections those
+        units need; write the pieces into ``values``. Returns the worst status and the damaged ranges."""
+        reader = self._reader
+        status, bad = EXACT, []
         lengths = {s.name: s.length for s in rec.sections}
         meta = reader.read_section(rec, "meta")
         for u0, u1 in spans:
