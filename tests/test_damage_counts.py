@@ -4,17 +4,20 @@ the bytes of chunks that could not be restored are counted in whole chunks, and 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
 import torch_dtdr
 from torch_dtdr.faults import corrupt
 from torch_dtdr.format import constants
-from torch_dtdr.format.reader import regions
+from torch_dtdr.format.reader import ContainerReader, regions
+from torch_dtdr.storage import open_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = constants.DEFAULT_CHUNK_SIZE
@@ -115,3 +118,24 @@ def test_copies_restored_by_the_vote_count_their_wrong_bytes(tmp_path):
     assert t.status == "repaired" and t.wrong_bytes_repaired == 9
     assert t.unrepaired_bytes == 0 and t.damaged_bytes == []
     assert torch.equal(torch_dtdr.load(str(path))["i"], torch.arange(5000, dtype=torch.int64))
+
+
+def test_a_footerless_file_counts_the_bytes_parity_corrected_without_checksums(tmp_path):
+    """Cut inside its footer, a file has no chunk checksums; parity still locates and corrects wrong bytes,
+    and they are counted (the tensors stay exact: the file-level event reports the correction)."""
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch_dtdr.save({f"t{i}": torch.randn(20000) for i in range(4)}, buf)
+    data = buf.getvalue()
+    with open_source(io.BytesIO(data)) as src:
+        footer = ContainerReader(src).geometry.physical_end
+    damaged = bytearray(data[:footer + 100])
+    flipped = list(range(8192 + 5, 8192 + 4096 * 6, 997))  # scattered single bytes in tensor data
+    for pos in flipped:
+        damaged[pos] ^= 0x5A
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _obj, rep = torch_dtdr.load(io.BytesIO(bytes(damaged)), report=True)
+    assert any("corrected by parity without chunk checksums" in e for e in rep.events)
+    assert sum(t.wrong_bytes_repaired for t in rep.tensors) == len(flipped)
+    assert all(t.status == "exact" for t in rep.tensors)
