@@ -42,10 +42,10 @@ def test_verify_several_paths_and_a_quoted_glob(tmp_path):
     assert [line.split()[0] for line in clean] == ["a.dtdr", "a.dtdr", "b.dtdr"]  # one line per clean file
     damaged = lines.index(next(line for line in lines if line.startswith("c.dtdr")))
     assert "damaged, repairable exactly" in lines[damaged]
-    header = next(line for line in lines if "repaired chunk bytes" in line)
-    assert header.split()[:3] == ["tensor", "status", "codec"] and "unrepaired chunk bytes" in header
+    header = next(line for line in lines if "wrong bytes repaired" in line)
+    assert header.split()[:3] == ["tensor", "status", "codec"] and "unrepaired bytes (whole chunks)" in header
     row_w = next(line for line in lines if line.split()[:2] == ["w", "repaired"])
-    assert int(row_w.split()[3]) > 0  # repaired chunk bytes counted
+    assert int(row_w.split()[3]) == 3  # the 3 flipped bytes, restored
     assert "heal it with: dtdr repair c.dtdr" in proc.stdout
     assert lines[-1].startswith("4 paths, ") and lines[-1].endswith(
         "3 clean, 1 repairable, 0 degraded or lost, 0 unreadable")
@@ -66,7 +66,7 @@ def test_verify_clean_file_table_only_with_verbose(tmp_path):
     quiet = _dtdr("verify", "a.dtdr", cwd=tmp_path)
     assert quiet.returncode == 0 and len(quiet.stdout.splitlines()) == 1
     verbose = _dtdr("verify", "-v", "a.dtdr", cwd=tmp_path)
-    assert "repaired chunk bytes" in verbose.stdout and len(verbose.stdout.splitlines()) > 3
+    assert "wrong bytes repaired" in verbose.stdout and len(verbose.stdout.splitlines()) > 3
 
 
 def test_verify_json_one_object_or_an_array(tmp_path):
@@ -217,4 +217,41 @@ def test_progress_counts_bytes_on_a_terminal_and_is_off_in_a_pipe(tmp_path):
                                 str(tmp_path / "c.dtdr")])
     assert re.search(r"save: +\d+%\|.*/11\.4M \[", converted), converted
     piped = _dtdr("repair", str(path), "-o", str(tmp_path / "p.dtdr"))
+    assert piped.returncode == 0 and piped.stderr == ""  # no bar when not a terminal
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals")
+def test_sweep_progress_counts_the_bytes_of_the_runs(tmp_path):
+    torch.manual_seed(0)
+    save_file({"w": torch.randn(300_000), "b": torch.randn(64)}, str(tmp_path / "tiny.safetensors"))
+    shown = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "sweep", str(tmp_path / "tiny.safetensors"),
+                            "--fractions", "0,1e-4", "--seeds", "2", "--formats", "dtdr", "--workers", "1",
+                            "--out", str(tmp_path / "out"), "--keep-work"])
+    runs_bytes = 4 * os.path.getsize(tmp_path / "out" / ".sweep-work" / "dtdr.dtdr")  # 2 fractions x 2 seeds
+    from tqdm import tqdm
+
+    total = tqdm.format_sizeof(runs_bytes, divisor=1024)
+    assert re.search(r"sweep: +100%\|.*\| " + re.escape(total) + "/" + re.escape(total) + r" \[", shown), shown
+    assert "B/s" in shown and "run/s" not in shown and "s/run" not in shown
+    piped = _dtdr("sweep", str(tmp_path / "tiny.safetensors"), "--fractions", "0", "--seeds", "1", "--formats", "dtdr",
+                  "--workers", "1", "--out", str(tmp_path / "out2"))
+    assert piped.returncode == 0 and "sweep:" not in piped.stderr  # no bar when not a terminal
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals")
+def test_conversions_to_safetensors_and_dcp_show_bytes_on_a_terminal(tmp_path):
+    torch.manual_seed(0)
+    torch_dtdr.save({"w": torch.randn(3_000_000), "b": torch.randn(16)}, tmp_path / "m.dtdr")
+    raw = f"{(3_000_000 + 16) * 4 / 2**20:.1f}M"  # the tensor bytes the safetensors output holds (11.4 MiB)
+    to_st = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "convert", str(tmp_path / "m.dtdr"),
+                            str(tmp_path / "m.safetensors")])
+    assert re.search(r"convert: +\d+%\|.*\| [\d.]+[kMG]?/" + re.escape(raw) + r" \[", to_st), to_st
+    assert "B/s" in to_st
+    to_dcp = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "convert", str(tmp_path / "m.dtdr"),
+                             str(tmp_path / "ck"), "--to", "dcp"])
+    assert re.search(r"load: +\d+%\|.*B/s", to_dcp) and re.search(r"save: +\d+%\|.*B/s", to_dcp), to_dcp
+    back = _on_a_terminal([sys.executable, "-m", "torch_dtdr.cli", "convert", str(tmp_path / "ck"),
+                           str(tmp_path / "back.dtdr")])
+    assert re.search(r"save: +\d+%\|.*B/s", back), back
+    piped = _dtdr("convert", "m.dtdr", "p.safetensors", cwd=tmp_path)
     assert piped.returncode == 0 and piped.stderr == ""  # no bar when not a terminal

@@ -27,6 +27,7 @@ copied.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import struct
@@ -454,19 +455,33 @@ def _write_safetensors(names: list[str], get: Callable[[str], torch.Tensor | Non
     return written
 
 
-def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_options) -> tuple[list[str], int]:
+def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_options,
+                         progress: bool = False) -> tuple[list[str], int]:
+    """Write the tensors of DTDR file ``src`` as safetensors; ``progress``: a bar of the tensor bytes decoded
+    (what the safetensors output holds), on a terminal only."""
+    from .decoding import byte_bar
     from .lazy import open as dtdr_open
 
     with dtdr_open(src, errors=errors, storage_options=storage_options, warn_damage=False) as h:
         names = _flat_tensor_names(h)
         if names is not None:
             get = h.get_tensor
+            total = sum(math.prod(h.get_slice(n).shape) * h.get_slice(n).dtype.itemsize for n in names)
         else:
             obj = h.load()
             if not _is_tensor_dict(obj):
                 raise ObjectTypeError(f"the file holds a {type(obj).__name__} that is not a flat {{name: tensor}} "
                                       "mapping; only state dicts convert to safetensors", file=src)
             names, get = list(obj), obj.__getitem__
+            total = sum(t.numel() * t.element_size() for t in obj.values())
+        bar = byte_bar(total, "convert", progress)
+        decode = get
+
+        def get(name):
+            tensor = decode(name)
+            if tensor is not None:
+                bar.update(tensor.numel() * tensor.element_size())
+            return tensor
         dmeta = h.metadata()
         layout = None
         if METADATA_KEY in dmeta:
@@ -477,7 +492,10 @@ def _dtdr_to_safetensors(src: str, dst: str, *, errors, metadata, storage_option
             else:
                 _check_layout(layout, src)
         user_meta = {k: v for k, v in dmeta.items() if k != METADATA_KEY}
-        written = _write_safetensors(names, get, layout, user_meta, dst, metadata, storage_options, src)
+        try:
+            written = _write_safetensors(names, get, layout, user_meta, dst, metadata, storage_options, src)
+        finally:
+            bar.close()
         rep = h.report()
         if rep.status != "exact":  # as torch_dtdr.load does
             warn_caller(DamageWarning(rep.summary()))
@@ -537,8 +555,9 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
     ``allow_pickle`` accepts a standard DCP checkpoint folder as ``src`` (see
     :func:`torch_dtdr.dcp.dcp_to_dtdr`); only for checkpoints you trust.
 
-    ``progress=True`` shows a bar of the bytes encoded when writing a DTDR file from a file (on a
-    terminal only). Returns a summary: ``{"from", "to", "files", "tensors"}``.
+    ``progress=True`` shows bars of bytes, with rate and ETA, on a terminal only: writing DTDR, the bytes
+    encoded; DTDR to safetensors, the tensor bytes decoded (what the output holds); DTDR to DCP, the
+    stored bytes decoded, then the bytes encoded. Returns a summary: ``{"from", "to", "files", "tensors"}``.
     """
     if to not in (None, "dtdr", "safetensors", "dcp"):
         raise ArgumentError(f"to must be 'dtdr', 'safetensors' or 'dcp', got {to!r}", field="to")
@@ -549,13 +568,14 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
 
         dcp.dcp_to_dtdr(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
                         allow_pickle=allow_pickle, storage_options=storage_options,
-                        out_storage_options=out_storage_options or storage_options)
+                        out_storage_options=out_storage_options or storage_options, progress=progress)
         return {"from": "dcp", "to": "dtdr", "files": [dst_s]}
     if to == "dcp":
         from . import dcp
 
         dcp.dtdr_to_dcp(src_s, dst_s, codec=codec, block_size=block_size, parity=parity, errors=errors,
-                        storage_options=storage_options, out_storage_options=out_storage_options or storage_options)
+                        storage_options=storage_options, out_storage_options=out_storage_options or storage_options,
+                        progress=progress)
         return {"from": "dtdr", "to": "dcp", "files": [dst_s]}
     kind, obj, layout = _read_source(src_s, storage_options)
     to = to or _infer_to(kind, dst_s, storage_options)
@@ -568,7 +588,7 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
 
             with dtdr_open(src_s, storage_options=storage_options) as h:
                 dmeta = h.metadata()
-            obj = api_load(src_s, errors=errors, storage_options=storage_options)
+            obj = api_load(src_s, errors=errors, storage_options=storage_options, progress=progress)
             meta = {k: v for k, v in dmeta.items()}
             meta.update(metadata or {})
             from .api import save
@@ -583,7 +603,7 @@ def convert(src, dst, *, to: str | None = None, codec="dtdr", parity="default", 
     # to safetensors
     if kind == "dtdr":
         written, n = _dtdr_to_safetensors(src_s, dst_s, errors=errors, metadata=metadata,
-                                          storage_options=storage_options)
+                                          storage_options=storage_options, progress=progress)
     else:
         if not _is_tensor_dict(obj):
             raise ObjectTypeError(f"the file holds a {type(obj).__name__}, not a flat {{name: tensor}} mapping",

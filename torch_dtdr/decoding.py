@@ -100,6 +100,7 @@ class Decoder:
         for rec, seg, result in self._decoded_records(info, codec, after_record, out):
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)
+            rep.wrong_bytes_repaired += seg.wrong_bytes
             if seg.repaired:
                 rep.status = worst(rep.status, REPAIRED)
             if not result.exact:
@@ -120,6 +121,7 @@ class Decoder:
             out = torch.empty(0, dtype=info.dtype)
         rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
         rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
+        rep.unrepaired_bytes = sum(e - s for s, e in rep.damaged_bytes)
         if rep.status in (DEGRADED, LOST):
             rep.error_bound = bound
         if prov is not None and rep.status != LOST:
@@ -316,6 +318,15 @@ def byte_progress(items, sizes, enabled: bool, desc: str):
         for i, item in enumerate(items):  # every item, whatever ``sizes`` holds
             yield item
             bar.update(sizes[i] if i < len(sizes) else 0)
+
+
+def byte_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar of ``total`` bytes (rate and ETA in bytes), shown only on a terminal (``disable=None``);
+    one that shows nothing when not ``enabled``. ``update(n)`` as ``n`` more bytes are done; close it."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                disable=None if enabled else True)
 
 
 def _stored_bytes(t: TensorInfo) -> int:

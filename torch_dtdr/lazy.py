@@ -29,6 +29,12 @@ SAFETENSORS_DTYPES = {
 }
 
 
+#: A slice decodes the units that hold it (blocks, or ``dtdr`` residual frames) in at most this many
+#: separate ranges per segment (each a few reads); beyond that, or past half the segment, the segment
+#: is decoded whole.
+MAX_UNIT_SPANS = 64
+
+
 def _contiguous_strides(shape) -> list[int]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -116,9 +122,12 @@ class DTDRFile:
         ``get_shape()``, ``get_dtype()`` (safetensors' names, ``"F32"``) and
         ``[...]`` with ints, slices (positive steps) and ``...``, as
         safetensors' ``get_slice``. Indexing reads only the checksum chunks
-        that hold the selected elements of a ``raw`` tensor, and decodes only
-        the segments that hold them for the transform codecs (a segment is
-        ``segment_elems`` elements, 2**20 by default)."""
+        that hold the selected elements of a ``raw`` tensor; for the transform
+        codecs it reads and decodes only the units that hold them: blocks of
+        ``block_size`` elements (``dtdr8``, ``dtdr16``), residual frames of
+        ``frame_elements`` (``dtdr``), plus each touched segment's small
+        ``meta`` section. (A file without its chunk checksums, a truncated one,
+        decodes whole segments.)"""
         try:
             i = self._refs[name]
         except KeyError:
@@ -266,8 +275,9 @@ class DTDRFile:
         """The stored elements ``[a, b)`` of each piece of entry ``e``, their
         worst status and the damaged byte ranges. A ``raw`` section stored
         once is read byte range by byte range (checked, and repaired by
-        parity, chunk by chunk); any other codec decodes the whole segments
-        the pieces touch."""
+        parity, chunk by chunk); a codec with units decodes only the units
+        the pieces touch (:meth:`_read_units`); any other codec decodes the
+        whole segments the pieces touch."""
         info = self._reader.tensors[e]
         codec = codecs.from_dict(info.codec)
         itemsize = info.dtype.itemsize
@@ -277,14 +287,22 @@ class DTDRFile:
                    if any(a < rec.elem_start + rec.elem_count and b > rec.elem_start for a, b in pieces)]
         by_range = (codec.name == "raw" and self._reader.verifies_chunks
                     and all(len(rec.sections) == 1 and rec.sections[0].copies == 1 for rec in records))
+        unit = codec.unit_elements() if self._reader.verifies_chunks else None
+        by_units = unit is not None and all(any(s.name == "meta" for s in rec.sections) for rec in records)
         if sum(rec.elem_count for rec in info.records) < info.numel:
             return values, LOST, []
         floating = info.dtype.is_floating_point or info.dtype.is_complex
-        with contextlib.nullcontext() if by_range else self._reader.prefetch(records):
+        with contextlib.nullcontext() if by_range or by_units else self._reader.prefetch(records):
             for rec in records:
                 rec_end = rec.elem_start + rec.elem_count
                 wanted = [(k, max(a, rec.elem_start), min(b, rec_end)) for k, (a, b) in enumerate(pieces)
                           if a < rec_end and b > rec.elem_start]
+                spans = self._unit_spans(rec, unit, wanted) if by_units else None
+                if spans is not None:
+                    got = self._read_units(info, codec, rec, unit, spans, wanted, pieces, values, floating)
+                    status = worst(status, got[0])
+                    bad += got[1]
+                    continue
                 if by_range:
                     for k, lo, hi in wanted:
                         first = rec.body_start + (lo - rec.elem_start) * itemsize
@@ -307,6 +325,51 @@ class DTDRFile:
                     values[k][lo - pieces[k][0]: hi - pieces[k][0]] = result.values[lo - rec.elem_start:
                                                                                     hi - rec.elem_start]
         return values, status, bad
+
+    def _unit_spans(self, rec, unit: int, wanted) -> list[list[int]] | None:
+        """The ranges of units of ``unit`` elements of record ``rec`` that the ``wanted`` pieces
+        ``(k, first, end)`` touch, merged where less than a checksum chunk of units apart (a read costs a
+        chunk anyway); None when decoding the whole record is the better plan: the ranges cover more than
+        half its units, or they are more than :data:`MAX_UNIT_SPANS` (one read each)."""
+        gap = self._reader.geometry.chunk_size // unit
+        spans: list[list[int]] = []
+        for _k, lo, hi in sorted(wanted, key=lambda w: w[1]):
+            u0, u1 = (lo - rec.elem_start) // unit, -(-(hi - rec.elem_start) // unit)
+            if spans and u0 <= spans[-1][1] + gap:
+                spans[-1][1] = max(spans[-1][1], u1)
+            else:
+                spans.append([u0, u1])
+        covered = sum(u1 - u0 for u0, u1 in spans)
+        if len(spans) > MAX_UNIT_SPANS or 2 * covered > -(-rec.elem_count // unit):
+            return None
+        return spans
+
+    def _read_units(self, info, codec, rec, unit: int, spans, wanted, pieces, values, floating: bool):
+        """Decode, of record ``rec``, only the unit ranges ``spans`` (which hold the ``wanted`` pieces
+        ``(k, first, end)``), reading the record's ``meta`` and the byte ranges of its other sections those
+        units need; write the pieces into ``values``. Returns the worst status and the damaged ranges."""
+        reader = self._reader
+        status, bad = EXACT, []
+        lengths = {s.name: s.length for s in rec.sections}
+        meta = reader.read_section(rec, "meta")
+        for u0, u1 in spans:
+            reads = codec.unit_reads(info.dtype, rec.elem_count, (u0, u1), meta.data,
+                                     Damage({"meta": meta.damage}) if meta.damage else None, lengths)
+            parts = {name: reader.read_section(rec, name, a, b) for name, (a, b) in reads.items()}
+            damage = Damage({name: part.damage for name, part in [("meta", meta), *parts.items()] if part.damage})
+            data = {"meta": meta.data, **{name: part.data for name, part in parts.items()}}
+            result = codec.decode_units(data, info.dtype, rec.elem_count, (u0, u1), damage if damage else None,
+                                        lengths)
+            for part in (meta, *parts.values()):
+                if part.repaired:
+                    status = worst(status, REPAIRED)
+                bad += part.bad
+            status = worst(status, self._status_of(result, floating, damage))
+            first = rec.elem_start + u0 * unit
+            for k, lo, hi in wanted:
+                if first <= lo and hi <= first + result.values.numel():
+                    values[k][lo - pieces[k][0]: hi - pieces[k][0]] = result.values[lo - first: hi - first]
+        return status, bad
 
     @staticmethod
     def _status_of(result, floating: bool, damage) -> str:

@@ -54,7 +54,13 @@ class TensorReport:
 
     ``damaged_bytes`` are physical byte ranges that failed their checksums and
     could not be repaired; ``repaired_bytes`` failed and were restored exactly
-    by parity or by voting between copies. For ``degraded`` tensors,
+    by parity or by voting between copies. Both are whole checksum chunks (the
+    unit the reader checks), clipped to the tensor's records. The bytes that
+    were actually wrong: ``wrong_bytes_repaired`` counts, byte by byte, those
+    a repair restored (the stored bytes compared with the restored ones; at
+    most the size of ``repaired_bytes``); ``unrepaired_bytes`` is the size of
+    ``damaged_bytes``, because which bytes of a chunk that cannot be restored
+    are wrong is unknown (an upper bound, counted in whole chunks). For ``degraded`` tensors,
     ``degraded_elements`` counts affected elements and ``error_bound`` bounds
     ``max |saved - loaded|`` (None when no bound is known). ``provenance`` is
     the file's own record that the tensor was written by ``repair`` from data
@@ -70,6 +76,8 @@ class TensorReport:
     damaged_bytes: list[tuple[int, int]] = field(default_factory=list)
     repaired_bytes: list[tuple[int, int]] = field(default_factory=list)
     degraded_elements: int = 0
+    wrong_bytes_repaired: int = 0
+    unrepaired_bytes: int = 0
     error_bound: float | None = 0.0
     provenance: dict | None = None
 
@@ -139,16 +147,15 @@ class Report(Verdict):
         return "\n".join(lines)
 
     def table(self) -> list[str]:
-        """The per-tensor table, columns labelled. Damage is counted in whole checksum chunks (the unit the
-        reader checks): "repaired chunk bytes" failed their checksum and were restored bit-exactly,
-        "unrepaired chunk bytes" could not be; the bytes actually wrong within them may be fewer."""
+        """The per-tensor table, columns labelled. "wrong bytes repaired" counts the stored bytes that were
+        wrong and were restored bit-exactly (byte by byte); "unrepaired bytes (whole chunks)" counts the bytes
+        of the checksum chunks that could not be restored: which of them are wrong is unknown, so whole chunks
+        are counted (an upper bound)."""
         w = max([len(t.name) for t in self.tensors] + [6])
-        lines = [f"  {'tensor':<{w}}  {'status':<9}{'codec':<8}{'repaired chunk bytes':>22}"
-                 f"{'unrepaired chunk bytes':>24}{'bad elements':>14}  max error"]
+        lines = [f"  {'tensor':<{w}}  {'status':<9}{'codec':<8}{'wrong bytes repaired':>22}"
+                 f"{'unrepaired bytes (whole chunks)':>33}{'bad elements':>14}  max error"]
         for t in self.tensors:
-            fixed = sum(e - s for s, e in t.repaired_bytes)
-            broken = sum(e - s for s, e in t.damaged_bytes)
             bound = "-" if t.status in (EXACT, REPAIRED) else ("unknown" if t.error_bound is None else f"{t.error_bound:.3g}")
-            lines.append(f"  {t.name:<{w}}  {t.status:<9}{t.codec:<8}{fixed:>22}{broken:>24}"
-                         f"{t.degraded_elements:>14}  {bound}")
+            lines.append(f"  {t.name:<{w}}  {t.status:<9}{t.codec:<8}{t.wrong_bytes_repaired:>22}"
+                         f"{t.unrepaired_bytes:>33}{t.degraded_elements:>14}  {bound}")
         return lines

@@ -1015,7 +1015,10 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="sweep", unit="run")
+            # bytes: each run damages and decodes its format's whole encoded file (rate and ETA in B/s)
+            run_bytes = {fm: os.path.getsize(prepared[fm][0]) for fm in prepared}
+            bar = tqdm(total=sum(run_bytes[t["format"]] for t in tasks), desc="sweep", unit="B", unit_scale=True,
+                       unit_divisor=1024, disable=None)
         try:
             with open_text_append(csv_path) as fcsv:
                 w = csv.writer(fcsv)
@@ -1024,7 +1027,7 @@ def sweep(checkpoint, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds=5
                     w.writerow([_fmt_value(c, row.get(c, "")) for c in COLUMNS])
                     fcsv.flush()
                     if bar is not None:
-                        bar.update(1)
+                        bar.update(run_bytes[row["format"]])
                         bar.set_postfix_str(f"{row['format']} f={row['fraction']:g}", refresh=False)
         finally:
             if bar is not None:

@@ -87,14 +87,13 @@ def run_convert(args) -> int:
               "output holds their dequantised weights, not the original ones", file=sys.stderr)
     from ..kinds import folder_kind
 
-    # writing one DTDR file from a file: a bar of the bytes encoded; anything else: the time it takes
-    byte_bar = (not args.json and (to == "dtdr" or (to is None and args.output.endswith(".dtdr")))
-                and folder_kind(args.path, so) not in ("dcp", "torch-dcp"))
+    # bars of bytes (encoded, decoded) for every conversion; reading a DCP folder, the time it takes first
+    reads_folder = folder_kind(args.path, so) in ("dcp", "torch-dcp")
     started = time.perf_counter()
-    with display.spinner(f"convert {args.path}", enabled=not args.json and not byte_bar):
+    with display.spinner(f"convert {args.path}", enabled=not args.json and reads_folder):
         summary = convert(args.path, args.output, to=to, codec=args.codec, parity=args.parity,
                           block_size=args.block_size, errors=args.errors, storage_options=so,
-                          out_storage_options=out_so, allow_pickle=args.allow_pickle, progress=byte_bar)
+                          out_storage_options=out_so, allow_pickle=args.allow_pickle, progress=not args.json)
     seconds = time.perf_counter() - started
     source_size = total_size(args.path, so)
     written = sum(total_size(f, out_so) for f in summary["files"])

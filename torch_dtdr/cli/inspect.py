@@ -119,7 +119,8 @@ def add_verify(parser) -> None:
                         help="files checked at the same time (default 4)")
     options.add_max_workers(parser)
     parser.epilog = ("A clean file prints one line: path, size, status, time, throughput. A damaged file prints its "
-                     "per-tensor table (damage counted in whole checksum chunks) and the command that heals it. "
+                     "per-tensor table (the wrong bytes that were restored, counted byte by byte; the bytes of checksum chunks that "
+                     "could not be restored, counted in whole chunks) and the command that heals it. "
                      "Several paths end with a summary line; the exit status is the worst file's: 0 clean, "
                      "1 damaged but repairable exactly, 2 degraded or lost, 3 unreadable or missing.")
 

@@ -609,3 +609,43 @@ def decode_residual(
             e0 = j * fblocks * bs
             lost[e0 : e0 + len(lm)] = lm
     return lost, ctx.nonfinite
+
+
+def decode_residual_frames(
+    out_bits: np.ndarray,
+    f: np.ndarray,
+    block_ok: np.ndarray,
+    resid_part,
+    part_start: int,
+    resid_damage,
+    table: np.ndarray,
+    table_bad: np.ndarray,
+    section_length: int,
+    first_frame: int,
+    lay: B.Layout,
+    dtype: torch.dtype,
+    fblocks: int,
+) -> np.ndarray:
+    """:func:`decode_residual` for some frames of a segment: those from ``first_frame`` that ``lay``
+    covers (``lay``, ``out_bits`` (initialised with the base values), ``f`` and ``block_ok`` are theirs
+    alone). ``resid_part`` holds bytes ``[part_start, part_start + len)`` of the residual section of
+    ``section_length`` bytes (``resid_damage`` relative to them); ``table`` and ``table_bad`` are the whole
+    segment's frame table, so that every frame is located where a whole decode locates it. Returns the
+    mask of the elements left at their base value."""
+    nframes = -(-lay.nblocks // fblocks)
+    frames = slice(first_frame, first_frame + nframes)
+    ctx = _FrameContext(out_bits, out_bits, f, block_ok, resid_part, table[frames], table_bad[frames], resid_damage,
+                        lay, dtype, fblocks)
+    starts, ends = locate_frames(table, table_bad, section_length)
+    ctx.starts = [None if s is None else s - part_start for s in starts[frames]]
+    ctx.ends = [None if e is None else e - part_start for e in ends[frames]]
+    lost = ctx.lost = np.zeros(lay.numel, bool)
+    dctx = thread_decompressor()
+    for j in range(nframes):
+        frame_lost = _decode_frame(ctx, dctx, j)
+        e0 = j * fblocks * lay.block_size
+        if frame_lost is True:
+            lost[e0: e0 + fblocks * lay.block_size] = True
+        elif frame_lost is not None:
+            lost[e0: e0 + len(frame_lost)] = frame_lost
+    return lost

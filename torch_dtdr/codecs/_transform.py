@@ -151,6 +151,12 @@ class TransformCodec(Codec):
             return SegmentResult(torch.empty(0, dtype=dtype, device=dev))
         f, bad_f = read_factors(data, lay, damage)
         q, counts, missing = read_coefs(data, lay, self.qbits, damage)
+        return self._decode_blocks(q, counts, missing, f, bad_f, lay, dtype, dev, out)
+
+    def _decode_blocks(self, q, counts, missing, f, bad_f, lay: B.Layout, dtype, dev, out=None) -> SegmentResult:
+        """Decode the blocks of ``lay`` from their coefficients and factors (into ``out`` when given);
+        rate the damage."""
+        numel = lay.numel
         ft = torch.from_numpy(f)
         if dev.type != "cpu":
             q, ft = q.to(dev), ft.to(dev)
@@ -175,3 +181,37 @@ class TransformCodec(Codec):
             per = err + 2 * rounding_allowance(A, dtype)
             bound = float(per[degraded].max())
         return SegmentResult(values, exact=False, degraded_elements=n_deg, error_bound=bound)
+
+    # ------------------------------------------------------------------ partial decoding: a unit is a block
+
+    def unit_elements(self) -> int:
+        """One block: blocks are independent (docs/codecs.md section 2.1)."""
+        return self.block_size
+
+    def unit_reads(self, dtype, numel, units, meta, damage, lengths) -> dict[str, tuple[int, int]]:
+        """The coefficients of blocks ``[u0, u1)`` in ``base``."""
+        first, last = block_coefficients(B.layout(numel, self.block_size), *units)
+        return {"base": (first * self.qbits // 8, last * self.qbits // 8)}
+
+    def decode_units(self, data, dtype, numel, units, damage, lengths) -> SegmentResult:
+        """Blocks ``[u0, u1)``: their coefficients from the ``base`` range, their factors from the whole
+        ``meta`` (a damaged factor is replaced by the median of the whole segment's, as :meth:`decode` does)."""
+        if not self.accepts(dtype):
+            raise CodecError(f"codec {self.name!r} cannot decode dtype {dtype}")
+        lay = B.layout(numel, self.block_size)
+        u0, u1 = max(0, units[0]), min(lay.nblocks, units[1])
+        part = B.layout(max(0, min(u1 * self.block_size, numel) - u0 * self.block_size), self.block_size)
+        if part.numel == 0:
+            return SegmentResult(torch.empty(0, dtype=dtype))
+        f, bad_f = read_factors(data, lay, damage)
+        q, counts, missing = read_coefs(data, part, self.qbits, damage)
+        return self._decode_blocks(q, counts, missing, f[u0:u1], bad_f[u0:u1], part, dtype, torch.device("cpu"))
+
+
+def block_coefficients(lay: B.Layout, first_block: int, end_block: int) -> tuple[int, int]:
+    """The stored coefficients ``[first, end)`` of blocks ``[first_block, end_block)`` of ``lay`` (the
+    tail block is stored padded to its transform size)."""
+    first_block, end_block = max(0, first_block), min(lay.nblocks, end_block)
+    if end_block <= first_block:
+        return 0, 0
+    return first_block * lay.block_size, (lay.ncoef if end_block == lay.nblocks else end_block * lay.block_size)

@@ -164,6 +164,31 @@ class Codec(ABC):
         then ``out`` itself. A codec may ignore it; callers check.
         """
 
+    # Partial decoding: a codec whose segments are made of independently decodable units lets a reader
+    # decode a few of them (``get_slice``) from part of the sections, instead of the whole segment.
+
+    def unit_elements(self) -> int | None:
+        """Elements per unit of a segment that decodes on its own, or None (the default) when a segment only
+        decodes whole. Unit ``u`` of a segment of ``numel`` elements covers elements
+        ``[u * n, min((u + 1) * n, numel))``. A codec with units implements :meth:`unit_reads` and
+        :meth:`decode_units`; its ``meta`` section is always read whole (it is small and stored in copies)."""
+        return None
+
+    def unit_reads(self, dtype: torch.dtype, numel: int, units: tuple[int, int], meta: bytes | memoryview,
+                   damage: Damage | None, lengths: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+        """The byte ranges ``{section: (start, end)}`` of every section but ``meta`` that units
+        ``[u0, u1)`` need, given the whole ``meta`` (``damage``: its damaged ranges) and the full length of
+        every section (``lengths``). Ranges lie within the sections."""
+        raise NotImplementedError(f"codec {self.name!r} decodes whole segments only")
+
+    def decode_units(self, data: Mapping[str, bytes | memoryview], dtype: torch.dtype, numel: int,
+                     units: tuple[int, int], damage: Damage | None, lengths: Mapping[str, int]) -> SegmentResult:
+        """The elements of units ``[u0, u1)`` of a segment of ``numel`` elements, bit for bit what
+        :meth:`decode` gives for them (damaged ones too). ``data["meta"]`` is the whole section; every
+        other section holds only the range :meth:`unit_reads` gave, and its ``damage`` ranges are relative
+        to that range. The error bound covers the decoded units only."""
+        raise NotImplementedError(f"codec {self.name!r} decodes whole segments only")
+
     def to_dict(self) -> dict:
         """The codec's name and parameters, JSON-serialisable."""
         return {"name": self.name, **dataclasses.asdict(self)}

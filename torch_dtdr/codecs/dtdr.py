@@ -29,7 +29,7 @@ import zstandard
 from ..errors import CodecError
 from . import _blocks as B
 from . import _residual as R
-from . import native, register
+from . import _units, native, register
 from ._transform import check_input, read_coefs, read_factors, rounding_allowance
 from .base import Codec, Damage, SectionSpec, SegmentResult, usable_out
 
@@ -145,6 +145,22 @@ class DTDR(Codec):
         if device is not None and torch.device(device).type != "cpu":
             res.values = res.values.to(device)
         return res
+
+    # ------------------------------------------------------------------ partial decoding: a unit is a frame
+
+    def unit_elements(self) -> int:
+        """One residual frame (``frame_elements``): frames decode independently (docs/codecs.md 4.6)."""
+        return self.frame_elements
+
+    def unit_reads(self, dtype, numel, units, meta, damage, lengths) -> dict[str, tuple[int, int]]:
+        """The ``base`` coefficients and the ``residual`` bytes of frames ``[u0, u1)``."""
+        return _units.unit_reads(self, numel, units, meta, damage, lengths)
+
+    def decode_units(self, data, dtype, numel, units, damage, lengths) -> SegmentResult:
+        """Frames ``[u0, u1)``, bit for bit as :meth:`decode` gives them (see :mod:`._units`)."""
+        if not self.accepts(dtype):
+            raise CodecError(f"codec 'dtdr' cannot decode dtype {dtype}")
+        return _units.decode_units(self, data, dtype, numel, units, damage, lengths)
 
     # ------------------------------------------------------------------ decode
 

@@ -116,7 +116,7 @@ def _dcp_reader_for(base: str, storage_options, errors: str, allow_pickle: bool)
 
 def dcp_to_dtdr(dcp_dir, out, *, codec="dtdr", block_size: int | None = None, parity="default",
                 errors: str = "strict", allow_pickle: bool = False, storage_options: Mapping | None = None,
-                out_storage_options: Mapping | None = None) -> None:
+                out_storage_options: Mapping | None = None, progress: bool = False) -> None:
     """Gather a DCP checkpoint (any number of ranks) into one DTDR file, e.g.
     for serving. Runs in one process and holds the whole state dict in memory.
 
@@ -128,7 +128,8 @@ def dcp_to_dtdr(dcp_dir, out, *, codec="dtdr", block_size: int | None = None, pa
     {...}}``), written by :func:`torch_dtdr.save` with ``codec`` and ``parity``.
     ``errors="strict"`` (default) refuses a checkpoint that is not bit-exact
     after repair; ``"recover"`` converts what can be recovered (with a
-    DamageWarning; a lost tensor always fails).
+    DamageWarning; a lost tensor always fails). ``progress=True`` shows a
+    bar of the bytes encoded into the DTDR file (on a terminal only).
     """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -139,22 +140,25 @@ def dcp_to_dtdr(dcp_dir, out, *, codec="dtdr", block_size: int | None = None, pa
     sd: dict = {}
     with _unwrapped():
         _load_state_dict(sd, storage_reader=reader, planner=_full_state_dict_planner(not allow_pickle), no_dist=True)
-    save(sd, out, codec=codec, block_size=block_size, parity=parity, storage_options=out_storage_options)
+    save(sd, out, codec=codec, block_size=block_size, parity=parity, storage_options=out_storage_options,
+         progress=progress)
 
 
 def dtdr_to_dcp(src, dcp_dir, *, codec="dtdr", block_size: int | None = None, parity="default",
                 errors: str = "strict", storage_options: Mapping | None = None,
-                out_storage_options: Mapping | None = None) -> None:
+                out_storage_options: Mapping | None = None, progress: bool = False) -> None:
     """Write the state dict in DTDR file ``src`` as a (single-rank) DCP
     checkpoint in ``dcp_dir`` with :class:`DTDRWriter`; any number of ranks can
     then load it with :class:`DTDRReader`, resharded by DCP. The file must hold
     a dict with string keys (a state dict). ``errors`` as in
-    :func:`dcp_to_dtdr`; lost tensors raise IntegrityError."""
+    :func:`dcp_to_dtdr`; lost tensors raise IntegrityError. ``progress=True``
+    shows a bar of the stored bytes decoded, then one of the bytes encoded
+    into the checkpoint (on a terminal only)."""
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     from ..decoding import load_file as load
 
-    obj, rep = load(src, errors=errors, storage_options=storage_options, report=True)
+    obj, rep = load(src, errors=errors, storage_options=storage_options, report=True, progress=progress)
     lost = [t.name for t in rep.tensors if t.status == LOST]
     if lost:
         raise IntegrityError(f"{len(lost)} tensor(s) are lost; cannot convert", file=str(src), tensor=lost[0])
@@ -163,6 +167,6 @@ def dtdr_to_dcp(src, dcp_dir, *, codec="dtdr", block_size: int | None = None, pa
     from .writer import DTDRWriter
 
     writer = DTDRWriter(dcp_dir, codec=codec, block_size=block_size, parity=parity,
-                        storage_options=out_storage_options)
+                        storage_options=out_storage_options, progress=progress)
     with _unwrapped():
         _save_state_dict(obj, storage_writer=writer, no_dist=True)

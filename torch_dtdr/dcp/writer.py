@@ -105,8 +105,10 @@ class DTDRWriter(StorageWriter):
 
     def __init__(self, path, *, codec="dtdr", block_size: int | None = None, parity="default",
                  metadata_parity="strong", overwrite: bool = True,
-                 storage_options: Mapping | None = None) -> None:
+                 storage_options: Mapping | None = None, progress: bool = False) -> None:
         super().__init__()
+        #: each shard file's save shows a bar of the bytes encoded (on a terminal only)
+        self.progress = progress
         self.path = norm_path(path)
         self.codec = codec
         self.block_size = block_size
@@ -179,7 +181,7 @@ class DTDRWriter(StorageWriter):
             save(items, write_path(self.path, file, self.storage_options), codec=_codec_chooser(self.codec, keys),
                  block_size=self.block_size, parity=self.parity,
                  metadata={SAVE_ID_KEY: self.save_id, "torch_dtdr.dcp.format": FORMAT_NAME},
-                 storage_options=self.storage_options)
+                 storage_options=self.storage_options, progress=self.progress)
         return completed(results)
 
     def finish(self, metadata, results) -> None:

@@ -59,6 +59,9 @@ class ReadResult:
     bad: list[tuple[int, int]] = field(default_factory=list)  # logical ranges left damaged
     repaired: list[tuple[int, int]] = field(default_factory=list)  # logical ranges restored by parity
     missing_from: int | None = None  # logical offset where the file ends, if inside the range
+    #: bytes of the range that were wrong as stored and were restored (counted byte by byte, stored
+    #: against restored, within ``repaired``)
+    wrong_bytes: int = 0
 
 
 @dataclass
@@ -67,8 +70,21 @@ class SegmentData:
 
     sections: dict[str, bytes | memoryview]
     damage: Damage
-    repaired: list[tuple[int, int]]
-    bad: list[tuple[int, int]]
+    repaired: list[tuple[int, int]]  # logical ranges restored (by parity, or by voting between copies)
+    bad: list[tuple[int, int]]  # logical ranges left damaged: whole checksum chunks, clipped to the record
+    #: bytes that were wrong as stored and were restored, counted byte by byte (never more than ``repaired`` spans)
+    wrong_bytes: int = 0
+
+
+@dataclass
+class SectionData:
+    """Bytes of (a range of) one section, read on their own."""
+
+    data: bytes | memoryview
+    damage: list[tuple[int, int]]  # ranges of ``data`` left damaged
+    repaired: list[tuple[int, int]]  # logical ranges restored (by parity, or by voting between copies)
+    bad: list[tuple[int, int]]  # logical ranges left damaged
+    wrong_bytes: int = 0  # bytes restored by parity, counted byte by byte
 
 
 class ContainerReader:
@@ -438,10 +454,12 @@ class ContainerReader:
         missing_from = self._read_pieces_into(pieces, buf, a)
         if missing_from is not None:
             buf[missing_from - a:] = bytes(b - missing_from)
+        result = ReadResult(buf)
         for j in (range(a // c, b // c) if self._patched and patched else ()):
             if j in self._patched:
+                # counted, though not reported as a repaired range: the file-level event reports these corrections
+                result.wrong_bytes += _differing_bytes(buf, a, self._patched[j], j * c, start, end)
                 buf[j * c - a: (j + 1) * c - a] = self._patched[j]
-        result = ReadResult(buf)
         if missing_from is not None:
             self.truncated = True
             result.missing_from = max(missing_from, start)
@@ -454,6 +472,7 @@ class ContainerReader:
                     fixed = self._repair_chunk(j)
                     lo, hi = j * c, (j + 1) * c
                     if fixed is not None:
+                        result.wrong_bytes += _differing_bytes(buf, a, fixed, lo, start, end)
                         buf[lo - a: hi - a] = fixed
                         result.repaired.append((max(lo, start), min(hi, end)))
                     else:
@@ -668,6 +687,8 @@ class ContainerReader:
         pos = 0
         verified = self._sums is not None
         unpatched = None
+        wrong_bytes = res.wrong_bytes
+        voted: list[tuple[int, int]] = []
         for s in rec.sections:
             copies = []
             for i in range(s.copies):
@@ -697,8 +718,59 @@ class ContainerReader:
                 damage.ranges[s.name] = bad
                 if res.missing_from is not None and res.missing_from <= base + pos - s.stored_length:
                     missing.add(s.name)
+            elif verified and len(copies) > 1:
+                # damaged chunks of some copies, restored by another copy or the vote: repaired bytes
+                lo = pos - s.stored_length
+                for i, (mv, copy_bad) in enumerate(copies):
+                    for x, y in copy_bad:
+                        wrong_bytes += _differing_bytes(mv, 0, value, 0, x, y)
+                        voted.append((base + lo + i * s.length + x, base + lo + i * s.length + y))
         damage.missing = frozenset(missing)
-        return SegmentData(sections, damage, res.repaired, res.bad)
+        if voted:
+            return SegmentData(sections, damage, merge_ranges(res.repaired + voted), subtract_ranges(res.bad, voted),
+                               wrong_bytes)
+        return SegmentData(sections, damage, res.repaired, res.bad, wrong_bytes)
+
+    def read_section(self, rec: RecordInfo, name: str, start: int = 0, end: int | None = None) -> SectionData:
+        """Bytes ``[start, end)`` (default: all) of section ``name`` of ``rec``, checked and repaired chunk by
+        chunk, without reading the rest of the record. A section stored in copies is read whole, its copies
+        voted as :meth:`read_record` does. Needs the file's chunk checksums (:attr:`verifies_chunks`) and a
+        record within the stream; otherwise (and for an unknown name or range) FormatError."""
+        pos = rec.body_start
+        for spec in rec.sections:
+            if spec.name == name:
+                break
+            pos += spec.stored_length
+        else:
+            raise FormatError(f"record has no section {name!r}", file=self.name, byte_range=(rec.offset, rec.end))
+        end = spec.length if end is None else end
+        whole = (start, end) == (0, spec.length)
+        if (not self.verifies_chunks or rec.end > self.stream_length or not 0 <= start <= end <= spec.length
+                or (spec.copies > 1 and not whole)):
+            raise FormatError(f"cannot read bytes [{start}, {end}) of section {name!r} on their own",
+                              file=self.name, byte_range=(pos, pos + spec.stored_length))
+        if spec.copies == 1:
+            res = self.read_logical(pos + start, pos + end)
+            first = pos + start
+            damage = [(x - first, y - first) for x, y in res.bad]
+            if damage:
+                # a chunk that fails its checksum may hold other bytes' damage: when the whole section
+                # matches its digest, none of its bytes are damaged (as read_record judges it)
+                whole_section = res.data if whole else self.read_logical(pos, pos + spec.length).data
+                if hash64(whole_section) == spec.digest:
+                    damage = []
+            return SectionData(res.data, damage, res.repaired, res.bad, res.wrong_bytes)
+        res = self.read_logical(pos, pos + spec.stored_length)
+        copies = []
+        for i in range(spec.copies):
+            lo = pos + i * spec.length
+            copies.append((res.data[i * spec.length:(i + 1) * spec.length],
+                           [(max(x, lo) - lo, min(y, lo + spec.length) - lo) for x, y in res.bad
+                            if x < lo + spec.length and y > lo]))
+        value, bad = _combine_copies(copies, spec.digest)
+        if bad:
+            return SectionData(value, bad, res.repaired, res.bad, res.wrong_bytes)
+        return SectionData(value, [], merge_ranges(res.repaired + res.bad), [], res.wrong_bytes)
 
     def scrub(self, batch_stripes: int = 64) -> list[str]:
         """Check every chunk of the striped region (data and parity, including
@@ -828,6 +900,35 @@ def _header_hash_ok(stream: bytes, pos: int) -> bool:
     if nsec > constants.MAX_SECTIONS or len(stream) < pos + size:
         return False
     return int.from_bytes(stream[pos + size - 8:pos + size], "little") == hash64(stream[pos:pos + size - 8])
+
+
+def _differing_bytes(buf, buf_start: int, chunk, chunk_start: int, start: int, end: int) -> int:
+    """How many bytes of ``chunk`` (logical offset ``chunk_start``) differ from those of ``buf`` (logical
+    offset ``buf_start``) inside ``[start, end)``: the wrong bytes a repair restores there."""
+    lo, hi = max(chunk_start, start), min(chunk_start + len(chunk), end)
+    if hi <= lo:
+        return 0
+    stored = np.frombuffer(bytes(buf[lo - buf_start: hi - buf_start]), dtype=np.uint8)
+    restored = np.frombuffer(bytes(chunk[lo - chunk_start: hi - chunk_start]), dtype=np.uint8)
+    return int(np.count_nonzero(stored != restored))
+
+
+def subtract_ranges(ranges, cut) -> list[tuple[int, int]]:
+    """``ranges`` without the bytes of ``cut`` (both lists of ``(start, end)``), merged."""
+    out = []
+    cut = merge_ranges(cut)
+    for s, e in merge_ranges(ranges):
+        for x, y in cut:
+            if y <= s or x >= e:
+                continue
+            if x > s:
+                out.append((s, x))
+            s = max(s, y)
+            if s >= e:
+                break
+        if s < e:
+            out.append((s, e))
+    return out
 
 
 def _gi(d: dict, key: str, default=None) -> int:
