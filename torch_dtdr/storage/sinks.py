@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import io
 import os
 import re
 import secrets
 import socket
 import stat
+import sys
 import threading
 
 from ..errors import StorageError
@@ -27,6 +29,35 @@ _DISCARD_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs"})
 
 
 _LOCAL_WRITE_BUFFER = 1 << 20
+#: A local sink starts the kernel's write-back of what it has written every
+#: this many bytes (without waiting for it), so that the fsync at commit finds
+#: little left to write: on this project's machine it took the fsync of a
+#: 340 MB save from about 0.14 s to a few ms.
+WRITEBACK_BYTES = 32 << 20
+
+
+def _writeback_starter():
+    """``start(fd, offset, nbytes)``: begin writing a file range to disk
+    without waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), or
+    None where there is no such call. Best effort: durability comes from the
+    fsync at commit, whatever this does."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    sync_file_range_write = 2
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        call(fd, offset, nbytes, sync_file_range_write)
+
+    return start
+
+
+_start_writeback = _writeback_starter()
 
 
 class Sink:
@@ -277,6 +308,7 @@ class _LocalSink(Sink):
         else:  # pragma: no cover
             raise StorageError("cannot pick a free temporary file name", file=path)
         self._tmp = tmp
+        self._writeback_from = 0  # where the write-back not yet started begins
         remove_stale_temps(d)  # what killed saves into this directory left behind
         try:
             if dest_mode is not None and hasattr(os, "fchmod"):
@@ -289,6 +321,12 @@ class _LocalSink(Sink):
 
     def _write(self, mv):
         self._f.write(mv)
+        if self._fsync and _start_writeback is not None:
+            end = self._written + mv.nbytes
+            if end - self._writeback_from >= WRITEBACK_BYTES:
+                self._f.flush()
+                _start_writeback(self._f.fileno(), self._writeback_from, end - self._writeback_from)
+                self._writeback_from = end
 
     def _commit(self):
         self._f.flush()
