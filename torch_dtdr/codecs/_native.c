@@ -884,9 +884,10 @@ static int residual_decode_kernel(const unsigned char *payload, Py_ssize_t plen,
                                   const int32_t *A, const int32_t *Zc, const unsigned char *block_ok, Py_ssize_t n,
                                   Py_ssize_t bs, const DInfo *d, unsigned char *lost) {
     const int w = d->w, isz = w / 8;
-    Py_ssize_t nb = (n + bs - 1) / bs, fixed = n + 4 * nb, nesc = 0, i, t;
+    Py_ssize_t nb = (n + bs - 1) / bs, fixed = n + 4 * nb, nesc = 0, t;
     if (plen < fixed) return -1;
-    for (i = 0; i < n; i++) nesc += payload[i] == 255;
+    for (const unsigned char *p = payload, *end = payload + n; (p = memchr(p, 255, (size_t)(end - p))) != NULL; p++)
+        nesc++; /* escapes are rare: memchr skips the rest at memory speed */
     if (plen != fixed + nesc * isz) return -1;
     const unsigned char *totals = payload + n;
     uint64_t sum = 0;
