@@ -30,6 +30,51 @@
 #define DTDR_CLONES
 #endif
 
+/* The bit-field reads of the residual decode with AVX2 gathers (x86-64 with
+ * GCC, chosen at run time; DTDR_NO_GATHER turns them off). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(DTDR_NO_GATHER)
+#define DTDR_GATHER 1
+#include <immintrin.h>
+
+static int have_avx2 = 0;
+
+/* Elements [0, cnt8) (cnt8 a multiple of 8) of one block: r_i = (hi_i << k_i) | lo_i
+ * with lo_i the k_i bits at bit position pos + sum_{j<i} k_j of lo (k_i <= 25, so
+ * a 4-byte read at the position's byte holds them). Every 4-byte read lies inside
+ * the stream (the caller checks the block's last byte + 8 <= lolen). Writes
+ * 32-bit r (out16 == 0) or their low 16 bits. Returns the position after them. */
+__attribute__((target("avx2")))
+static uint32_t gather_fields(const unsigned char *lo, uint32_t pos, const uint8_t *kk, const unsigned char *pl,
+                              Py_ssize_t cnt8, void *rr, int out16) {
+    const __m256i one = _mm256_set1_epi32(1), seven = _mm256_set1_epi32(7);
+    const __m256i pick16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                            0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (Py_ssize_t i = 0; i < cnt8; i += 8) {
+        __m128i k8, h8;
+        memcpy(&k8, kk + i, 8);
+        memcpy(&h8, pl + i, 8);
+        __m256i k = _mm256_cvtepu8_epi32(k8);
+        __m256i x = _mm256_add_epi32(k, _mm256_slli_si256(k, 4));
+        x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
+        __m256i last = _mm256_shuffle_epi32(x, 0xFF);
+        x = _mm256_add_epi32(x, _mm256_permute2x128_si256(last, last, 0x08)); /* inclusive prefix sums */
+        __m256i p = _mm256_add_epi32(_mm256_sub_epi32(x, k), _mm256_set1_epi32((int)pos));
+        __m256i word = _mm256_i32gather_epi32((const int *)lo, _mm256_srli_epi32(p, 3), 1);
+        __m256i field = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_and_si256(p, seven)),
+                                         _mm256_sub_epi32(_mm256_sllv_epi32(one, k), one));
+        __m256i r = _mm256_or_si256(_mm256_sllv_epi32(_mm256_cvtepu8_epi32(h8), k), field);
+        if (out16) {
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, pick16), 0x08);
+            _mm_storeu_si128((__m128i *)((uint16_t *)rr + i), _mm256_castsi256_si128(packed));
+        } else {
+            _mm256_storeu_si256((__m256i *)((uint32_t *)rr + i), r);
+        }
+        pos += (uint32_t)_mm256_extract_epi32(x, 7);
+    }
+    return pos;
+}
+#endif
+
 enum { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_F64 = 3 };
 
 static const float F32_MAX = 3.4028234663852886e+38f;
@@ -603,6 +648,19 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
     return 0;
 }
 
+/* In the residual decode's fast path: the 16- and 32-bit fields of a block's
+ * first multiple-of-8 elements through gather_fields when the CPU has AVX2
+ * (`first` gets how many were done); nothing otherwise. */
+#ifdef DTDR_GATHER
+#define GATHER_FIELDS(W, first)                                                                              \
+    if (W <= 32 && have_avx2 && pos + (uint64_t)tot < ((uint64_t)1 << 31)) {                                 \
+        first = cnt & ~(Py_ssize_t)7;                                                                        \
+        pos = gather_fields(lo, (uint32_t)pos, kk, pl, first, rr, W == 16);                                  \
+    }
+#else
+#define GATHER_FIELDS(W, first)
+#endif
+
 /* Width-specialised residual kernels: T is the unsigned and S the signed
  * integer type of the float's width W. Pass 1 of every block is branch-free
  * (vectorisable); the bit packing / unpacking pass is sequential. */
@@ -746,7 +804,9 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
             const int has_esc = memchr(pl, 255, (size_t)cnt) != NULL;                                       \
             if (!dmg && (bstart + tot) / 8 + 8 <= (uint64_t)lolen) {                                         \
                 /* fast path: every 8-byte read stays inside the stream; escapes fixed after */              \
-                for (Py_ssize_t i = 0; i < cnt; i++) {                                                       \
+                Py_ssize_t first = 0;                                                                        \
+                GATHER_FIELDS(W, first);                                                                     \
+                for (Py_ssize_t i = first; i < cnt; i++) {                                                   \
                     int k = kk[i];                                                                           \
                     uint64_t word;                                                                           \
                     memcpy(&word, lo + (pos >> 3), 8);                                                       \
@@ -1239,5 +1299,9 @@ PyMODINIT_FUNC PyInit__native(void) {
         PyErr_SetString(PyExc_ImportError, "the compiled core supports little-endian hosts only");
         return NULL;
     }
+#ifdef DTDR_GATHER
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2") && getenv("TORCH_DTDR_NO_GATHER") == NULL;
+#endif
     return PyModule_Create(&module);
 }
