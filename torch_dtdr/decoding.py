@@ -255,7 +255,8 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
     workers = workers or DEFAULT_WORKERS
     # several tensors: one thread per tensor; a lone tensor: its segments on the threads
     dec = Decoder(reader, errors, workers=workers if n == 1 else 1)
-    devices = tree.entry_devices(reader.index.tree, len(reader.tensors))
+    tables = tree.check(reader.index.tree, len(reader.tensors))  # once, before any data is read
+    devices = tree.entry_devices(reader.index.tree, len(reader.tensors), tables)
     sizes = [stored_bytes(t) for t in reader.tensors]
 
     def decode(i: int):
@@ -272,7 +273,7 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
     error = None if partial else lost_tensors_error(rep)
     if error is not None:
         raise error
-    obj = tree.unflatten(reader.index.tree, loaded.__getitem__)
+    obj = tree.unflatten(reader.index.tree, loaded.__getitem__, tables)
     return obj, rep
 
 

@@ -1036,7 +1036,9 @@ def _rebuild_object(name, plain, where, build):
                           f"({type(e).__name__}: {e})", field=where) from e
 
 
-class _Tables:
+class TreeTables:
+    """A skeleton's checked tables: what :func:`check` returns and :func:`unflatten` rebuilds from."""
+
     __slots__ = ("entries", "records", "align")
 
     def __init__(self, entries, records, align):
@@ -1056,7 +1058,8 @@ def _dims(x, where, what):
         raise _err(f"{what} must be a list", where)
     if len(x) > MAX_NDIM:
         raise _err(f"{what} has {len(x)} dimensions, more than MAX_NDIM={MAX_NDIM}", where)
-    return [_dec_index_int(d, where, f"{what} element") for d in x]
+    label = what + " element"
+    return [d if type(d) is int and 0 <= d < _MAX_INDEX else _dec_index_int(d, where, label) for d in x]
 
 
 def _check_top(skeleton):
@@ -1106,7 +1109,7 @@ def _check_entries(skeleton, n_tensors):
     return out
 
 
-def _check_tables(skeleton, n_tensors) -> _Tables:
+def _check_tables(skeleton, n_tensors) -> TreeTables:
     _check_top(skeleton)
     entries = _check_entries(skeleton, n_tensors)
     tensors = skeleton["tensors"]
@@ -1160,7 +1163,7 @@ def _check_tables(skeleton, n_tensors) -> _Tables:
                 raise _err(f"view reaches byte {reach} of a {enbytes}-byte entry", where)
         align[e] = max(align[e], isz)
         records.append((e, dtype, offset, tuple(shape), tuple(stride), device, rg, kind, np_dtype))
-    return _Tables(entries, records, align)
+    return TreeTables(entries, records, align)
 
 
 def validate(skeleton, n_tensors) -> None:
@@ -1251,20 +1254,34 @@ class Builder:
         return obj
 
 
-def unflatten(skeleton, get_tensor: Callable[[int], torch.Tensor]):
+def check(skeleton, n_entries: int | None = None) -> TreeTables:
+    """The checked tables of ``skeleton`` (its entries and tensor records; a
+    :class:`FormatError` if it or its object tree is malformed, or if it does
+    not list ``n_entries`` entries), for callers that hand them to
+    :func:`unflatten` and :func:`entry_devices` so that a load checks once."""
+    tables = _check_tables(skeleton, n_entries)
+    _check_root(skeleton, tables)
+    return tables
+
+
+def unflatten(skeleton, get_tensor: Callable[[int], torch.Tensor], tables: TreeTables | None = None):
     """Rebuild the object. ``get_tensor(i)`` returns entry ``i``'s data (any
     shape with the entry's element count and dtype) on the device it should
     live on; it is called at most once per entry, and only for entries the
-    object uses. Views and sharing are rebuilt over the returned tensors."""
-    tables = _check_tables(skeleton, None)
-    _check_root(skeleton, tables)  # reject a malformed tree before loading any data
+    object uses. Views and sharing are rebuilt over the returned tensors.
+    ``tables``: what :func:`check` returned for this skeleton."""
+    if tables is None:
+        tables = _check_tables(skeleton, None)
+        _check_root(skeleton, tables)  # reject a malformed tree before loading any data
     return _decode(skeleton["root"], Builder(skeleton, get_tensor, tables).tensor_at)
 
 
-def entry_devices(skeleton, n_entries: int) -> list[str]:
+def entry_devices(skeleton, n_entries: int, tables: TreeTables | None = None) -> list[str]:
     """The device each entry was saved from (that of the first tensor viewing
-    it; ``"cpu"`` for entries no tensor views)."""
-    tables = _check_tables(skeleton, n_entries)
+    it; ``"cpu"`` for entries no tensor views). ``tables``: what :func:`check`
+    returned for this skeleton."""
+    if tables is None:
+        tables = _check_tables(skeleton, n_entries)
     out = [None] * len(tables.entries)
     for rec in tables.records:
         e, device = rec[0], rec[5]

@@ -7,6 +7,7 @@ every field is type- and range-checked before anything is allocated.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ class RecordInfo:
     def body_start(self) -> int:
         return self.offset + self.header_size
 
-    @property
+    @functools.cached_property
     def end(self) -> int:
         return self.body_start + sum(s.stored_length for s in self.sections)
 
