@@ -38,6 +38,9 @@ static uint8_t gf_mul[256][256];
 static uint8_t gf_inv[256];
 /* alpha^i * x for the low and the high nibble x of a byte: a split table for pshufb */
 static uint8_t nib_lo[255][16], nib_hi[255][16];
+/* chien_tab[k][pos] = alpha^(-k pos), pos padded past 255 for whole-vector loads */
+#define CHIEN_POS 288
+static uint8_t chien_tab[MAX_NSYM / 2 + 1][CHIEN_POS];
 
 static void init_tables(void) {
     unsigned x = 1;
@@ -58,6 +61,8 @@ static void init_tables(void) {
             nib_lo[i][x] = gf_mul[gf_exp[i]][x];
             nib_hi[i][x] = gf_mul[gf_exp[i]][x << 4];
         }
+    for (int k = 0; k <= MAX_NSYM / 2; k++)
+        for (int pos = 0; pos < CHIEN_POS; pos++) chien_tab[k][pos] = gf_exp[(255 - (k * pos) % 255) % 255];
 }
 
 typedef struct {
@@ -164,9 +169,64 @@ __attribute__((target("avx2"))) static void syndromes_avx2(const uint8_t *m, int
         _mm256_storeu_si256((__m256i *)(s + i * LANES), acc);
     }
 }
+
+/* Chien search with AVX2: Lambda(alpha^-pos) for 32 positions at once, as
+ * XOR_k lambda_k * alpha^(-k pos) (a table row times a constant: nibble
+ * lookups). The roots among positions 0 .. last_valid, increasing, into
+ * roots[]; returns their count, or -1 past max_roots. */
+__attribute__((target("avx2"))) static int chien_avx2(const uint8_t *lam, int deg, int last_valid, int max_roots,
+                                                      int *roots) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    int nroots = 0;
+    for (int base = 0; base <= last_valid; base += 32) {
+        __m256i acc = _mm256_set1_epi8((char)lam[0]);
+        for (int k = 1; k <= deg; k++) {
+            if (!lam[k]) continue;
+            const int lg = gf_log[lam[k]];
+            const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)nib_lo[lg]));
+            const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)nib_hi[lg]));
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(chien_tab[k] + base));
+            const __m256i l = _mm256_shuffle_epi8(lo, _mm256_and_si256(x, nibble));
+            const __m256i h = _mm256_shuffle_epi8(hi, _mm256_and_si256(_mm256_srli_epi64(x, 4), nibble));
+            acc = _mm256_xor_si256(acc, _mm256_xor_si256(l, h));
+        }
+        uint32_t hits = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, zero));
+        if (last_valid - base < 31) hits &= (1u << (last_valid - base + 1)) - 1u;
+        while (hits) {
+            if (nroots >= max_roots) return -1;
+            roots[nroots++] = base + __builtin_ctz(hits);
+            hits &= hits - 1;
+        }
+    }
+    return nroots;
+}
 #endif
 
 static int use_avx2 = 0;
+
+/* The portable Chien search: the same roots as chien_avx2. */
+static int chien_scalar(const uint8_t *lam, int deg, int last_valid, int max_roots, int *roots) {
+    /* term k: log(lambda_k alpha^(-k pos)), stepped by -k per position */
+    int term[MAX_NSYM / 2 + 1], step_of[MAX_NSYM / 2 + 1], nterms = 0, nroots = 0;
+    for (int k = 1; k <= deg; k++)
+        if (lam[k]) {
+            term[nterms] = gf_log[lam[k]];
+            step_of[nterms++] = k;
+        }
+    for (int pos = 0; pos <= last_valid; pos++) {
+        uint8_t v = lam[0];
+        for (int e = 0; e < nterms; e++) {
+            v ^= gf_exp[term[e]];
+            term[e] -= step_of[e];
+            if (term[e] < 0) term[e] += 255;
+        }
+        if (v == 0) {
+            if (nroots >= max_roots) return -1;
+            roots[nroots++] = pos;
+        }
+    }
+    return nroots;
+}
 
 static void block_syndromes(const uint8_t *m, int npos, int nsym, uint8_t *s) {
 #ifdef HAVE_AVX2_KERNEL
@@ -198,14 +258,16 @@ static int solve_codeword(const Geometry *g, const uint8_t *s, uint8_t *data, Py
     for (int step = 0; step < nsym; step++) {
         uint8_t d = 0;
         for (int i = 0; i <= step; i++) d ^= gf_mul[lam[i]][s[step - i]];
-        memmove(bpoly + 1, bpoly, (size_t)(w - 1));
+        /* Lambda and B have degree <= step + 1 here: coefficients from hi on are zero. */
+        const int hi = step + 2 < w ? step + 2 : w;
+        memmove(bpoly + 1, bpoly, (size_t)(hi - 1));
         bpoly[0] = 0;
         if (d == 0) continue; /* the reference's update is then a no-op */
         const uint8_t *coef = gf_mul[gf_mul[d][gf_inv[bcoef]]];
-        memcpy(old, lam, (size_t)w);
-        for (int i = 0; i < w; i++) lam[i] ^= coef[bpoly[i]];
+        memcpy(old, lam, (size_t)hi);
+        for (int i = 0; i < hi; i++) lam[i] ^= coef[bpoly[i]];
         if (2 * length <= step) {
-            memcpy(bpoly, old, (size_t)w);
+            memcpy(bpoly, old, (size_t)hi);
             bcoef = d;
             length = step + 1 - length;
         }
@@ -230,26 +292,15 @@ static int solve_codeword(const Geometry *g, const uint8_t *s, uint8_t *data, Py
     /* Chien search over the stored positions: Lambda(alpha^-pos) == 0. */
     int deg = t;
     while (deg > 0 && lam[deg] == 0) deg--;
-    int roots[MAX_NSYM], nroots = 0;
-    /* term k: log(lambda_k alpha^(-k pos)), stepped by -k per position */
-    int term[MAX_NSYM / 2 + 1], step_of[MAX_NSYM / 2 + 1], nterms = 0;
-    for (int k = 1; k <= deg; k++)
-        if (lam[k]) {
-            term[nterms] = gf_log[lam[k]];
-            step_of[nterms++] = k;
-        }
-    for (int pos = 0; pos <= last_valid; pos++) {
-        uint8_t v = lam[0];
-        for (int e = 0; e < nterms; e++) {
-            v ^= gf_exp[term[e]];
-            term[e] -= step_of[e];
-            if (term[e] < 0) term[e] += 255;
-        }
-        if (v == 0) {
-            if (nroots >= t) return -1; /* more roots than a locator of degree <= t has */
-            roots[nroots++] = pos;
-        }
-    }
+    int roots[MAX_NSYM];
+    int nroots;
+#ifdef HAVE_AVX2_KERNEL
+    if (use_avx2)
+        nroots = chien_avx2(lam, deg, last_valid, t, roots);
+    else
+#endif
+        nroots = chien_scalar(lam, deg, last_valid, t, roots);
+    /* more roots than a locator of degree <= t has (-1), or not as many as its length */
     if (nroots != length) return -1;
 
     /* Forney: e = X Omega(X^-1) / Lambda'(X^-1), Omega = S Lambda mod x^nsym. */
