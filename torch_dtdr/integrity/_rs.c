@@ -118,15 +118,81 @@ static void gather_block(const Geometry *g, const uint8_t *data, const uint8_t *
     }
 }
 
-/* s[i * LANES + lane] = S_i of lane's codeword = c(alpha^i), Horner from the highest position. */
-static void syndromes_scalar(const uint8_t *m, int npos, int nsym, uint8_t *s) {
+/* The portable kernel: per codeword, the remainder R(x) = c(x) mod g(x) by a
+ * shift register of nsym bytes held in 64-bit words (one table row XORed per
+ * symbol), then S_i = R(alpha^i), since g(alpha^i) = 0 for i < nsym; a zero
+ * remainder (a clean codeword) needs no evaluation. Byte k of the register is
+ * bits 8 (k % 8) .. of word k / 8, whatever the host's byte order. */
+#define MAX_WORDS (MAX_NSYM / 8)
+
+/* feedback[nsym / 2][top] = top * (g(x) - x^nsym) as register words, built once per nsym (under the GIL). */
+static uint64_t *feedback[MAX_NSYM / 2 + 1];
+
+static int build_feedback(int nsym) {
+    if (feedback[nsym / 2]) return 0;
+    uint8_t g[MAX_NSYM + 1];
+    memset(g, 0, sizeof g);
+    g[0] = 1; /* prod_{i < nsym} (x - alpha^i), low degree first */
     for (int i = 0; i < nsym; i++) {
-        const uint8_t *by = gf_mul[gf_exp[i]];
-        uint8_t acc[LANES];
-        memset(acc, 0, sizeof acc);
-        for (int pos = npos - 1; pos >= 0; pos--)
-            for (int l = 0; l < LANES; l++) acc[l] = by[acc[l]] ^ m[pos * LANES + l];
-        memcpy(s + i * LANES, acc, LANES);
+        for (int d = i + 1; d > 0; d--) g[d] = g[d - 1] ^ gf_mul[g[d]][gf_exp[i]];
+        g[0] = gf_mul[g[0]][gf_exp[i]];
+    }
+    uint64_t *rows = PyMem_RawCalloc((size_t)256 * MAX_WORDS, sizeof(uint64_t));
+    if (!rows) return -1;
+    for (int top = 0; top < 256; top++)
+        for (int p = 0; p < nsym; p++)
+            rows[top * MAX_WORDS + p / 8] |= (uint64_t)gf_mul[top][g[p]] << (8 * (p % 8));
+    feedback[nsym / 2] = rows;
+    return 0;
+}
+
+/* S_i = R(alpha^i) from the register of one codeword (all zero when R is). */
+static void evaluate_remainder(const uint64_t *r, int nsym, uint8_t *s, int stride) {
+    uint64_t any = 0;
+    for (int k = 0; k < (nsym + 7) / 8; k++) any |= r[k];
+    if (!any) {
+        for (int i = 0; i < nsym; i++) s[i * stride] = 0;
+        return;
+    }
+    uint8_t acc[MAX_NSYM];
+    const uint8_t *by[MAX_NSYM];
+    for (int i = 0; i < nsym; i++) {
+        acc[i] = 0;
+        by[i] = gf_mul[gf_exp[i]];
+    }
+    for (int p = nsym - 1; p >= 0; p--) { /* Horner, every syndrome at once (independent chains) */
+        const uint8_t c = (uint8_t)(r[p / 8] >> (8 * (p % 8)));
+        for (int i = 0; i < nsym; i++) acc[i] = by[i][acc[i]] ^ c;
+    }
+    for (int i = 0; i < nsym; i++) s[i * stride] = acc[i];
+}
+
+#define GROUP 4 /* codewords whose registers advance together (independent chains) */
+
+static void syndromes_portable(const uint8_t *m, int npos, int nsym, int lanes, uint8_t *s) {
+    const uint64_t *rows = feedback[nsym / 2];
+    const int words = (nsym + 7) / 8, top_word = (nsym - 1) / 8, top_shift = 8 * ((nsym - 1) % 8);
+    const uint64_t keep = (nsym % 8) ? ((uint64_t)1 << (8 * (nsym % 8))) - 1 : ~(uint64_t)0;
+    for (int l0 = 0; l0 < lanes; l0 += GROUP) {
+        uint64_t r[GROUP][MAX_WORDS];
+        memset(r, 0, sizeof r);
+        for (int pos = npos - 1; pos >= 0; pos--) {
+            /* R <- (R x + c) mod g: shift up one byte, the symbol in byte 0, the byte
+             * shifted past x^(nsym - 1) folded back through the feedback row */
+            const uint8_t *sym = m + pos * LANES + l0;
+            for (int q = 0; q < GROUP; q++) {
+                uint64_t *rq = r[q];
+                const uint64_t *row = rows + ((rq[top_word] >> top_shift) & 0xff) * MAX_WORDS;
+                uint64_t carry = sym[q];
+                for (int k = 0; k < words; k++) {
+                    const uint64_t w = rq[k];
+                    rq[k] = ((w << 8) | carry) ^ row[k];
+                    carry = w >> 56;
+                }
+                rq[words - 1] &= keep; /* the row has no bytes past nsym - 1: masking after it is the same */
+            }
+        }
+        for (int q = 0; q < GROUP && l0 + q < lanes; q++) evaluate_remainder(r[q], nsym, s + l0 + q, LANES);
     }
 }
 
@@ -204,38 +270,33 @@ __attribute__((target("avx2"))) static int chien_avx2(const uint8_t *lam, int de
 
 static int use_avx2 = 0;
 
-/* The portable Chien search: the same roots as chien_avx2. */
+/* The portable Chien search: the same roots as chien_avx2, one term of the
+ * locator at a time over every position (independent lookups). */
 static int chien_scalar(const uint8_t *lam, int deg, int last_valid, int max_roots, int *roots) {
-    /* term k: log(lambda_k alpha^(-k pos)), stepped by -k per position */
-    int term[MAX_NSYM / 2 + 1], step_of[MAX_NSYM / 2 + 1], nterms = 0, nroots = 0;
-    for (int k = 1; k <= deg; k++)
-        if (lam[k]) {
-            term[nterms] = gf_log[lam[k]];
-            step_of[nterms++] = k;
-        }
-    for (int pos = 0; pos <= last_valid; pos++) {
-        uint8_t v = lam[0];
-        for (int e = 0; e < nterms; e++) {
-            v ^= gf_exp[term[e]];
-            term[e] -= step_of[e];
-            if (term[e] < 0) term[e] += 255;
-        }
-        if (v == 0) {
+    uint8_t v[256];
+    int nroots = 0;
+    memset(v, lam[0], (size_t)(last_valid + 1));
+    for (int k = 1; k <= deg; k++) {
+        if (!lam[k]) continue;
+        const uint8_t *by = gf_mul[lam[k]], *x = chien_tab[k];
+        for (int pos = 0; pos <= last_valid; pos++) v[pos] ^= by[x[pos]];
+    }
+    for (int pos = 0; pos <= last_valid; pos++)
+        if (v[pos] == 0) {
             if (nroots >= max_roots) return -1;
             roots[nroots++] = pos;
         }
-    }
     return nroots;
 }
 
-static void block_syndromes(const uint8_t *m, int npos, int nsym, uint8_t *s) {
+static void block_syndromes(const uint8_t *m, int npos, int nsym, int lanes, uint8_t *s) {
 #ifdef HAVE_AVX2_KERNEL
     if (use_avx2) {
         syndromes_avx2(m, npos, nsym, s);
         return;
     }
 #endif
-    syndromes_scalar(m, npos, nsym, s);
+    syndromes_portable(m, npos, nsym, lanes, s);
 }
 
 /* Decode codeword j of one chunk, in place, from its syndromes s[0 .. nsym - 1].
@@ -407,6 +468,10 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     }
     if (check_items(&chunk_status, nchunks, 8, "chunk_status") < 0) goto fail4;
     if (check_items(&cw_status, nchunks * g.ncw, 4, "codeword_status") < 0) goto fail4;
+    if (build_feedback(g.nsym) < 0) {
+        PyErr_NoMemory();
+        goto fail4;
+    }
 
     Py_BEGIN_ALLOW_THREADS
     uint8_t *d = (uint8_t *)data.view.buf;
@@ -421,7 +486,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         int failed = 0;
         for (Py_ssize_t col = 0; col < g.ncw; col += LANES) {
             gather_block(&g, chunk, par, col, m);
-            block_syndromes(m, g.npos, g.nsym, syn);
+            block_syndromes(m, g.npos, g.nsym, g.ncw - col < LANES ? (int)(g.ncw - col) : LANES, syn);
             for (Py_ssize_t j = col; j < g.ncw && j < col + LANES; j++) {
                 for (int i = 0; i < g.nsym; i++) one[i] = syn[i * LANES + (j - col)];
                 int r = solve_codeword(&g, one, chunk, j);
