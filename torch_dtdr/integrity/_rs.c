@@ -303,39 +303,44 @@ static void block_syndromes(const uint8_t *m, int npos, int nsym, int lanes, uin
  * Returns the number of symbol errors corrected (data and parity), or -1 when
  * the codeword is uncorrectable (it is then left as received). */
 static int solve_codeword(const Geometry *g, const uint8_t *s, uint8_t *data, Py_ssize_t j) {
-    const int nsym = g->nsym, t = g->t, npos = g->npos, w = nsym + 2;
+    const int nsym = g->nsym, t = g->t, npos = g->npos;
     const Py_ssize_t ncw = g->ncw;
     uint8_t any = 0;
     for (int i = 0; i < nsym; i++) any |= s[i];
     if (!any) return 0;
 
-    /* Berlekamp-Massey, step for step as the reference. */
+    /* Berlekamp-Massey, step for step as the reference; ldeg and bdeg are the
+     * exact degrees of Lambda and B, so the loops skip their zero coefficients. */
     uint8_t lam[MAX_NSYM + 2], bpoly[MAX_NSYM + 2], old[MAX_NSYM + 2];
     memset(lam, 0, sizeof lam);
     lam[0] = 1;
     memcpy(bpoly, lam, sizeof lam);
-    int length = 0;
+    int length = 0, ldeg = 0, bdeg = 0;
     uint8_t bcoef = 1;
     for (int step = 0; step < nsym; step++) {
         uint8_t d = 0;
-        for (int i = 0; i <= step; i++) d ^= gf_mul[lam[i]][s[step - i]];
-        /* Lambda and B have degree <= step + 1 here: coefficients from hi on are zero. */
-        const int hi = step + 2 < w ? step + 2 : w;
-        memmove(bpoly + 1, bpoly, (size_t)(hi - 1));
+        const int top = ldeg < step ? ldeg : step;
+        for (int i = 0; i <= top; i++) d ^= gf_mul[lam[i]][s[step - i]];
+        /* B <- x B (degree <= nsym < w - 1: nothing is shifted out) */
+        memmove(bpoly + 1, bpoly, (size_t)(bdeg + 1));
         bpoly[0] = 0;
+        bdeg++;
         if (d == 0) continue; /* the reference's update is then a no-op */
         const uint8_t *coef = gf_mul[gf_mul[d][gf_inv[bcoef]]];
-        memcpy(old, lam, (size_t)hi);
-        for (int i = 0; i < hi; i++) lam[i] ^= coef[bpoly[i]];
-        if (2 * length <= step) {
-            memcpy(bpoly, old, (size_t)hi);
+        const int change = 2 * length <= step, old_deg = ldeg;
+        if (change) memcpy(old, lam, (size_t)(ldeg + 1));
+        for (int i = 0; i <= bdeg; i++) lam[i] ^= coef[bpoly[i]];
+        if (bdeg > ldeg) ldeg = bdeg;
+        while (ldeg > 0 && lam[ldeg] == 0) ldeg--;
+        if (change) {
+            memcpy(bpoly, old, (size_t)(old_deg + 1));
+            if (bdeg > old_deg) memset(bpoly + old_deg + 1, 0, (size_t)(bdeg - old_deg));
+            bdeg = old_deg;
             bcoef = d;
             length = step + 1 - length;
         }
     }
-    if (length > t) return -1;
-    for (int i = t + 1; i < w; i++)
-        if (lam[i]) return -1;
+    if (length > t || ldeg > t) return -1;
 
     /* Positions the shortened codeword has: the padding of the last row of
      * codewords ncw - pad .. ncw - 1 is not stored (known zero). */
@@ -351,8 +356,7 @@ static int solve_codeword(const Geometry *g, const uint8_t *s, uint8_t *data, Py
     }
 
     /* Chien search over the stored positions: Lambda(alpha^-pos) == 0. */
-    int deg = t;
-    while (deg > 0 && lam[deg] == 0) deg--;
+    const int deg = ldeg;
     int roots[MAX_NSYM];
     int nroots;
 #ifdef HAVE_AVX2_KERNEL

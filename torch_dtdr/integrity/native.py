@@ -8,9 +8,9 @@ same corrections and the same failure decisions (the test suite checks this).
 
 ``TORCH_DTDR_NATIVE=0`` in the environment forces the reference, as it does
 for the codec core (:mod:`torch_dtdr.codecs.native`, a higher layer this
-module cannot import); it is read at every decode. When the compiled decoder
-is not installed (no C compiler at install time) the package works with the
-reference and warns once, at first use.
+module cannot import); like there, it is read once, at first use. When the
+compiled decoder is not installed (no C compiler at install time) the package
+works with the reference and warns once, at first use.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ _override: str | None = None
 def _load():
     global _loaded, _compiled
     with _lock:
-        if not _loaded:
+        if _loaded:
+            return _compiled
+        if os.environ.get("TORCH_DTDR_NATIVE", "").strip() == "0":
+            _compiled = None
+        else:
             try:
                 from . import _rs as compiled  # the extension module built from _rs.c
             except ImportError as exc:
@@ -43,15 +47,15 @@ def _load():
                     stacklevel=4,
                 )
             _compiled = compiled
-            _loaded = True
+        _loaded = True
         return _compiled
 
 
 def module():
     """The compiled decoder's module, or ``None`` when the reference runs."""
-    if _override == "reference" or os.environ.get("TORCH_DTDR_NATIVE", "").strip() == "0":
+    if _override == "reference":
         return None
-    return _load()
+    return _compiled if _loaded else _load()
 
 
 def core() -> str:
