@@ -28,16 +28,17 @@ Speed
 Encoding is a GF(2^8) matrix product, run by ISA-L's ``ec_encode_data``
 over many codewords at once (ctypes, as in :mod:`.parity`). Decoding runs in
 the compiled decoder (``_rs.c``, chosen by :mod:`.native`): per block of 32
-codewords, syndromes with AVX2 nibble lookups (or portable C), then
-Berlekamp-Massey, a Chien search (AVX2, 32 positions at once) and Forney for
+codewords, syndromes with AVX2 nibble lookups (portable C: the remainder
+modulo g(x) by a shift register, evaluated only when nonzero), then
+Berlekamp-Massey, a Chien search (AVX2: 32 positions at once) and Forney for
 each codeword with a nonzero syndrome, without the GIL. It costs about 3 ms
-of CPU per MB of damaged chunks at a byte error rate of 3e-4, 7 ms at 1e-2
-and 9 ms for random bytes, against 3 to 6 ms per MB for a clean load: the
-archive level meets the cost bounds of the other levels
-(docs/security.md). The numpy reference, :meth:`InnerCode._decode_reference`
-(ISA-L syndromes, then a batch decoder over the codewords with a nonzero
-syndrome), is the fallback with ``TORCH_DTDR_NATIVE=0`` or without a C
-compiler: the same corrections and decisions, at 120 to 300 ms per MB.
+of CPU per MB of damaged chunks at a byte error rate of 3e-4, 6 ms at 1e-2
+and 7 ms for random bytes (portable: 5, 12 and 21 ms), against about 3 ms per
+MB for a clean load: the archive level meets the cost bounds of the other
+levels (docs/security.md; ``benchmarks/inner_decode.py``). The numpy
+reference (ISA-L syndromes, then a batch decoder over the codewords with a
+nonzero syndrome) is the fallback with ``TORCH_DTDR_NATIVE=0`` or without a
+C compiler: the same corrections and decisions, at 110 to 360 ms per MB.
 Without ISA-L, a numpy product computes the same parity, slowly.
 
 The algorithm name to record is :attr:`InnerCode.algorithm`.
