@@ -1,9 +1,10 @@
 """Build script: the package metadata lives in pyproject.toml; this file only adds
-the optional compiled codec core (``torch_dtdr.codecs._native``, plain C through
-the CPython buffer protocol, no link to torch).
+the optional compiled extensions, plain C through the CPython buffer protocol,
+no link to torch: the codec core (``torch_dtdr.codecs._native``) and the inner
+Reed-Solomon decoder of the archive parity level (``torch_dtdr.integrity._rs``).
 
-When the extension cannot be built (no C compiler, no Python headers) the
-install still succeeds and the package uses its numpy/torch reference core,
+When an extension cannot be built (no C compiler, no Python headers) the
+install still succeeds and the package uses its numpy/torch reference for it,
 saying so once at first use.
 """
 
@@ -27,13 +28,13 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            self._skip(exc)
+            self._skip(exc, ext.name)
 
     @staticmethod
-    def _skip(exc):
+    def _skip(exc, name="torch_dtdr's extensions"):
         sys.stderr.write(
-            f"WARNING: torch-dtdr's compiled codec core could not be built ({exc}); "
-            "the package will use the slower numpy/torch reference core.\n"
+            f"WARNING: torch-dtdr's compiled extension {name} could not be built ({exc}); "
+            "the package will use the slower numpy/torch reference in its place.\n"
         )
 
 
@@ -49,7 +50,13 @@ setup(
             sources=["torch_dtdr/codecs/_native.c"],
             extra_compile_args=compile_args,
             optional=True,
-        )
+        ),
+        Extension(
+            "torch_dtdr.integrity._rs",
+            sources=["torch_dtdr/integrity/_rs.c"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -1,4 +1,5 @@
-"""Differential fuzzing of the codec decoders: the compiled core against the reference.
+"""Differential fuzzing of the compiled decoders against their references: the
+codec core, and the inner Reed-Solomon decoder of the archive parity level.
 
 Every input becomes a codec (``dtdr``, ``dtdr8``, ``dtdr16``), a dtype, a block
 size, an element count, section bytes and reported damage. Both cores decode
@@ -10,7 +11,13 @@ Inputs reach the compiled decoder's untrusted-data paths: raw bytes as every
 section, valid encodings with bytes overwritten (factors, coefficients, frame
 table, bit streams), and valid zstd frames whose payloads lie (wrong lengths,
 escape markers, totals), which is what a file with recomputed checksums
-delivers. See fuzz/README.md for the sanitizer (ASan + UBSan) build.
+delivers. Inputs starting with ``R`` go to the inner Reed-Solomon decoder
+instead: chunks and parity from the input's bytes, or a valid encoding with the
+input's byte errors (spread, or all in one codeword), decoded by the compiled
+decoder with each syndrome kernel and by the numpy reference (any difference
+in a corrected byte or a codeword's status is a finding); then the compiled
+decoder is called with chunk sizes, nsym and buffers the input chooses. See
+fuzz/README.md for the sanitizer (ASan + UBSan) build.
 
     python fuzz/fuzz_codec.py -max_total_time=60 CORPUS_DIR          # atheris
     python fuzz/fuzz_codec.py --pure --seconds 60                      # without atheris
@@ -47,10 +54,14 @@ if atheris is not None and not PURE:
         from torch_dtdr import codecs
         from torch_dtdr.codecs import native
         from torch_dtdr.codecs.base import Damage
+        from torch_dtdr.integrity import native as rs_native
+        from torch_dtdr.integrity.inner import InnerCode
 else:
     from torch_dtdr import codecs
     from torch_dtdr.codecs import native
     from torch_dtdr.codecs.base import Damage
+    from torch_dtdr.integrity import native as rs_native
+    from torch_dtdr.integrity.inner import InnerCode
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 NAMES = ["dtdr", "dtdr8", "dtdr16"]
@@ -197,9 +208,58 @@ def run_kernel(data: bytes) -> None:
         raise Mismatch("an intact frame did not restore the saved bits")
 
 
+def run_rs(data: bytes) -> None:
+    """The inner Reed-Solomon decoder of the archive level: the compiled decoder
+    (each syndrome kernel) against the numpy reference on chunks the input
+    fills or damages, then the compiled decoder called directly with sizes and
+    buffers the input chooses (only ValueError or TypeError may come back)."""
+    compiled = rs_native.module()
+    h = data[1:8].ljust(7, b"\0")
+    rest = data[8:]
+    nsym = 2 * (1 + h[0] % 64)
+    chunk = 1 + int.from_bytes(h[1:3], "little") % 6000
+    nchunks = 1 + h[3] % 3
+    ic = InnerCode(chunk, nsym)
+    if h[4] % 3 == 0:  # the input's bytes as chunks and parity: mostly far beyond capacity
+        fill = np.frombuffer(rest or b"\0", np.uint8)
+        body = np.resize(fill, nchunks * (chunk + ic.parity_size))
+        chunks, parity = body[: nchunks * chunk].copy(), body[nchunks * chunk :].copy()
+    else:  # a valid encoding, then errors where the input says (mode 2: all in one codeword)
+        chunks = np.random.default_rng(h[5]).integers(0, 256, nchunks * chunk, dtype=np.uint8)
+        parity = ic.encode(chunks).reshape(-1).copy()
+        for i in range(0, len(rest) - 2, 3):
+            at = int.from_bytes(rest[i : i + 2], "little")
+            if h[4] % 3 == 2:
+                at = (at % ic.npos) * ic.ncw + h[6] % ic.ncw
+            target = parity if rest[i + 2] & 1 else chunks
+            target[at % target.size] ^= rest[i + 2] | 1
+    with rs_native.forced("reference"):
+        want = ic.decode_codewords(chunks, parity)
+    if compiled is not None:
+        for simd in (False, True):
+            compiled.set_simd(simd)
+            got = ic.decode_codewords(chunks, parity)
+            if not all(np.array_equal(g, w) for g, w in zip(got, want)):
+                raise Mismatch(f"{ic} simd={simd}: the compiled decoder and the reference disagree")
+        compiled.set_simd(True)
+        # hostile sizes on exactly-sized buffers: an error, or a decode that stays inside them
+        size = int.from_bytes(h[1:3], "little") - 16
+        sym = h[0] - 8
+        dbuf = np.frombuffer(rest[: len(rest) // 2], np.uint8).copy()
+        pbuf = np.frombuffer(rest[len(rest) // 2 :], np.uint8).copy()
+        n = max(0, len(dbuf) // max(size, 1))
+        try:
+            compiled.decode(dbuf, pbuf, size, sym, np.zeros(n, np.int64), np.zeros(n * (h[5] % 40), np.int32))
+        except (ValueError, TypeError):
+            pass
+
+
 def run_one(data: bytes) -> None:
     if data[:1] == b"K":
         run_kernel(data)
+        return
+    if data[:1] == b"R":
+        run_rs(data)
         return
     codec, dtype, n, sections, damage = _case(data)
     got = codec.decode(sections, dtype, n, damage)
@@ -222,6 +282,9 @@ def seed_inputs() -> list[bytes]:
     for w in range(3):
         out.append(b"K" + bytes([w, 0, 40, 60, 0, 1, 1]) + bytes(range(0, 256, 5)))
         out.append(b"K" + bytes([w, 1, 70, 0, 0, 3, 0]))
+    for nsym_code, chunk in ((15, 4095), (7, 999), (63, 300), (0, 5)):  # nsym 32, 16, 128, 2
+        for mode in range(3):
+            out.append(b"R" + bytes([nsym_code, chunk & 255, chunk >> 8, 1, mode, 9, 4]) + bytes(range(1, 250, 7)))
     return out
 
 
