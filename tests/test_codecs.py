@@ -536,3 +536,15 @@ def test_damage_fuzz():
             assert err <= r.error_bound, (it, name, err, r.error_bound)
         if reported and not r.exact:
             assert r.degraded_elements > 0
+
+
+def test_from_dict_shares_equal_codecs_and_never_conflates_equal_keys_of_other_types():
+    """Loads build a codec per tensor from its description: equal descriptions share one
+    (frozen) instance, and the cache never hands a True or 1.0 parameter the codec of 1."""
+    a = codecs.from_dict({"name": "dtdr", "level": 1})
+    assert codecs.from_dict({"level": 1, "name": "dtdr"}) is a
+    for bad in ({"name": "dtdr", "level": True}, {"name": "dtdr", "level": 1.0}):
+        with pytest.raises(CodecError):
+            codecs.from_dict(bad)
+    with pytest.raises(CodecError):
+        codecs.from_dict({"name": "dtdr", "level": [1]})  # unhashable: refused by the codec's own check

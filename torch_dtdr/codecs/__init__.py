@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 from ..errors import CodecError
@@ -26,10 +27,22 @@ def get(name: str, **params) -> Codec:
 
 
 def from_dict(d: Mapping) -> Codec:
-    """Rebuild a codec from :meth:`Codec.to_dict` output."""
+    """Rebuild a codec from :meth:`Codec.to_dict` output. Codecs are frozen,
+    so equal descriptions share one instance (a load builds one per tensor)."""
     if not isinstance(d, Mapping) or not isinstance(d.get("name"), str):
         raise CodecError(f"malformed codec description {d!r}")
-    params = dict(d)
+    try:
+        key = tuple((k, type(v), v) for k, v in sorted(d.items()))  # types too: True == 1, 1.0 == 1
+        hash(key)
+    except TypeError:  # unhashable or unorderable parameters: the codec's own checks will say what is wrong
+        params = dict(d)
+        return get(params.pop("name"), **params)
+    return _from_items(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _from_items(items: tuple) -> Codec:
+    params = {k: v for k, _type, v in items}
     return get(params.pop("name"), **params)
 
 

@@ -188,7 +188,8 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
         if dname not in DTYPES:
             raise FormatError(f"unknown dtype {_short(dname)}", file=file, tensor=name, field="dtype")
         dtype = DTYPES[dname]
-        shape = tuple(_int(d, f"{name}.shape", file=file) for d in _list(t.get("shape"), "shape", file, constants.MAX_DIMS))
+        shape = tuple(d if type(d) is int and 0 <= d < 1 << 63 else _int(d, f"{name}.shape", file=file)
+                      for d in _list(t.get("shape"), "shape", file, constants.MAX_DIMS))
         numel = 1
         for d in shape:
             numel *= d
@@ -209,7 +210,8 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
         elif require_records:
             expected = 0
             for r in _list(t.get("records"), f"{name}.records", file):
-                r = _list(r, f"{name}.records[]", file, 5)
+                if type(r) is not list:
+                    r = _list(r, f"{name}.records[]", file, 5)
                 if len(r) != 5:
                     raise FormatError("record entry must have 5 fields", file=file, tensor=name, field="records")
                 off = _int(r[0], "record.offset", lo=constants.SUPERBLOCK.size, file=file)
