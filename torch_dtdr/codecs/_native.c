@@ -714,8 +714,10 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
                               plane + e0, &total, &ne);                                                      \
             memcpy(totals + 4 * t, &total, 4);                                                               \
             if (ne) {                                                                                        \
-                for (Py_ssize_t i = 0; i < cnt; i++) {                                                       \
-                    if (plane[e0 + i] == 255) {                                                              \
+                const unsigned char *pl = plane + e0, *pend = plane + e0 + cnt, *hit;                        \
+                for (hit = memchr(pl, 255, (size_t)cnt); hit; hit = memchr(hit + 1, 255, (size_t)(pend - hit - 1))) { \
+                    {                                                                                        \
+                        Py_ssize_t i = hit - pl;                                                             \
                         T p = px[e0 + i], b = pb[e0 + i];                                                    \
                         T delta = (T)(ord##W(p) - ord##W(b));                                                \
                         T r = (T)((T)(delta << 1) ^ (T)((S)delta >> (W - 1)));                               \
@@ -727,7 +729,18 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
             /* branch-free bit writer: after each element fewer than 8 bits wait in acc, so     \
              * acc holds at most 7 + kmax <= 63 bits; 8 bytes are stored each time (the buffer  \
              * has 8 bytes of slack) and the completed ones kept */                              \
-            for (Py_ssize_t i = 0; i < cnt; i++) {                                                           \
+            Py_ssize_t i0 = 0;                                                                               \
+            if (W <= 32) /* two fields at a time: 2 kmax + 7 <= 57 bits */                                    \
+                for (; i0 + 1 < cnt; i0 += 2) {                                                              \
+                    acc |= ((uint64_t)rr[i0] | ((uint64_t)rr[i0 + 1] << kk[i0])) << nacc;                    \
+                    nacc += kk[i0] + kk[i0 + 1];                                                             \
+                    memcpy(lo + out, &acc, 8);                                                               \
+                    int done = nacc >> 3;                                                                    \
+                    out += done;                                                                             \
+                    acc >>= 8 * done;                                                                        \
+                    nacc &= 7;                                                                               \
+                }                                                                                            \
+            for (Py_ssize_t i = i0; i < cnt; i++) {                                                          \
                 acc |= (uint64_t)rr[i] << nacc;                                                              \
                 nacc += kk[i];                                                                               \
                 memcpy(lo + out, &acc, 8);                                                                   \
