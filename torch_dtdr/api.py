@@ -187,7 +187,9 @@ def _segments(tensor: torch.Tensor, segment_elems: int):
 
 def _encode_in_order(jobs, workers: int):
     """Encode segments on ``workers`` threads, yielding ``(job, sections)`` in
-    job order; at most ``2 * workers`` encoded segments wait in memory."""
+    job order. Up to ``2 * workers`` segments' worth of bytes are encoded ahead
+    of the writer (at least ``2 * workers`` segments, at most ``64 * workers``),
+    so memory stays bounded by a few full segments."""
     if workers <= 1:
         try:
             for job in jobs:
@@ -195,16 +197,25 @@ def _encode_in_order(jobs, workers: int):
         finally:
             codecs.release_thread_buffers()
         return
-    window = 2 * workers
     with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-encode") as pool:
         pending = deque()
+        pending_bytes = 0
+        budget = None
         for job in jobs:
-            pending.append((job, pool.submit(job[4].encode, job[3])))
-            if len(pending) >= window:
-                job0, fut = pending.popleft()
+            nbytes = job[3].numel() * job[3].element_size()
+            if budget is None:
+                # as many bytes ahead as 2 * workers segments of the first tensor's dtype: small
+                # tensors (whose records cost the writer more than their encoding) queue deeper
+                budget = 2 * workers * max(nbytes, 1, job[5].segment_elems * job[3].element_size())
+            pending.append((job, pool.submit(job[4].encode, job[3]), nbytes))
+            pending_bytes += nbytes
+            while pending and (len(pending) >= 64 * workers or
+                               (len(pending) >= 2 * workers and pending_bytes >= budget)):
+                job0, fut, done_bytes = pending.popleft()
+                pending_bytes -= done_bytes
                 yield job0, fut.result()
         while pending:
-            job0, fut = pending.popleft()
+            job0, fut, _ = pending.popleft()
             yield job0, fut.result()
 
 

@@ -1079,8 +1079,8 @@ static int dtdr_segment_kernel(const unsigned char *meta, Py_ssize_t meta_len, c
         block_param_of(f[b], b < nfull ? bs : mtail, d, delta, A + b, Zc + b);
     }
     memset(ok, 1, (size_t)fblocks);
-    if (decode_base_kernel(base, 8, f, dt, numel, bs, neg, M, out) < 0) { rc = -1; goto done; }
     Py_ssize_t pos = 0;
+    /* frame by frame, so that the residual finds the frame's base values still in cache */
     for (Py_ssize_t j = 0; j < nframes; j++) {
         uint32_t zlen, lolen;
         memcpy(&zlen, meta + toff + 8 * j, 4);
@@ -1088,6 +1088,10 @@ static int dtdr_segment_kernel(const unsigned char *meta, Py_ssize_t meta_len, c
         if ((Py_ssize_t)zlen + (Py_ssize_t)lolen > resid_len - 8 - pos) goto done;
         const Py_ssize_t b0 = j * fblocks, b1 = b0 + fblocks < nb ? b0 + fblocks : nb;
         const Py_ssize_t e0 = b0 * bs, e1 = b1 * bs < numel ? b1 * bs : numel;
+        if (decode_base_kernel(base + b0 * bs, 8, f + b0, dt, e1 - e0, bs, neg, M, out + e0 * isz) < 0) {
+            rc = -1;
+            goto done;
+        }
         int r = residual_decode_kernel((const unsigned char *)payloads[j].buf, payloads[j].len, resid + pos + zlen,
                                        (Py_ssize_t)lolen, NULL, (unsigned char *)out + e0 * isz, A + b0, Zc + b0, ok,
                                        e1 - e0, bs, d, lost);
@@ -1152,7 +1156,7 @@ static inline Py_ssize_t frame_payload_cap(Py_ssize_t n, Py_ssize_t nb, Py_ssize
 static inline Py_ssize_t frame_lo_cap(Py_ssize_t n, int kmax) { return (n * kmax + 7) / 8 + 8; }
 
 /* Encode a whole dtdr segment except the zstd step: base layer (q, f), its
- * decode into scratch, and every residual frame (payload and lo stream at the
+ * decode into scratch (one frame's worth), and every residual frame (payload and lo stream at the
  * offsets frame_payload_cap / frame_lo_cap give). lens[2j], lens[2j+1] receive
  * the frame's payload and lo lengths. Returns the flags, or -1 when out of memory. */
 static int dtdr_encode_kernel(const void *x, Py_ssize_t numel, Py_ssize_t bs, int dt, double M, const uint8_t *neg,
@@ -1162,25 +1166,30 @@ static int dtdr_encode_kernel(const void *x, Py_ssize_t numel, Py_ssize_t bs, in
     const Py_ssize_t mtail = tail ? next_pow2(tail) : 0, isz = d->w / 8;
     const Py_ssize_t nframes = (nb + fblocks - 1) / fblocks;
     int flags = 0;
-    if (encode_base_kernel(x, dt, numel, bs, neg, 8, q, f) < 0) return -1;
-    if (decode_base_kernel(q, 8, f, dt, numel, bs, neg, M, scratch) < 0) return -1;
-    if (dt == DT_F64) {
-        const double *v = (const double *)x;
-        for (Py_ssize_t i = 0; i < numel; i++) flags |= fabs(v[i]) > (double)F32_MAX; /* infinities too */
-    }
     int32_t *A = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb ? nb : 1));
     int32_t *Zc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb ? nb : 1));
     if (!A || !Zc) { free(A); free(Zc); return -1; }
-    for (Py_ssize_t b = 0; b < nb; b++) block_param_of(f[b], b < nfull ? bs : mtail, d, delta, A + b, Zc + b);
     Py_ssize_t poff = 0, loff = 0;
+    /* frame by frame (frames are whole blocks; only the last holds the tail), so that
+     * each pass finds the frame's input, coefficients and base values in cache */
     for (Py_ssize_t j = 0; j < nframes; j++) {
         const Py_ssize_t b0 = j * fblocks, b1 = b0 + fblocks < nb ? b0 + fblocks : nb;
         const Py_ssize_t e0 = b0 * bs, e1 = b1 * bs < numel ? b1 * bs : numel, n = e1 - e0;
+        const char *xf = (const char *)x + e0 * isz;
+        if (encode_base_kernel(xf, dt, n, bs, neg, 8, q + e0, f + b0) < 0 ||
+            decode_base_kernel(q + e0, 8, f + b0, dt, n, bs, neg, M, scratch) < 0) {
+            flags = -1;
+            break;
+        }
+        if (dt == DT_F64) {
+            const double *v = (const double *)xf;
+            for (Py_ssize_t i = 0; i < n; i++) flags |= fabs(v[i]) > (double)F32_MAX; /* infinities too */
+        }
+        for (Py_ssize_t b = b0; b < b1; b++) block_param_of(f[b], b < nfull ? bs : mtail, d, delta, A + b, Zc + b);
         Py_ssize_t lolen = 0;
         int nonfinite = 0;
-        Py_ssize_t plen = residual_encode_kernel((const unsigned char *)x + e0 * isz,
-                                                 (const unsigned char *)scratch + e0 * isz, A + b0, Zc + b0, n, bs, d,
-                                                 payload + poff, lo + loff, &lolen, &nonfinite);
+        Py_ssize_t plen = residual_encode_kernel((const unsigned char *)xf, (const unsigned char *)scratch, A + b0,
+                                                 Zc + b0, n, bs, d, payload + poff, lo + loff, &lolen, &nonfinite);
         if (plen < 0) { flags = -1; break; }
         flags |= nonfinite;
         lens[2 * j] = plen;
@@ -1231,7 +1240,8 @@ static PyObject *py_dtdr_encode_segment(PyObject *self, PyObject *args) {
     if (ok)
         ok = check_len(&x, numel * isz, "x") == 0 && check_len(&neg, bs, "neg") == 0 &&
              check_len(&q, ncoef, "q") == 0 && check_len(&f, 4 * nb, "f") == 0 &&
-             check_len(&scr, numel * isz, "scratch") == 0 && check_len(&pay, need_pay, "payload") == 0 &&
+             check_len(&scr, (numel < fblocks * bs ? numel : fblocks * bs) * isz, "scratch") == 0 &&
+             check_len(&pay, need_pay, "payload") == 0 &&
              check_len(&lo, need_lo, "lo") == 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS

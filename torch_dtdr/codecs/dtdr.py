@@ -104,7 +104,7 @@ class DTDR(Codec):
         lo_caps = [(n * info.kmax + 7) // 8 + 8 for n in frame_n]
         q = bytearray(lay.ncoef)
         f = np.empty(lay.nblocks, np.float32)
-        scratch = R.thread_scratch("base", numel * info.itemsize)
+        scratch = R.thread_scratch("base", min(numel, fblocks * bs) * info.itemsize)  # one frame's base values
         payload = R.thread_scratch("payload", sum(payload_caps))
         lo = R.thread_scratch("lo", sum(lo_caps))
         flags, lens = native.module().dtdr_encode_segment(
@@ -112,17 +112,22 @@ class DTDR(Codec):
             B.sign_bits(self.seed, bs), info.w, info.mant, info.ebits, info.kmax, R.DELTA[dtype], fblocks,
             q, f, scratch, payload, lo,
         )
-        cctx = R.thread_compressor(self.level)
+        plains = []
+        poff = 0
+        for j in range(nframes):
+            plains.append(payload[poff : poff + lens[2 * j]])
+            poff += payload_caps[j]
+        # one call for every frame: the same bytes as one compress() each, without a GIL
+        # hand-off per frame (which, with the writer running Python, costs more than the work)
+        zframes = R.thread_compressor(self.level).multi_compress_to_buffer(plains, threads=0)
         table = np.empty(2 * nframes, "<u4")
         parts = []
-        poff = loff = 0
-        for j in range(nframes):
-            plen, lolen = lens[2 * j], lens[2 * j + 1]
-            z = cctx.compress(payload[poff : poff + plen])
+        loff = 0
+        for j, z in enumerate(zframes):
+            lolen = lens[2 * j + 1]
             table[2 * j], table[2 * j + 1] = len(z), lolen
             parts.append(z)
             parts.append(lo[loff : loff + lolen])
-            poff += payload_caps[j]
             loff += lo_caps[j]
         parts.append(bytes(8))
         meta = b"".join((struct.pack("<I", flags), f.astype("<f4", copy=False).tobytes(), table.tobytes()))
@@ -183,9 +188,8 @@ class DTDR(Codec):
         table = B.np_view(meta, np.dtype("<u4"), 2 * nframes, toff).tolist()
         info = R.INFO[dtype]
         frame_elements = fblocks * self.block_size
-        payloads = []
+        zframes = []
         pos = 0
-        dctx = R.thread_decompressor()
         for j in range(nframes):
             zlen, lolen = table[2 * j], table[2 * j + 1]
             n = min(frame_elements, numel - j * frame_elements)
@@ -195,12 +199,16 @@ class DTDR(Codec):
             zframe = resid[pos : pos + zlen]
             try:
                 size = zstandard.frame_content_size(zframe)
-                if size < 0 or size > cap:
-                    return None
-                payloads.append(dctx.decompress(zframe, max_output_size=cap))
             except (zstandard.ZstdError, ValueError):
                 return None
+            if size < 0 or size > cap:  # the declared sizes bound what decompression allocates
+                return None
+            zframes.append(zframe)
             pos += zlen + lolen
+        try:  # one call for every frame (see _encode_compiled)
+            payloads = list(R.thread_decompressor().multi_decompress_to_buffer(zframes, threads=0)) if zframes else []
+        except (zstandard.ZstdError, ValueError):
+            return None
         values = out if out is not None else torch.empty(numel, dtype=dtype)
         status = compiled.dtdr_decode_segment(
             meta, data["base"], resid, payloads, B.sign_bits(self.seed, self.block_size), B.bits_view(values),
