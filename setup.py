@@ -57,6 +57,14 @@ setup(
             extra_compile_args=compile_args,
             optional=True,
         ),
+        Extension(
+            "torch_dtdr.integrity._xxh",
+            sources=["torch_dtdr/integrity/_xxh.c"],
+            include_dirs=["third_party/xxhash"],
+            depends=["third_party/xxhash/xxhash.h"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

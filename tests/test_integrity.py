@@ -536,3 +536,22 @@ def test_rebuild_returns_only_erased_data():
         assert ec.rebuild(erase(full, (1, 4, 6))) == {1: data[1], 4: data[4]}
         with pytest.raises(IntegrityError):
             ec.rebuild(erase(full, (0, 1, 2, 3)))
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 200_003])
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 65536])
+def test_chunk_hashes_compiled_and_package_agree(n, chunk):
+    """The compiled one-call chunk checksums (the official xxHash code) give the digests
+    the xxhash package gives chunk by chunk (the reference), on every buffer type."""
+    from torch_dtdr.integrity import checksum, native
+
+    data = np.random.default_rng(n + chunk).integers(0, 256, n, dtype=np.uint8)
+    want = [xxhash.xxh3_64_intdigest(data[i: i + chunk].tobytes()) for i in range(0, n, chunk)]
+    for buf in (data.tobytes(), bytearray(data.tobytes()), memoryview(data), data):
+        got = checksum.chunk_hashes(buf, chunk)
+        assert got.dtype == np.uint64 and got.tolist() == want
+        with native.forced("reference"):
+            assert checksum.chunk_hashes(buf, chunk).tolist() == want
+    if native.hashes_module() is not None and want:
+        with pytest.raises(ValueError):  # an output one digest short
+            native.hashes_module().chunk_hashes(data, chunk, np.empty(len(want) - 1, np.uint64))

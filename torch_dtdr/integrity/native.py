@@ -1,4 +1,4 @@
-"""Which inner Reed-Solomon decoder runs: the compiled one or the numpy reference.
+"""Which inner Reed-Solomon decoder (and chunk-checksum loop) runs: the compiled one or the reference.
 
 The compiled decoder (``torch_dtdr.integrity._rs``, built from ``_rs.c`` by the
 package's setuptools build) decodes the inner code of the archive parity level
@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 
-__all__ = ["module", "core", "forced"]
+__all__ = ["module", "core", "forced", "hashes_module"]
 
 _lock = threading.Lock()
 _loaded = False
@@ -49,6 +49,32 @@ def _load():
             _compiled = compiled
         _loaded = True
         return _compiled
+
+
+_hashes_loaded = False
+_hashes = None
+
+
+def hashes_module():
+    """The compiled chunk-checksum module (``_xxh``: xxh3_64 of every chunk of a
+    buffer in one call without the GIL), or ``None``: then :mod:`.checksum`
+    hashes chunk by chunk with the ``xxhash`` package (the same digests). Off
+    with ``TORCH_DTDR_NATIVE=0`` and under :func:`forced` ``("reference")``;
+    missing silently (the package path is only slower)."""
+    global _hashes_loaded, _hashes
+    if _override == "reference":
+        return None
+    if not _hashes_loaded:
+        with _lock:
+            if not _hashes_loaded:
+                if os.environ.get("TORCH_DTDR_NATIVE", "").strip() != "0":
+                    try:
+                        from . import _xxh as compiled  # the extension module built from _xxh.c
+                    except ImportError:
+                        compiled = None
+                    _hashes = compiled
+                _hashes_loaded = True
+    return _hashes
 
 
 def module():
