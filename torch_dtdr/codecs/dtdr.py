@@ -238,17 +238,7 @@ class DTDR(Codec):
             flags = R.FLAG_UNBOUNDED
         f, bad_f = read_factors(data, lay, damage, offset=4)
 
-        # frame table
-        toff = 4 + 4 * nb
-        table = np.zeros((nframes, 2), np.uint32)
-        table_bad = np.ones(nframes, bool)
-        avail = max(0, min(nframes, (len(meta) - toff) // 8))
-        if avail:
-            table[:avail] = B.np_view(meta, np.uint32, 2 * avail, toff).reshape(avail, 2)
-            table_bad[:avail] = False
-            if mdm is not None:
-                part = mdm[toff : toff + 8 * avail]
-                table_bad[:avail] |= part.reshape(avail, 8).any(axis=1)
+        table, table_bad = _units.frame_table(meta, mdm, nb, nframes)
 
         q, counts, base_missing = read_coefs(data, lay, 8, damage)
         values = B.decode_base(q, torch.from_numpy(f), dtype, numel, self.block_size, self.seed, 8, out=out)
