@@ -29,15 +29,13 @@ from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport, worst
 from .storage import open_source
 
 #: Threads that decode (tensors at once, or the segments of a lone tensor):
-#: reads, checks and decodes overlap, and the compiled codec kernels release
-#: the GIL. One per physical core, at most 4 (see
-#: :func:`torch_dtdr._cpu.compute_cores`). Measured on MiniLM x4 on a 2-core
-#: machine shared with other jobs (``benchmarks/save_load.py --workers 1,2``,
-#: medians of 5 and 7 in two runs): with 2 workers instead of 1 a lossless
-#: ``dtdr`` load took 0.71-0.80 s instead of 0.93-1.15 s in bf16 and
-#: 1.05 s instead of 1.09-1.15 s in fp32, a bf16 save 1.11-1.23 s instead of
-#: 1.32-1.36 s; an fp32 save was 0.02-0.16 s slower and ``dtdr8`` within noise
-#: either way. The default codec gains, so the default is 2 there.
+#: reads, checks and decodes overlap, and the compiled codec kernels, the
+#: checksums and zstd release the GIL. One per physical core, at most 4 (see
+#: :func:`torch_dtdr._cpu.compute_cores`). Measured on MiniLM x4 on a quiet
+#: 2-core machine (``benchmarks/save_load.py --workers 1,2``, medians of 5):
+#: with 2 workers instead of 1 a lossless ``dtdr`` load took 0.35 s instead
+#: of 0.54 s in fp32 and 0.26 s instead of 0.42 s in bf16, a save 0.57 s
+#: instead of 0.80 s (fp32) and 0.55 s instead of 0.91 s (bf16).
 DEFAULT_WORKERS = min(4, compute_cores())
 
 
