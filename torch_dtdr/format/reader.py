@@ -25,7 +25,7 @@ from ..integrity.inner import InnerCode
 from ..integrity.parity import ErasureCode, WorkBudget
 from ..integrity.vote import bitwise_majority
 from . import constants
-from .index import Index, RecordInfo, TensorInfo, check_record_size, decompress_index, parse_index
+from .index import Index, RecordInfo, check_record_size, decompress_index, parse_index
 from .layout import Geometry
 from .records import BlobHeader, RecordHeader, Superblock, Trailer, check_flags, check_geometry, padded
 

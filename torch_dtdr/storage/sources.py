@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
