@@ -118,7 +118,7 @@ class DTDR(Codec):
             plains.append(payload[poff : poff + lens[2 * j]])
             poff += payload_caps[j]
         # one call for every frame: the same bytes as one compress() each, without a GIL
-        # hand-off per frame (which, with the writer running Python, costs more than the work)
+        # hand-off per frame (our own payloads: decoding takes the frames one at a time)
         zframes = R.thread_compressor(self.level).multi_compress_to_buffer(plains, threads=0)
         table = np.empty(2 * nframes, "<u4")
         parts = []
@@ -203,10 +203,14 @@ class DTDR(Codec):
                 return None
             if size < 0 or size > cap:  # the declared sizes bound what decompression allocates
                 return None
-            zframes.append(zframe)
+            zframes.append((zframe, cap))
             pos += zlen + lolen
-        try:  # one call for every frame (see _encode_compiled)
-            payloads = list(R.thread_decompressor().multi_decompress_to_buffer(zframes, threads=0)) if zframes else []
+        # One decompress call per frame, capped: frames are untrusted input here, so not the batched
+        # multi_decompress_to_buffer the encoder uses on its own output (a fuzzed frame corrupted the heap
+        # inside it).
+        dctx = R.thread_decompressor()
+        try:
+            payloads = [dctx.decompress(zframe, max_output_size=cap) for zframe, cap in zframes]
         except (zstandard.ZstdError, ValueError):
             return None
         values = out if out is not None else torch.empty(numel, dtype=dtype)
