@@ -328,10 +328,6 @@ def byte_bar(total: int, desc: str, enabled: bool):
                 disable=None if enabled else True)
 
 
-def _stored_bytes(t: TensorInfo) -> int:
-    return sum(r.end - r.offset for r in t.records)
-
-
 def stored_bytes(t: TensorInfo) -> int:
     """The bytes tensor ``t``'s records take in the file (what a byte progress bar counts)."""
     return sum(r.end - r.offset for r in t.records)

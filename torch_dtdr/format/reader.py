@@ -502,7 +502,6 @@ class ContainerReader:
         piece was read whole); the rest of ``buf`` is left as it was."""
         requests = self._requests(pieces)
         groups = [pieces] if len(requests) < len(pieces) else [[p] for p in pieces]
-        mv = buf
         gap_scratch = None
         for (offset, _length), group in zip(requests, groups):
             views = []
@@ -512,7 +511,7 @@ class ContainerReader:
                     if gap_scratch is None or len(gap_scratch) < phys - pos:
                         gap_scratch = bytearray(phys - pos)
                     views.append(memoryview(gap_scratch)[: phys - pos])
-                views.append(mv[lstart - base: lstart - base + n])
+                views.append(buf[lstart - base: lstart - base + n])
                 pos = phys + n
             got = self.source.read_into(offset, views, part_size=_SPAN_PART if len(requests) == 1 else None)
             for lstart, phys, n in group:
