@@ -471,3 +471,63 @@ def test_one_call_segment_decode_hands_unusual_segments_to_the_general_path(dtyp
     got, want = both(lambda: codec.decode(data, dtype, x.numel()))
     same_result(got, want)
     assert torch.isfinite(got.values).all() or case == "non-finite restored" and not got.exact
+
+
+def _transform_case(name, dtype, n=5000, seed=0):
+    codec = codecs.from_dict({"name": name, "block_size": 1024})
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    return codec, x, codec.encode(x)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["dtdr8", "dtdr16"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [1, 17, 1024, 5000, 40000])
+def test_transform_one_call_decode_takes_clean_segments_and_matches_the_reference(name, dtype, n):
+    codec, x, sections = _transform_case(name, dtype, n)
+    fast = codec._decode_intact(sections, dtype, n, None)
+    assert fast is not None
+    got, want = both(lambda: codec.decode(sections, dtype, n))
+    same_result(got, want)
+    assert got.exact and raw_bytes(fast) == raw_bytes(want.values)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["dtdr8", "dtdr16"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", ["nan factor", "inf factor", "negative factor", "huge factor", "short meta",
+                                  "short base"])
+def test_transform_one_call_decode_hands_unusual_segments_to_the_general_path(name, dtype, case):
+    """Sections that pass their checksums can still hold factors the general path
+    replaces, or be short: the one-call decode answers None without writing, and
+    decode() gives exactly what the reference gives (degraded, with its bound)."""
+    codec, x, sections = _transform_case(name, dtype)
+    meta = bytearray(sections["meta"])
+    value = {"nan factor": float("nan"), "inf factor": float("inf"), "negative factor": -1.0,
+             "huge factor": 3e38}.get(case)
+    if value is not None:
+        meta[4:8] = np.float32(value).tobytes()
+        data = {**sections, "meta": bytes(meta)}
+    elif case == "short meta":
+        data = {**sections, "meta": bytes(meta[:-1])}
+    else:
+        data = {**sections, "base": sections["base"][:-1]}
+    out = torch.full((x.numel(),), 7.0, dtype=dtype)
+    assert codec._decode_intact(data, dtype, x.numel(), out) is None
+    assert bool((out == 7.0).all())  # nothing written before stepping aside
+    got, want = both(lambda: codec.decode(data, dtype, x.numel()))
+    same_result(got, want)
+    assert not got.exact
+
+
+@needs_native
+def test_transform_one_call_decode_rejects_a_short_output():
+    codec, x, sections = _transform_case("dtdr8", torch.float32)
+    compiled = native.module()
+    with pytest.raises(CodecError):
+        compiled.decode_base_intact(sections["meta"], sections["base"], 8, 2, x.numel(), 1024,
+                                    np.zeros(1024, np.uint8), 1.0, np.zeros(x.numel() - 1, np.float32))
+    with pytest.raises(CodecError):
+        compiled.decode_base_intact(sections["meta"], sections["base"], 8, 2, 0, 1024,
+                                    np.zeros(1024, np.uint8), 1.0, np.zeros(1, np.float32))

@@ -4,9 +4,10 @@
  *
  * It works on plain CPU buffers through the buffer protocol (numpy arrays,
  * bytes, memoryviews) and never links against torch. Every kernel releases
- * the GIL. The arithmetic is the one docs/codecs.md specifies; the numpy/torch
- * implementation in _blocks.py / _residual.py is the reference, and the test
- * suite checks that both give the same bytes and the same bits.
+ * the GIL, but on small inputs (GIL_FREE_ELEMENTS). The arithmetic is the one
+ * docs/codecs.md specifies; the numpy/torch implementation in _blocks.py /
+ * _residual.py is the reference, and the test suite checks that both give the
+ * same bytes and the same bits.
  *
  * Untrusted input: every length and offset read from file data (payload
  * lengths, bit-stream positions, escape counts) is checked against the buffer
@@ -528,6 +529,21 @@ static int check_block(Py_ssize_t bs) {
     return 0;
 }
 
+/* Work below this many elements runs with the GIL held: releasing and taking
+ * it back costs a thread hand-off when another thread waits for it, more than
+ * a small block's work (loads of many small tensors ping-pong otherwise). */
+#define GIL_FREE_ELEMENTS 16384
+#define RUN_UNLOCKED_IF(big, stmt) \
+    do {                           \
+        if (big) {                 \
+            Py_BEGIN_ALLOW_THREADS \
+            stmt;                  \
+            Py_END_ALLOW_THREADS   \
+        } else {                   \
+            stmt;                  \
+        }                          \
+    } while (0)
+
 /* encode_base(x, dtype_code, numel, block_size, neg, qbits, q_out, f_out) */
 static PyObject *py_encode_base(PyObject *self, PyObject *args) {
     PyObject *ox, *oneg, *oq, *of;
@@ -548,10 +564,9 @@ static PyObject *py_encode_base(PyObject *self, PyObject *args) {
     rc = -2;
     if (check_len(&x, numel * dt_size(dt), "x") == 0 && check_len(&neg, bs, "neg") == 0 &&
         check_len(&q, ncoef * (qbits / 8), "q") == 0 && check_len(&f, 4 * nb, "f") == 0) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = encode_base_kernel(x.view.buf, dt, numel, bs, (const uint8_t *)neg.view.buf, qbits, (char *)q.view.buf,
-                                (float *)f.view.buf);
-        Py_END_ALLOW_THREADS
+        RUN_UNLOCKED_IF(numel >= GIL_FREE_ELEMENTS,
+                        rc = encode_base_kernel(x.view.buf, dt, numel, bs, (const uint8_t *)neg.view.buf, qbits,
+                                                (char *)q.view.buf, (float *)f.view.buf));
         if (rc == -1) PyErr_NoMemory();
     }
     buf_release(&x); buf_release(&neg); buf_release(&q); buf_release(&f);
@@ -580,15 +595,60 @@ static PyObject *py_decode_base(PyObject *self, PyObject *args) {
     rc = -2;
     if (check_len(&q, ncoef * (qbits / 8), "q") == 0 && check_len(&f, 4 * nb, "f") == 0 &&
         check_len(&neg, bs, "neg") == 0 && check_len(&out, numel * dt_size(dt), "out") == 0) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = decode_base_kernel((const char *)q.view.buf, qbits, (const float *)f.view.buf, dt, numel, bs,
-                                (const uint8_t *)neg.view.buf, M, (char *)out.view.buf);
-        Py_END_ALLOW_THREADS
+        RUN_UNLOCKED_IF(numel >= GIL_FREE_ELEMENTS,
+                        rc = decode_base_kernel((const char *)q.view.buf, qbits, (const float *)f.view.buf, dt, numel,
+                                                bs, (const uint8_t *)neg.view.buf, M, (char *)out.view.buf));
         if (rc == -1) PyErr_NoMemory();
     }
     buf_release(&q); buf_release(&f); buf_release(&neg); buf_release(&out);
     if (rc != 0) return NULL;
     Py_RETURN_NONE;
+}
+
+/* decode_base_intact(meta, base, qbits, dtype_code, numel, block_size, neg, M, out) -> 0 decoded, 1 take the
+ * general path: the whole decode of a transform-codec (dtdr8, dtdr16) segment the container reported
+ * undamaged, in one call. The factors are read straight from meta; a section too short or any factor the
+ * general path would replace (not finite, negative, above float32_max / 63) answers 1 before anything is
+ * written, so the general path then decides, as it would have. */
+static PyObject *py_decode_base_intact(PyObject *self, PyObject *args) {
+    PyObject *ometa, *obase, *oneg, *oout;
+    int dt, qbits, rc = 1;
+    Py_ssize_t numel, bs;
+    double M;
+    Buf meta, base, neg, out;
+    if (!PyArg_ParseTuple(args, "OOiinnOdO", &ometa, &obase, &qbits, &dt, &numel, &bs, &oneg, &M, &oout)) return NULL;
+    if (dt < 0 || dt > 3 || (qbits != 8 && qbits != 16) || numel < 1 || check_block(bs) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(err_cls(), "bad dtype code, qbits or size");
+        return NULL;
+    }
+    const Py_ssize_t nb = numel / bs + (numel % bs ? 1 : 0);
+    const Py_ssize_t ncoef = (numel / bs) * bs + (numel % bs ? next_pow2(numel % bs) : 0);
+    const float fmax = (float)(3.4028234663852886e+38 / 63.0);
+    if (buf_get(ometa, &meta, 0, "meta") < 0) return NULL;
+    if (buf_get(obase, &base, 0, "base") < 0) { buf_release(&meta); return NULL; }
+    if (buf_get(oneg, &neg, 0, "neg") < 0) { buf_release(&meta); buf_release(&base); return NULL; }
+    if (buf_get(oout, &out, 1, "out") < 0) { buf_release(&meta); buf_release(&base); buf_release(&neg); return NULL; }
+    if (check_len(&neg, bs, "neg") < 0 || check_len(&out, numel * dt_size(dt), "out") < 0) {
+        rc = -2;
+    } else if (meta.view.len >= 4 * nb && base.view.len >= ncoef * (qbits / 8)) {
+        float *f = (float *)malloc(sizeof(float) * (size_t)nb);
+        if (!f) {
+            rc = -1;
+        } else {
+            memcpy(f, meta.view.buf, sizeof(float) * (size_t)nb);
+            Py_ssize_t b = 0;
+            while (b < nb && f[b] >= 0.0f && f[b] <= fmax) b++; /* NaN fails both */
+            if (b == nb)
+                RUN_UNLOCKED_IF(numel >= GIL_FREE_ELEMENTS,
+                                rc = decode_base_kernel((const char *)base.view.buf, qbits, f, dt, numel, bs,
+                                                        (const uint8_t *)neg.view.buf, M, (char *)out.view.buf));
+            free(f);
+        }
+        if (rc == -1) PyErr_NoMemory();
+    }
+    buf_release(&meta); buf_release(&base); buf_release(&neg); buf_release(&out);
+    if (rc < 0) return NULL;
+    return PyLong_FromLong(rc);
 }
 
 /* ------------------------------------------------------------------ residual layer */
@@ -933,10 +993,9 @@ static PyObject *py_residual_encode_frame(PyObject *self, PyObject *args) {
              check_len(&pay, n + 4 * nb + n * isz, "payload") == 0 &&
              check_len(&lo, (n * kmax + 7) / 8 + 8, "lo") == 0;
     if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        plen = residual_encode_kernel(px.view.buf, pb.view.buf, A.view.buf, Z.view.buf, n, bs, &d, pay.view.buf,
-                                      lo.view.buf, &lolen, &nonfinite);
-        Py_END_ALLOW_THREADS
+        RUN_UNLOCKED_IF(n >= GIL_FREE_ELEMENTS,
+                        plen = residual_encode_kernel(px.view.buf, pb.view.buf, A.view.buf, Z.view.buf, n, bs, &d,
+                                                      pay.view.buf, lo.view.buf, &lolen, &nonfinite));
         if (plen < 0) {
             PyErr_NoMemory();
             ok = 0;
@@ -1010,11 +1069,11 @@ static PyObject *py_residual_decode_frame(PyObject *self, PyObject *args) {
              check_len(&Z, 4 * nb, "Zc") == 0 && check_len(&okb, nb, "block_ok") == 0 &&
              check_len(&lost, n, "lost") == 0 && (nbuf == 7 || check_len(&dmg, lo.view.len, "lo_damage") == 0);
     if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = residual_decode_kernel(pay.view.buf, pay.view.len, lo.view.buf, lo.view.len,
-                                    nbuf == 8 ? (const unsigned char *)dmg.view.buf : NULL, bits.view.buf,
-                                    A.view.buf, Z.view.buf, okb.view.buf, n, bs, &d, lost.view.buf);
-        Py_END_ALLOW_THREADS
+        RUN_UNLOCKED_IF(n >= GIL_FREE_ELEMENTS,
+                        rc = residual_decode_kernel(pay.view.buf, pay.view.len, lo.view.buf, lo.view.len,
+                                                    nbuf == 8 ? (const unsigned char *)dmg.view.buf : NULL,
+                                                    bits.view.buf, A.view.buf, Z.view.buf, okb.view.buf, n, bs, &d,
+                                                    lost.view.buf));
         if (rc == -2) {
             PyErr_NoMemory();
             ok = 0;
@@ -1136,11 +1195,10 @@ static PyObject *py_dtdr_decode_segment(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(PyList_GET_ITEM(opay, got_pay), &pay[got_pay], PyBUF_SIMPLE) < 0) { ok = 0; break; }
     if (ok) ok = check_len(&neg, bs, "neg") == 0 && check_len(&out, numel * dt_size(dt), "out") == 0;
     if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = dtdr_segment_kernel(meta.view.buf, meta.view.len, base.view.buf, base.view.len, resid.view.buf,
-                                 resid.view.len, pay, npay, neg.view.buf, out.view.buf, numel, bs, dt, M, &d, delta,
-                                 fblocks);
-        Py_END_ALLOW_THREADS
+        RUN_UNLOCKED_IF(numel >= GIL_FREE_ELEMENTS,
+                        rc = dtdr_segment_kernel(meta.view.buf, meta.view.len, base.view.buf, base.view.len,
+                                                 resid.view.buf, resid.view.len, pay, npay, neg.view.buf,
+                                                 out.view.buf, numel, bs, dt, M, &d, delta, fblocks));
         if (rc == -1) { PyErr_NoMemory(); ok = 0; }
     }
     for (Py_ssize_t i = 0; i < got_pay; i++) PyBuffer_Release(&pay[i]);
@@ -1244,10 +1302,10 @@ static PyObject *py_dtdr_encode_segment(PyObject *self, PyObject *args) {
              check_len(&pay, need_pay, "payload") == 0 &&
              check_len(&lo, need_lo, "lo") == 0;
     if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        flags = dtdr_encode_kernel(x.view.buf, numel, bs, dt, M, neg.view.buf, &d, delta, fblocks, q.view.buf,
-                                   f.view.buf, scr.view.buf, pay.view.buf, lo.view.buf, lens);
-        Py_END_ALLOW_THREADS
+        RUN_UNLOCKED_IF(numel >= GIL_FREE_ELEMENTS,
+                        flags = dtdr_encode_kernel(x.view.buf, numel, bs, dt, M, neg.view.buf, &d, delta, fblocks,
+                                                   q.view.buf, f.view.buf, scr.view.buf, pay.view.buf, lo.view.buf,
+                                                   lens));
         if (flags < 0) { PyErr_NoMemory(); ok = 0; }
     }
     for (int i = 0; i < got; i++) buf_release(all[i]);
@@ -1305,6 +1363,7 @@ static PyMethodDef methods[] = {
     {"set_error_class", py_set_error_class, METH_O, "The exception class for inconsistent sizes (a ValueError)."},
     {"encode_base", py_encode_base, METH_VARARGS, "Quantise blocks (the base layer encode)."},
     {"decode_base", py_decode_base, METH_VARARGS, "The normative base-layer decode."},
+    {"decode_base_intact", py_decode_base_intact, METH_VARARGS, "Decode a whole undamaged dtdr8/dtdr16 segment."},
     {"residual_encode_frame", py_residual_encode_frame, METH_VARARGS, "Encode one residual frame (before zstd)."},
     {"residual_decode_frame", py_residual_decode_frame, METH_VARARGS, "Apply one residual frame (after zstd)."},
     {"dtdr_decode_segment", py_dtdr_decode_segment, METH_VARARGS, "Decode a whole undamaged dtdr segment."},

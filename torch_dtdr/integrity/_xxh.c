@@ -39,14 +39,15 @@ static PyObject *py_chunk_hashes(PyObject *self, PyObject *args) {
         PyBuffer_Release(&out);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
+    /* below 256 KiB (about 20 us) the GIL stays held: a hand-off to a waiting thread costs more */
+    PyThreadState *released = buf.len >= (1 << 18) ? PyEval_SaveThread() : NULL;
     const unsigned char *p = (const unsigned char *)buf.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t len = buf.len - i * chunk < chunk ? buf.len - i * chunk : chunk;
         uint64_t h = XXH3_64bits(p + i * chunk, (size_t)len);
         memcpy((char *)out.buf + 8 * i, &h, 8);
     }
-    Py_END_ALLOW_THREADS
+    if (released) PyEval_RestoreThread(released);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&out);
     return PyLong_FromSsize_t(n);
