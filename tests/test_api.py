@@ -106,6 +106,24 @@ def test_thread_pools_change_nothing_but_speed(tmp_path, monkeypatch):
         assert_same(v, sd[k])
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_small_tensors_decoded_inline_and_big_ones_on_workers_land_in_their_places(tmp_path, workers):
+    """Small tensors are decoded on the calling thread and big ones on the workers (INLINE_BYTES);
+    interleaved, every tensor still lands under its own name and in its report slot."""
+    from torch_dtdr import decoding
+
+    small = decoding.INLINE_BYTES // 16
+    sd = {f"t{i}": pseudo(small if i % 3 else 8 * decoding.INLINE_BYTES, torch.float32, i) for i in range(10)}
+    sd["scalar"] = torch.tensor(7.0)
+    path = tmp_path / "mixed.dtdr"
+    torch_dtdr.save(sd, path)
+    back, rep = torch_dtdr.load(path, workers=workers, report=True, errors="strict")
+    assert list(back) == list(sd)
+    for k, v in sd.items():
+        assert_same(back[k], v)
+    assert [t.name for t in rep.tensors] == list(sd)
+
+
 @pytest.mark.parametrize("stripe_kind", ["full", "last, short"])
 def test_scattered_byte_errors_in_many_chunks_of_a_stripe_are_repaired(tmp_path, stripe_kind):
     """Default parity (32 + 2) erases at most 2 chunks per stripe, but byte

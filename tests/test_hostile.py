@@ -493,3 +493,43 @@ def test_reader_imports_nothing_by_name():
                 raise AssertionError(f"{rel}:{node.lineno}: importlib.import_module")
             if isinstance(node, ast.Name) and node.id in ("__import__", "eval", "exec"):
                 raise AssertionError(f"{rel}:{node.lineno}: {node.id}")
+
+
+def _forge_section(data: bytes, section: str, copy: int) -> bytes:
+    """``data`` with one byte of copy ``copy`` of the first record's ``section`` flipped and every chunk
+    checksum and parity recomputed, so only the section's own digest can tell."""
+    with torch_dtdr.storage.open_source(io.BytesIO(data)) as src:
+        reader = torch_dtdr.format.reader.ContainerReader(src)
+        rec = reader.tensors[0].records[0]
+        pos = rec.body_start
+        for spec in rec.sections:
+            if spec.name == section:
+                break
+            pos += spec.stored_length
+        stream = bytearray(reader.read_logical(0, reader.stream_length).data)
+    stream[pos + copy * spec.length] ^= 0x10
+    return craft.restream(data, bytes(stream))
+
+
+@pytest.mark.parametrize("codec", ["dtdr", "dtdr8"])
+def test_a_forged_first_copy_under_valid_chunk_checksums_is_outvoted(codec):
+    """Chunks that verify do not vouch for a section: its first copy is checked against its digest,
+    and when it differs the other copies decide (the reader's fast path for intact records must not
+    take it as read)."""
+    w = torch.randn(64, 40, generator=torch.Generator().manual_seed(3))
+    data = craft.save_bytes({"w": w}, codec=codec)
+    forged = _forge_section(data, "meta", copy=0)
+    assert forged != data
+    out, rep = torch_dtdr.load(io.BytesIO(forged), report=True)
+    assert torch.equal(out["w"], torch_dtdr.load(io.BytesIO(data))["w"])
+    assert rep.tensors[0].status in ("exact", "repaired"), rep.tensors[0]
+
+
+def test_a_forged_single_copy_section_under_valid_chunk_checksums_is_damage_not_exact():
+    w = torch.randn(64, 40, generator=torch.Generator().manual_seed(4))
+    forged = _forge_section(craft.save_bytes({"w": w}, codec="dtdr8"), "base", copy=0)
+    with pytest.warns(DamageWarning):
+        _out, rep = torch_dtdr.load(io.BytesIO(forged), report=True)
+    assert rep.tensors[0].status != "exact"
+    with pytest.raises(DTDRError):
+        torch_dtdr.load(io.BytesIO(forged), errors="strict")

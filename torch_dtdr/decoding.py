@@ -38,6 +38,12 @@ from .storage import open_source
 #: instead of 0.80 s (fp32) and 0.55 s instead of 0.91 s (bf16).
 DEFAULT_WORKERS = min(4, compute_cores())
 
+#: Tensors whose records take fewer bytes than this are decoded on the calling
+#: thread, the rest on the workers. A small tensor's decode is mostly Python
+#: (and its kernels keep the GIL), so on a worker it only trades the GIL back and
+#: forth: 416 tensors of 16 floats loaded in ~30 ms on one thread and ~50 ms on two.
+INLINE_BYTES = 1 << 16
+
 
 def check_errors(errors, partial: bool = False) -> None:
     """Refuse an ``errors`` / ``partial`` combination load cannot honour."""
@@ -262,9 +268,17 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
         return None if t is None else place(t, map_location, devices[i], reader.name, reader.tensors[i].name)
 
     with reader.prefetch(rec for t in reader.tensors for rec in t.records):
-        if workers > 1 and n > 1:
+        pooled = [i for i in range(n) if sizes[i] >= INLINE_BYTES] if workers > 1 and n > 1 else []
+        if len(pooled) > 1 or (pooled and len(pooled) < n):
+            inline = [i for i in range(n) if sizes[i] < INLINE_BYTES]
+            order = inline + pooled
+            loaded: list = [None] * n
             with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
-                loaded = list(byte_progress(pool.map(decode, range(n)), sizes, progress, "load"))
+                futures = {i: pool.submit(decode, i) for i in pooled}
+                # the small tensors decode here while the workers run the big ones' GIL-free kernels
+                done = (decode(i) if i not in futures else futures[i].result() for i in order)
+                for i, t in zip(order, byte_progress(done, [sizes[i] for i in order], progress, "load")):
+                    loaded[i] = t
         else:
             loaded = list(byte_progress(map(decode, range(n)), sizes, progress, "load"))
     rep = dec.finish()
