@@ -21,7 +21,7 @@ import sys
 import threading
 
 from ..errors import StorageError
-from .paths import (byte_view, FileLike, fileobj_name, fspath, is_memory_fs, O_BINARY, O_CLOEXEC, protocols, resolve,
+from .paths import (byte_view, FileLike, fileobj_name, fspath, is_memory_fs, O_CLOEXEC, protocols, resolve,
                     storage_error, TEMP_SUFFIX)
 
 
@@ -294,29 +294,34 @@ class _LocalSink(Sink):
             dest_mode = stat.S_IMODE(os.stat(path).st_mode)
         except OSError:
             dest_mode = None
-        for _ in range(64):
-            tmp = local_temp_path(path)
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY | O_CLOEXEC, 0o666)
-                break
-            except FileExistsError:
-                continue
-            except FileNotFoundError as e:
-                raise StorageError("the destination's directory does not exist", file=path) from e
-            except OSError as e:
-                raise storage_error("cannot create a temporary file", e, file=path) from e
-        else:  # pragma: no cover
-            raise StorageError("cannot pick a free temporary file name", file=path)
-        self._tmp = tmp
-        self._writeback_from = 0  # where the write-back not yet started begins
-        remove_stale_temps(d)  # what killed saves into this directory left behind
+        # The file object owns the descriptor from the moment it exists (open() is one C call), so a
+        # KeyboardInterrupt between any two lines here closes it exactly once and removes the temp file.
+        tmp = f = None
         try:
+            for _ in range(64):
+                tmp = local_temp_path(path)
+                try:
+                    f = open(tmp, "xb", buffering=_LOCAL_WRITE_BUFFER)  # O_EXCL, 0o666, close-on-exec
+                    break
+                except FileExistsError:
+                    continue
+                except FileNotFoundError as e:
+                    raise StorageError("the destination's directory does not exist", file=path) from e
+                except OSError as e:
+                    raise storage_error("cannot create a temporary file", e, file=path) from e
+            else:  # pragma: no cover
+                raise StorageError("cannot pick a free temporary file name", file=path)
+            remove_stale_temps(d)  # what killed saves into this directory left behind
             if dest_mode is not None and hasattr(os, "fchmod"):
-                os.fchmod(fd, dest_mode)  # replacing a file keeps its permissions
-            self._f = os.fdopen(fd, "wb", buffering=_LOCAL_WRITE_BUFFER)
+                os.fchmod(f.fileno(), dest_mode)  # replacing a file keeps its permissions
+            self._writeback_from = 0  # where the write-back not yet started begins
+            self._tmp = tmp
+            self._f = f  # from here on, abort() (or __del__ on a sink that is dropped) cleans up
         except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
+            if f is not None:
+                f.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             raise
 
     def _write(self, mv):
