@@ -124,6 +124,32 @@ def test_small_tensors_decoded_inline_and_big_ones_on_workers_land_in_their_plac
     assert [t.name for t in rep.tensors] == list(sd)
 
 
+def test_an_interrupted_load_does_not_decode_the_rest_first(tmp_path):
+    """Ctrl-C (or any failure) on the calling thread cancels the big tensors still queued for the workers
+    instead of waiting for all of them to decode."""
+    import threading
+    import time
+
+    from torch_dtdr import decoding
+
+    sd = {f"big{i}": torch.zeros(decoding.INLINE_BYTES // 2) for i in range(40)}
+    sd["small"] = torch.zeros(4)
+    path = tmp_path / "m.dtdr"
+    torch_dtdr.save(sd, path, codec="raw")
+    on_workers = []
+
+    def location(storage, _tag):
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt
+        on_workers.append(1)
+        time.sleep(0.05)
+        return storage
+
+    with pytest.raises(KeyboardInterrupt):
+        torch_dtdr.load(path, map_location=location, workers=2)
+    assert len(on_workers) < 20, len(on_workers)
+
+
 @pytest.mark.parametrize("stripe_kind", ["full", "last, short"])
 def test_scattered_byte_errors_in_many_chunks_of_a_stripe_are_repaired(tmp_path, stripe_kind):
     """Default parity (32 + 2) erases at most 2 chunks per stripe, but byte

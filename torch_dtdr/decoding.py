@@ -275,10 +275,15 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
             loaded: list = [None] * n
             with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
                 futures = {i: pool.submit(decode, i) for i in pooled}
-                # the small tensors decode here while the workers run the big ones' GIL-free kernels
-                done = (decode(i) if i not in futures else futures[i].result() for i in order)
-                for i, t in zip(order, byte_progress(done, [sizes[i] for i in order], progress, "load")):
-                    loaded[i] = t
+                try:
+                    # the small tensors decode here while the workers run the big ones' GIL-free kernels
+                    done = (decode(i) if i not in futures else futures[i].result() for i in order)
+                    for i, t in zip(order, byte_progress(done, [sizes[i] for i in order], progress, "load")):
+                        loaded[i] = t
+                except BaseException:  # a failure or Ctrl-C: do not decode the rest first
+                    for future in futures.values():
+                        future.cancel()
+                    raise
         else:
             loaded = list(byte_progress(map(decode, range(n)), sizes, progress, "load"))
     rep = dec.finish()
