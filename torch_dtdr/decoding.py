@@ -274,7 +274,8 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
             order = inline + pooled
             loaded: list = [None] * n
             with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
-                futures = {i: pool.submit(decode, i) for i in pooled}
+                # largest first, so that no big tensor starts last and leaves one core idle at the end
+                futures = {i: pool.submit(decode, i) for i in sorted(pooled, key=sizes.__getitem__, reverse=True)}
                 try:
                     # the small tensors decode here while the workers run the big ones' GIL-free kernels
                     done = (decode(i) if i not in futures else futures[i].result() for i in order)

@@ -39,41 +39,68 @@
 
 static int have_avx2 = 0;
 
-/* Elements [0, cnt8) (cnt8 a multiple of 8) of one block: r_i = (hi_i << k_i) | lo_i
- * with lo_i the k_i bits at bit position pos + sum_{j<i} k_j of lo (k_i <= 25, so
- * a 4-byte read at the position's byte holds them). Every 4-byte read lies inside
- * the stream (the caller checks the block's last byte + 8 <= lolen). Writes
- * 32-bit r (out16 == 0) or their low 16 bits. Returns the position after them. */
+/* Eight fields r_i = (hi_i << k_i) | lo_i of a block (k_i <= 25, hi_i the bytes at
+ * pl), with lo_i the k_i bits at bit position *pos + sum_{j<i} k_j of lo; advances
+ * *pos past them. Each half of the eight (4 fields, at most 7 + 3 * 25 + 25 bits
+ * from the byte of its first) lies inside one 16-byte load, from which a byte
+ * shuffle picks each field's 4 bytes: no gathers, which are slow on several x86
+ * cores. The caller guarantees that 16 bytes from the group's last byte lie
+ * inside the stream. */
+__attribute__((target("avx2")))
+static inline __m256i fields8(const unsigned char *lo, uint32_t *pos, const uint8_t *kk, const unsigned char *pl) {
+    const __m256i one = _mm256_set1_epi32(1), seven = _mm256_set1_epi32(7);
+    /* lane i's byte offset (within its half) copied to the four bytes of the lane, plus 0,1,2,3 */
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                            0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+    const __m256i ramp = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+                                          0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    uint64_t kw;
+    __m128i h8;
+    memcpy(&kw, kk, 8);
+    memcpy(&h8, pl, 8);
+    /* the bit positions of fields 0 and 4 and the group's end in scalar registers (byte sums
+     * by multiplication: 8 * 25 < 256), so that the loads do not wait on the vector unit */
+    const uint32_t at = *pos;
+    const uint32_t sum4 = (uint32_t)(((kw & 0xFFFFFFFFu) * 0x01010101u) >> 24) & 0xFF;
+    const uint32_t sum8 = (uint32_t)((kw * 0x0101010101010101ull) >> 56);
+    const uint32_t b0 = at >> 3, b4 = (at + sum4) >> 3;
+    __m256i k = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)kw));
+    __m256i x = _mm256_add_epi32(k, _mm256_slli_si256(k, 4));
+    x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
+    __m256i last = _mm256_shuffle_epi32(x, 0xFF);
+    x = _mm256_add_epi32(x, _mm256_permute2x128_si256(last, last, 0x08)); /* inclusive prefix sums */
+    __m256i p = _mm256_add_epi32(_mm256_sub_epi32(x, k), _mm256_set1_epi32((int)at));
+    __m256i data = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(lo + b0))),
+                                           _mm_loadu_si128((const __m128i *)(lo + b4)), 1);
+    __m256i rel = _mm256_sub_epi32(_mm256_srli_epi32(p, 3), _mm256_setr_epi32((int)b0, (int)b0, (int)b0, (int)b0,
+                                                                                (int)b4, (int)b4, (int)b4, (int)b4));
+    __m256i word = _mm256_shuffle_epi8(data, _mm256_add_epi8(_mm256_shuffle_epi8(rel, spread), ramp));
+    __m256i field = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_and_si256(p, seven)),
+                                     _mm256_sub_epi32(_mm256_sllv_epi32(one, k), one));
+    *pos = at + sum8;
+    return _mm256_or_si256(_mm256_sllv_epi32(_mm256_cvtepu8_epi32(h8), k), field);
+}
+
+/* Elements [0, cnt8) (cnt8 a multiple of 8) of one block: the fields (fields8)
+ * written as 32-bit r (out16 == 0) or their low 16 bits. Returns the position
+ * after them. */
 __attribute__((target("avx2")))
 static uint32_t gather_fields(const unsigned char *lo, uint32_t pos, const uint8_t *kk, const unsigned char *pl,
                               Py_ssize_t cnt8, void *rr, int out16) {
-    const __m256i one = _mm256_set1_epi32(1), seven = _mm256_set1_epi32(7);
     const __m256i pick16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
                                             0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
     for (Py_ssize_t i = 0; i < cnt8; i += 8) {
-        __m128i k8, h8;
-        memcpy(&k8, kk + i, 8);
-        memcpy(&h8, pl + i, 8);
-        __m256i k = _mm256_cvtepu8_epi32(k8);
-        __m256i x = _mm256_add_epi32(k, _mm256_slli_si256(k, 4));
-        x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
-        __m256i last = _mm256_shuffle_epi32(x, 0xFF);
-        x = _mm256_add_epi32(x, _mm256_permute2x128_si256(last, last, 0x08)); /* inclusive prefix sums */
-        __m256i p = _mm256_add_epi32(_mm256_sub_epi32(x, k), _mm256_set1_epi32((int)pos));
-        __m256i word = _mm256_i32gather_epi32((const int *)lo, _mm256_srli_epi32(p, 3), 1);
-        __m256i field = _mm256_and_si256(_mm256_srlv_epi32(word, _mm256_and_si256(p, seven)),
-                                         _mm256_sub_epi32(_mm256_sllv_epi32(one, k), one));
-        __m256i r = _mm256_or_si256(_mm256_sllv_epi32(_mm256_cvtepu8_epi32(h8), k), field);
+        __m256i r = fields8(lo, &pos, kk + i, pl + i);
         if (out16) {
             __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(r, pick16), 0x08);
             _mm_storeu_si128((__m128i *)((uint16_t *)rr + i), _mm256_castsi256_si128(packed));
         } else {
             _mm256_storeu_si256((__m256i *)((uint32_t *)rr + i), r);
         }
-        pos += (uint32_t)_mm256_extract_epi32(x, 7);
     }
     return pos;
 }
+
 #endif
 
 enum { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_F64 = 3 };
@@ -709,11 +736,13 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
 }
 
 /* In the residual decode's fast path: the 16- and 32-bit fields of a block's
- * first multiple-of-8 elements through gather_fields when the CPU has AVX2
- * (`first` gets how many were done); nothing otherwise. */
+ * first multiple-of-8 elements through gather_fields when the CPU has AVX2 and
+ * 16 bytes from the block's last byte lie inside the stream (`first` gets how
+ * many were done); nothing otherwise. */
 #ifdef DTDR_GATHER
 #define GATHER_FIELDS(W, first)                                                                              \
-    if (W <= 32 && have_avx2 && pos + (uint64_t)tot < ((uint64_t)1 << 31)) {                                 \
+    if (W <= 32 && have_avx2 && pos + (uint64_t)tot < ((uint64_t)1 << 31) &&                                 \
+        (pos + (uint64_t)tot) / 8 + 16 <= (uint64_t)lolen) {                                                 \
         first = cnt & ~(Py_ssize_t)7;                                                                        \
         pos = gather_fields(lo, (uint32_t)pos, kk, pl, first, rr, W == 16);                                  \
     }
@@ -874,7 +903,7 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
             uint64_t pos = bstart;                                                                           \
             int hit_any = 0;                                                                                 \
             const unsigned char *pl = plane + e0;                                                            \
-            const int has_esc = memchr(pl, 255, (size_t)cnt) != NULL;                                       \
+            const unsigned char *first_esc = memchr(pl, 255, (size_t)cnt);                                \
             if (!dmg && (bstart + tot) / 8 + 8 <= (uint64_t)lolen) {                                         \
                 /* fast path: every 8-byte read stays inside the stream; escapes fixed after */              \
                 Py_ssize_t first = 0;                                                                        \
@@ -887,15 +916,15 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
                     pos += (uint64_t)k;                                                                      \
                     rr[i] = (T)((T)((T)pl[i] << k) | (T)lv);                                                 \
                 }                                                                                            \
-                if (has_esc) {                                                                               \
-                    for (Py_ssize_t i = 0; i < cnt; i++) {                                                   \
-                        if (pl[i] == 255) {                                                                  \
-                            T hi;                                                                            \
-                            int k = kk[i];                                                                   \
-                            memcpy(&hi, esc + (W / 8) * ei, W / 8);                                          \
-                            ei++;                                                                            \
-                            rr[i] = (T)((T)(hi << k) | (T)(rr[i] & (T)(((T)1 << k) - 1)));                   \
-                        }                                                                                    \
+                if (first_esc) {                                                                             \
+                    const unsigned char *pend = pl + cnt, *hit;                                              \
+                    for (hit = first_esc; hit; hit = memchr(hit + 1, 255, (size_t)(pend - hit - 1))) { \
+                        Py_ssize_t i = hit - pl;                                                             \
+                        T hi;                                                                                \
+                        int k = kk[i];                                                                       \
+                        memcpy(&hi, esc + (W / 8) * ei, W / 8);                                              \
+                        ei++;                                                                                \
+                        rr[i] = (T)((T)(hi << k) | (T)(rr[i] & (T)(((T)1 << k) - 1)));                       \
                     }                                                                                        \
                 }                                                                                            \
                 nonfinite |= apply_pass##W(bits + e0, rr, cnt, nfmask);                                      \
