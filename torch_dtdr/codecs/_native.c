@@ -293,6 +293,79 @@ static void fwht_i32(int32_t *restrict v, Py_ssize_t m) {
             }
 }
 
+typedef int16_t v16h __attribute__((vector_size(32)));
+typedef int16_t v8h __attribute__((vector_size(16)));
+
+/* fwht_i32 of m >= 16 int8 coefficients, exactly (integer sums are the same in
+ * any stage order): the strides from 16 up to min(m/2, 1024) run on 16-lane
+ * int16 vectors (at most 7 stages: |sum| <= 128 * 2^7 fits int16, whatever the
+ * file holds), then one pass widens to int32 and runs strides 1, 2, 4 and 8 in
+ * registers, then fwht_i32's passes run the strides above 1024. About a third
+ * faster than widening first. t: m int16 of scratch. */
+DTDR_CLONES
+static void fwht_i8(int32_t *restrict v, int16_t *restrict t, const int8_t *restrict q, Py_ssize_t m) {
+    Py_ssize_t i, j, h;
+    const Py_ssize_t top = m / 2 < 1024 ? m / 2 : 1024;
+    for (j = 0; j < m; j++) t[j] = q[j];
+    for (h = 16; 2 * h <= top; h <<= 2)
+        for (i = 0; i < m; i += 4 * h)
+            for (j = 0; j < h; j += 16) {
+                v16h a0, a1, a2, a3;
+                memcpy(&a0, t + i + j, 32);
+                memcpy(&a1, t + i + h + j, 32);
+                memcpy(&a2, t + i + 2 * h + j, 32);
+                memcpy(&a3, t + i + 3 * h + j, 32);
+                v16h b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
+                a0 = b0 + b2; a2 = b0 - b2; a1 = b1 + b3; a3 = b1 - b3;
+                memcpy(t + i + j, &a0, 32);
+                memcpy(t + i + h + j, &a1, 32);
+                memcpy(t + i + 2 * h + j, &a2, 32);
+                memcpy(t + i + 3 * h + j, &a3, 32);
+            }
+    for (; h <= top; h <<= 1)
+        for (i = 0; i < m; i += 2 * h)
+            for (j = 0; j < h; j += 16) {
+                v16h a, b;
+                memcpy(&a, t + i + j, 32);
+                memcpy(&b, t + i + h + j, 32);
+                v16h lo = a + b, hi = a - b;
+                memcpy(t + i + j, &lo, 32);
+                memcpy(t + i + h + j, &hi, 32);
+            }
+    for (i = 0; i < m; i += 16) {
+        v8h x16, y16;
+        memcpy(&x16, t + i, 16);
+        memcpy(&y16, t + i + 8, 16);
+        v8i x = __builtin_convertvector(x16, v8i), y = __builtin_convertvector(y16, v8i);
+        x = __builtin_shuffle(x, SWAP1) + ((x ^ NEG1) - NEG1);
+        x = __builtin_shuffle(x, SWAP2) + ((x ^ NEG2) - NEG2);
+        x = __builtin_shuffle(x, SWAP4) + ((x ^ NEG4) - NEG4);
+        y = __builtin_shuffle(y, SWAP1) + ((y ^ NEG1) - NEG1);
+        y = __builtin_shuffle(y, SWAP2) + ((y ^ NEG2) - NEG2);
+        y = __builtin_shuffle(y, SWAP4) + ((y ^ NEG4) - NEG4);
+        v8i_store(v + i, x + y);
+        v8i_store(v + i + 8, x - y);
+    }
+    for (; 2 * h <= m / 2; h <<= 2)
+        for (i = 0; i < m; i += 4 * h)
+            for (j = 0; j < h; j += 8) {
+                v8i a0 = v8i_load(v + i + j), a1 = v8i_load(v + i + h + j);
+                v8i a2 = v8i_load(v + i + 2 * h + j), a3 = v8i_load(v + i + 3 * h + j);
+                v8i b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
+                v8i_store(v + i + j, b0 + b2);
+                v8i_store(v + i + 2 * h + j, b0 - b2);
+                v8i_store(v + i + h + j, b1 + b3);
+                v8i_store(v + i + 3 * h + j, b1 - b3);
+            }
+    for (; h < m; h <<= 1)
+        for (i = 0; i < m; i += 2 * h)
+            for (j = 0; j < h; j += 8) {
+                v8i a = v8i_load(v + i + j), b = v8i_load(v + i + h + j);
+                v8i_store(v + i + j, a + b);
+                v8i_store(v + i + h + j, a - b);
+            }
+}
+
 /* ------------------------------------------------------------------ base layer */
 
 static inline Py_ssize_t next_pow2(Py_ssize_t n) {
@@ -413,17 +486,22 @@ static int encode_base_kernel(const void *x, int dt, Py_ssize_t numel, Py_ssize_
 /* The normative decode (docs/codecs.md 2.5) of one block into dst (m outputs
  * computed, `count` written). nm[j] is -1 where d_j = -1, else 0. */
 DTDR_CLONES
-static void decode_block(int32_t *restrict s, float *restrict sf, const void *qsrc, int qbits, Py_ssize_t m,
-                         Py_ssize_t count, float f, const int32_t *restrict nm, int dt, double M, void *dst) {
+static void decode_block(int32_t *restrict s, int16_t *restrict t, float *restrict sf, const void *qsrc, int qbits,
+                         Py_ssize_t m, Py_ssize_t count, float f, const int32_t *restrict nm, int dt, double M,
+                         void *dst) {
     Py_ssize_t j;
-    if (qbits == 8) {
-        const int8_t *restrict q = (const int8_t *)qsrc;
-        for (j = 0; j < m; j++) s[j] = q[j];
+    if (qbits == 8 && m >= 16) {
+        fwht_i8(s, t, (const int8_t *)qsrc, m);
     } else {
-        const unsigned char *q = (const unsigned char *)qsrc;
-        for (j = 0; j < m; j++) s[j] = (int16_t)(q[2 * j] | (q[2 * j + 1] << 8));
+        if (qbits == 8) {
+            const int8_t *restrict q = (const int8_t *)qsrc;
+            for (j = 0; j < m; j++) s[j] = q[j];
+        } else {
+            const unsigned char *q = (const unsigned char *)qsrc;
+            for (j = 0; j < m; j++) s[j] = (int16_t)(q[2 * j] | (q[2 * j + 1] << 8));
+        }
+        fwht_i32(s, m);
     }
-    fwht_i32(s, m);
     if (qbits == 8) {
         /* One pass per block: v = fl32(d_j S_j * f), clamped to [-M, M] (a no-op
          * for every value that is already inside; f is finite, so no NaN), +0.0,
@@ -495,17 +573,19 @@ static int decode_base_kernel(const char *q, int qbits, const float *f, int dt, 
     Py_ssize_t nfull = numel / bs, tail = numel % bs, b, j;
     Py_ssize_t qsz = qbits / 8, osz = dt_size(dt);
     int32_t *s = (int32_t *)malloc(sizeof(int32_t) * (size_t)bs);
+    int16_t *t = (int16_t *)malloc(sizeof(int16_t) * (size_t)bs);
     float *sf = (float *)malloc(sizeof(float) * (size_t)bs);
     int32_t *nm = (int32_t *)malloc(sizeof(int32_t) * (size_t)bs);
-    if (!s || !sf || !nm) { free(s); free(sf); free(nm); return -1; }
+    if (!s || !t || !sf || !nm) { free(s); free(t); free(sf); free(nm); return -1; }
     for (j = 0; j < bs; j++) nm[j] = neg[j] ? -1 : 0;
     for (b = 0; b < nfull; b++)
-        decode_block(s, sf, q + b * bs * qsz, qbits, bs, bs, f[b], nm, dt, M, out + b * bs * osz);
+        decode_block(s, t, sf, q + b * bs * qsz, qbits, bs, bs, f[b], nm, dt, M, out + b * bs * osz);
     if (tail) {
         Py_ssize_t m = next_pow2(tail);
-        decode_block(s, sf, q + nfull * bs * qsz, qbits, m, tail, f[nfull], nm, dt, M, out + nfull * bs * osz);
+        decode_block(s, t, sf, q + nfull * bs * qsz, qbits, m, tail, f[nfull], nm, dt, M, out + nfull * bs * osz);
     }
     free(s);
+    free(t);
     free(sf);
     free(nm);
     return 0;
