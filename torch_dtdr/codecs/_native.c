@@ -105,6 +105,38 @@ static uint32_t gather_fields(const unsigned char *lo, uint32_t pos, const uint8
 
 enum { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2, DT_F64 = 3 };
 
+/* float16 <-> float32 conversions with the F16C instructions (x86-64 with GCC,
+ * chosen at run time): IEEE round-to-nearest-even, so the same bits as
+ * f32_to_f16 / f16_to_f32 below (tests/test_native.py checks every float16
+ * boundary both ways). */
+#ifdef DTDR_GATHER
+static int have_f16c = 0;
+
+/* o[i] = float16(s[i]) for finite s[i] (round to nearest even). */
+__attribute__((target("avx,f16c")))
+static Py_ssize_t f32_to_f16_f16c(const float *restrict s, uint16_t *restrict o, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(o + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+    return i;
+}
+
+/* w[i] = float32(h[i]), or 0 where h[i] is an infinity or a NaN (the encoder's inputs). */
+__attribute__((target("avx2,f16c")))
+static Py_ssize_t f16_to_f32_f16c(const uint16_t *restrict h, float *restrict w, Py_ssize_t n) {
+    const __m256i expo = _mm256_set1_epi32(0x7C00);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(h + i));
+        __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_cvtepu16_epi32(x), expo), expo);
+        __m256 v = _mm256_andnot_ps(_mm256_castsi256_ps(special), _mm256_cvtph_ps(x));
+        _mm256_storeu_ps(w + i, v);
+    }
+    return i;
+}
+#endif
+
+
 static const float F32_MAX = 3.4028234663852886e+38f;
 
 /* ------------------------------------------------------------------ scalars */
@@ -140,6 +172,16 @@ static inline uint16_t f32_to_f16(float v) {
 }
 
 /* float32 -> bfloat16, round to nearest even. */
+/* o[i] = float16(s[i]) for n finite floats: F16C where the CPU has it (unless
+ * scalar), the portable conversion above otherwise. */
+static void f32_to_f16_n(const float *restrict s, uint16_t *restrict o, Py_ssize_t n, int scalar) {
+    Py_ssize_t i = 0;
+#ifdef DTDR_GATHER
+    if (have_f16c && !scalar) i = f32_to_f16_f16c(s, o, n);
+#endif
+    for (; i < n; i++) o[i] = f32_to_f16(s[i]);
+}
+
 static inline uint16_t f32_to_bf16(float v) {
     uint32_t x = f32_bits(v);
     if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40);
@@ -469,7 +511,13 @@ static int encode_base_kernel(const void *x, int dt, Py_ssize_t numel, Py_ssize_
         Py_ssize_t e0 = b * bs;
         if (dt == DT_F32) load_block_f32(work, (const uint32_t *)x + e0, bs);
         else if (dt == DT_BF16) load_block_bf16(work, (const uint16_t *)x + e0, bs);
-        else for (j = 0; j < bs; j++) work[j] = load_work(x, dt, e0 + j);
+        else {
+            j = 0;
+#ifdef DTDR_GATHER
+            if (dt == DT_F16 && have_f16c) j = f16_to_f32_f16c((const uint16_t *)x + e0, work, bs);
+#endif
+            for (; j < bs; j++) work[j] = load_work(x, dt, e0 + j);
+        }
         f[b] = encode_block(work, bs, sgn, qbits, q + e0 * qsz);
     }
     if (tail) {
@@ -547,7 +595,7 @@ static void decode_block(int32_t *restrict s, int16_t *restrict t, float *restri
                 v = v < -Mf ? -Mf : v;
                 sf[j] = v + 0.0f;
             }
-            for (j = 0; j < count; j++) o[j] = f32_to_f16(sf[j]);
+            f32_to_f16_n(sf, o, count, 0);
         }
         }
     } else {
@@ -1434,12 +1482,13 @@ static PyObject *py_dtdr_encode_segment(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* f32_convert(src float32 buffer, dtype_code, out): the decoder's casts, for tests. */
+/* f32_convert(src float32 buffer, dtype_code, out[, scalar]): the decoder's
+ * casts, for tests (scalar: float16 without F16C). */
 static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
     PyObject *osrc, *oout;
-    int dt;
+    int dt, scalar = 0;
     Buf src, out;
-    if (!PyArg_ParseTuple(args, "OiO", &osrc, &dt, &oout)) return NULL;
+    if (!PyArg_ParseTuple(args, "OiO|p", &osrc, &dt, &oout, &scalar)) return NULL;
     if (dt != DT_F16 && dt != DT_BF16) {
         PyErr_SetString(PyExc_ValueError, "dtype code must be float16 or bfloat16");
         return NULL;
@@ -1451,7 +1500,8 @@ static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
     if (ok) {
         const float *s = src.view.buf;
         uint16_t *o = out.view.buf;
-        for (Py_ssize_t i = 0; i < n; i++) o[i] = dt == DT_F16 ? f32_to_f16(s[i]) : f32_to_bf16(s[i]);
+        if (dt == DT_F16) f32_to_f16_n(s, o, n, scalar);
+        else for (Py_ssize_t i = 0; i < n; i++) o[i] = f32_to_bf16(s[i]);
     }
     buf_release(&src); buf_release(&out);
     if (!ok) return NULL;
@@ -1493,6 +1543,7 @@ PyMODINIT_FUNC PyInit__native(void) {
 #ifdef DTDR_GATHER
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2") && getenv("TORCH_DTDR_NO_GATHER") == NULL;
+    have_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 #endif
     return PyModule_Create(&module);
 }
