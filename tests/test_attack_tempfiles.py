@@ -153,3 +153,62 @@ def test_a_keyboard_interrupt_anywhere_in_opening_a_local_sink_leaves_nothing(tm
         pytest.fail("the sink was never created")
     assert interrupted > 20, interrupted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.dtdr"]
+
+
+# A save over an existing checkpoint that dies before the replaced file is unlinked.
+_DIES_BEFORE_UNLINK = """
+import os, sys, torch, torch_dtdr
+from torch_dtdr.storage import sinks
+sinks._unlink_later = lambda path: None
+torch_dtdr.save({"w": torch.full((1000,), 2.0)}, sys.argv[1])
+os._exit(0)
+"""
+
+
+def test_saving_over_a_checkpoint_frees_the_old_one_off_the_save_path(tmp_path, monkeypatch):
+    """The file a save replaces keeps a temp name until a background thread
+    unlinks it (freeing a large file's blocks took 0.14 s inside every save);
+    the destination holds the new checkpoint as soon as save returns."""
+    from torch_dtdr.storage import sinks
+
+    dest = tmp_path / "ck.dtdr"
+    torch_dtdr.save({"w": torch.full((1000,), 1.0)}, dest)
+    handed = []
+    monkeypatch.setattr(sinks, "_unlink_later", handed.append)
+    torch_dtdr.save({"w": torch.full((1000,), 2.0)}, dest)
+    assert torch.equal(torch_dtdr.load(dest)["w"], torch.full((1000,), 2.0))
+    assert len(handed) == 1 and os.path.basename(handed[0]) in _temps(tmp_path)
+    assert torch.equal(torch_dtdr.load(handed[0])["w"], torch.full((1000,), 1.0))  # the old one, not yet freed
+    monkeypatch.undo()
+    torch_dtdr.save({"w": torch.full((1000,), 3.0)}, dest)  # the real background unlink
+    deadline = time.monotonic() + 30
+    while len(os.listdir(tmp_path)) > 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sinks._unlink_quietly(handed[0])
+    assert os.listdir(tmp_path) == ["ck.dtdr"]
+    assert torch.equal(torch_dtdr.load(dest)["w"], torch.full((1000,), 3.0))
+
+
+def test_a_replaced_checkpoint_left_by_a_dead_saver_is_removed_by_the_next_save(tmp_path):
+    dest = tmp_path / "ck.dtdr"
+    torch_dtdr.save({"w": torch.full((1000,), 1.0)}, dest)
+    subprocess.run([sys.executable, "-c", _DIES_BEFORE_UNLINK, str(dest)], check=True, cwd=ROOT, timeout=300)
+    left = _temps(tmp_path)
+    assert len(left) == 1 and torch.equal(torch_dtdr.load(tmp_path / left[0])["w"], torch.full((1000,), 1.0))
+    assert torch.equal(torch_dtdr.load(dest)["w"], torch.full((1000,), 2.0))
+    torch_dtdr.save({"w": torch.zeros(3)}, tmp_path / "other.dtdr")
+    assert _temps(tmp_path) == []
+
+
+def test_without_hard_links_a_save_still_replaces_the_checkpoint(tmp_path, monkeypatch):
+    from torch_dtdr.storage import sinks
+
+    def no_links(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    dest = tmp_path / "ck.dtdr"
+    torch_dtdr.save({"w": torch.full((1000,), 1.0)}, dest)
+    monkeypatch.setattr(sinks.os, "link", no_links)
+    torch_dtdr.save({"w": torch.full((1000,), 2.0)}, dest)
+    assert os.listdir(tmp_path) == ["ck.dtdr"]
+    assert torch.equal(torch_dtdr.load(dest)["w"], torch.full((1000,), 2.0))

@@ -21,7 +21,8 @@ How a sink commits, by destination:
 ======================  ==========================================================
 local path, ``file://``  temp file ``.<name>.<random>.dtdr-tmp`` in the same
                          directory; flush, fsync, :func:`os.replace`, fsync the
-                         directory.
+                         directory. A replaced file is unlinked by a
+                         background thread (:func:`sinks.replace_file`).
 ``memory://``            buffered in memory, stored in one step at commit.
 ``s3://``, ``gs://``     the store's own buffered file object, fed by a
                          background thread so that producing bytes overlaps

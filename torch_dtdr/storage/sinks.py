@@ -213,11 +213,51 @@ def atomic_local_path(dest: str):
                 # a writer may create its file 0600; the result gets what open(dest, "wb")
                 # would give it: the replaced file's mode, else 0666 less the umask
                 os.fchmod(fh.fileno(), dest_mode if dest_mode is not None else 0o666 & ~current_umask())
-        os.replace(tmp, target)
+        replace_file(tmp, target)
         _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def replace_file(tmp: str, dest: str) -> None:
+    """``os.replace(tmp, dest)``, leaving the freeing of the file it replaces to
+    a background thread: on this project's ext4 disk, dropping the last link of
+    a 340 MB checkpoint took 0.14 s, inside every save that overwrites one. The
+    old file gets a second name first (a temp name of this process, so that
+    :func:`remove_stale_temps` deletes it should the process die before the
+    thread does), the replace drops only its other link, and a non-daemon
+    thread (the interpreter waits for it at exit) unlinks the temp name. Where
+    that cannot be done (no hard links on the file system, not a regular file)
+    it is a plain replace."""
+    old = None
+    try:
+        if stat.S_ISREG(os.lstat(dest).st_mode):
+            old = local_temp_path(dest)
+            os.link(dest, old, follow_symlinks=False)
+    except OSError:
+        old = None
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
+        raise
+    if old is not None:
+        _unlink_later(old)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _unlink_later(path: str) -> None:
+    try:
+        threading.Thread(target=_unlink_quietly, args=(path,), name="dtdr-unlink-replaced").start()
+    except RuntimeError:  # no new threads (interpreter shutdown): now, then
+        _unlink_quietly(path)
 
 
 def current_umask() -> int:
@@ -338,7 +378,7 @@ class _LocalSink(Sink):
         if self._fsync:
             os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self._tmp, self._dest)
+        replace_file(self._tmp, self._dest)
         self._tmp = None
         if self._fsync:
             _fsync_dir(self._dir)
