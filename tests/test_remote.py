@@ -635,3 +635,30 @@ def test_failed_repair_leaves_destination_untouched(s3_bucket, s3_client):
     keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []))
     assert keys == ["raw.dtdr"] and _uploads(s3_client, bucket) == []
     assert _sha(url, opts) == damaged
+
+
+def test_workers_start_largest_first_locally_and_in_file_order_from_a_store(s3_bucket, tmp_path, monkeypatch):
+    """Locally the workers start with the largest tensors (no big one left for one core at the
+    end); from an object store, whose prefetch downloads the file in order within a bounded
+    window, they start in file order, so that no worker waits on bytes the window holds back."""
+    from torch_dtdr import decoding
+
+    base, opts = s3_bucket
+    unit = decoding.INLINE_BYTES // 4  # float32 elements in INLINE_BYTES
+    sd = {name: pseudo(k * unit, torch.float32, k) for name, k in (("b0", 2), ("b1", 4), ("b2", 16), ("b3", 8))}
+    started = []
+    real = decoding.Decoder.tensor
+
+    def record(self, i, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            started.append(self.reader.tensors[i].name)
+        return real(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.Decoder, "tensor", record)
+    for where in (str(tmp_path / "m.dtdr"), f"{base}/m.dtdr"):
+        torch_dtdr.save(sd, where, storage_options=opts if "://" in where else None)
+        started.clear()
+        back = torch_dtdr.load(where, workers=2, storage_options=opts if "://" in where else None)
+        assert all(torch.equal(back[k], v) for k, v in sd.items())
+        assert sorted(started) == ["b0", "b1", "b2", "b3"]
+        assert set(started[:2]) == ({"b0", "b1"} if "://" in where else {"b2", "b3"}), (where, started)

@@ -267,15 +267,17 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
         t = dec.tensor(i)
         return None if t is None else place(t, map_location, devices[i], reader.name, reader.tensors[i].name)
 
-    with reader.prefetch(rec for t in reader.tensors for rec in t.records):
+    with reader.prefetch(rec for t in reader.tensors for rec in t.records) as plan:
         pooled = [i for i in range(n) if sizes[i] >= INLINE_BYTES] if workers > 1 and n > 1 else []
         if len(pooled) > 1 or (pooled and len(pooled) < n):
             inline = [i for i in range(n) if sizes[i] < INLINE_BYTES]
             order = inline + pooled
             loaded: list = [None] * n
             with ThreadPoolExecutor(workers, thread_name_prefix="dtdr-decode") as pool:
-                # largest first, so that no big tensor starts last and leaves one core idle at the end
-                futures = {i: pool.submit(decode, i) for i in sorted(pooled, key=sizes.__getitem__, reverse=True)}
+                # largest first, so that no big tensor starts last and leaves one core idle at the end;
+                # in file order while a prefetch downloads the file in that order (a remote store)
+                starts = pooled if plan.active else sorted(pooled, key=sizes.__getitem__, reverse=True)
+                futures = {i: pool.submit(decode, i) for i in starts}
                 try:
                     # the small tensors decode here while the workers run the big ones' GIL-free kernels
                     done = (decode(i) if i not in futures else futures[i].result() for i in order)
