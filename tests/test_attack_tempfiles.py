@@ -212,3 +212,41 @@ def test_without_hard_links_a_save_still_replaces_the_checkpoint(tmp_path, monke
     torch_dtdr.save({"w": torch.full((1000,), 2.0)}, dest)
     assert os.listdir(tmp_path) == ["ck.dtdr"]
     assert torch.equal(torch_dtdr.load(dest)["w"], torch.full((1000,), 2.0))
+
+
+def test_a_save_flushes_to_the_disk_as_it_goes(tmp_path, monkeypatch):
+    """Past every WRITEBACK_BYTES a background fdatasync flushes what was written,
+    so that the closing fsync is left the last stretch."""
+    from torch_dtdr.storage import sinks
+
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(sinks, "WRITEBACK_BYTES", 1 << 20)
+    monkeypatch.setattr(sinks.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    sd = {"w": torch.randn(2 << 20)}
+    torch_dtdr.save(sd, tmp_path / "ck.dtdr", codec="raw")
+    assert synced
+    assert torch.equal(torch_dtdr.load(tmp_path / "ck.dtdr")["w"], sd["w"])
+
+
+def test_a_failed_background_flush_fails_the_save_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """Linux reports a write-back error to one fsync of a file description only:
+    the error the background fdatasync saw must fail the commit, or the closing
+    fsync would succeed over lost data."""
+    import errno
+
+    from torch_dtdr.errors import StorageError
+    from torch_dtdr.storage import sinks
+
+    dest = tmp_path / "ck.dtdr"
+    torch_dtdr.save({"w": torch.ones(10)}, dest)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sinks, "WRITEBACK_BYTES", 1 << 20)
+    monkeypatch.setattr(sinks.os, "fdatasync", failing)
+    with pytest.raises(StorageError):
+        torch_dtdr.save({"w": torch.randn(2 << 20)}, dest, codec="raw")
+    assert torch.equal(torch_dtdr.load(dest)["w"], torch.ones(10))
+    assert os.listdir(tmp_path) == ["ck.dtdr"]
