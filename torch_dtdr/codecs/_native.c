@@ -294,36 +294,44 @@ static void fwht_f32(float *restrict v, Py_ssize_t m) {
             }
 }
 
+/* Strides 1, 2 and 4 of eight int32 sums, in registers. */
+static inline v8i fwht8_i32(v8i x) {
+    x = __builtin_shuffle(x, SWAP1) + ((x ^ NEG1) - NEG1);
+    x = __builtin_shuffle(x, SWAP2) + ((x ^ NEG2) - NEG2);
+    return __builtin_shuffle(x, SWAP4) + ((x ^ NEG4) - NEG4);
+}
+
+/* Strides h, 2h, ..., m/2 (h >= 8) of the integer transform of v[0:m]: two
+ * strides per pass while two remain, then the last alone. */
+static inline void fwht_i32_strides(int32_t *restrict v, Py_ssize_t m, Py_ssize_t h) {
+    Py_ssize_t i, j;
+    for (; 4 * h <= m; h <<= 2)
+        for (i = 0; i < m; i += 4 * h)
+            for (j = 0; j < h; j += 8) {
+                v8i a0 = v8i_load(v + i + j), a1 = v8i_load(v + i + h + j);
+                v8i a2 = v8i_load(v + i + 2 * h + j), a3 = v8i_load(v + i + 3 * h + j);
+                v8i b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
+                v8i_store(v + i + j, b0 + b2);
+                v8i_store(v + i + 2 * h + j, b0 - b2);
+                v8i_store(v + i + h + j, b1 + b3);
+                v8i_store(v + i + 3 * h + j, b1 - b3);
+            }
+    for (; h < m; h <<= 1)
+        for (i = 0; i < m; i += 2 * h)
+            for (j = 0; j < h; j += 8) {
+                v8i a = v8i_load(v + i + j), b = v8i_load(v + i + h + j);
+                v8i_store(v + i + j, a + b);
+                v8i_store(v + i + h + j, a - b);
+            }
+}
+
 /* The exact integer transform of the decoder (any order gives the same sums). */
 DTDR_CLONES
 static void fwht_i32(int32_t *restrict v, Py_ssize_t m) {
     Py_ssize_t i, j, h;
     if (m >= 8) {
-        for (i = 0; i < m; i += 8) {
-            v8i x = v8i_load(v + i);
-            x = __builtin_shuffle(x, SWAP1) + ((x ^ NEG1) - NEG1);
-            x = __builtin_shuffle(x, SWAP2) + ((x ^ NEG2) - NEG2);
-            x = __builtin_shuffle(x, SWAP4) + ((x ^ NEG4) - NEG4);
-            v8i_store(v + i, x);
-        }
-        for (h = 8; 4 * h <= m; h <<= 2)
-            for (i = 0; i < m; i += 4 * h)
-                for (j = 0; j < h; j += 8) {
-                    v8i a0 = v8i_load(v + i + j), a1 = v8i_load(v + i + h + j);
-                    v8i a2 = v8i_load(v + i + 2 * h + j), a3 = v8i_load(v + i + 3 * h + j);
-                    v8i b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
-                    v8i_store(v + i + j, b0 + b2);
-                    v8i_store(v + i + 2 * h + j, b0 - b2);
-                    v8i_store(v + i + h + j, b1 + b3);
-                    v8i_store(v + i + 3 * h + j, b1 - b3);
-                }
-        for (; h < m; h <<= 1)
-            for (i = 0; i < m; i += 2 * h)
-                for (j = 0; j < h; j += 8) {
-                    v8i a = v8i_load(v + i + j), b = v8i_load(v + i + h + j);
-                    v8i_store(v + i + j, a + b);
-                    v8i_store(v + i + h + j, a - b);
-                }
+        for (i = 0; i < m; i += 8) v8i_store(v + i, fwht8_i32(v8i_load(v + i)));
+        fwht_i32_strides(v, m, 8);
         return;
     }
     for (h = 1; h < m; h <<= 1)
@@ -378,34 +386,11 @@ static void fwht_i8(int32_t *restrict v, int16_t *restrict t, const int8_t *rest
         v8h x16, y16;
         memcpy(&x16, t + i, 16);
         memcpy(&y16, t + i + 8, 16);
-        v8i x = __builtin_convertvector(x16, v8i), y = __builtin_convertvector(y16, v8i);
-        x = __builtin_shuffle(x, SWAP1) + ((x ^ NEG1) - NEG1);
-        x = __builtin_shuffle(x, SWAP2) + ((x ^ NEG2) - NEG2);
-        x = __builtin_shuffle(x, SWAP4) + ((x ^ NEG4) - NEG4);
-        y = __builtin_shuffle(y, SWAP1) + ((y ^ NEG1) - NEG1);
-        y = __builtin_shuffle(y, SWAP2) + ((y ^ NEG2) - NEG2);
-        y = __builtin_shuffle(y, SWAP4) + ((y ^ NEG4) - NEG4);
+        v8i x = fwht8_i32(__builtin_convertvector(x16, v8i)), y = fwht8_i32(__builtin_convertvector(y16, v8i));
         v8i_store(v + i, x + y);
         v8i_store(v + i + 8, x - y);
     }
-    for (; 2 * h <= m / 2; h <<= 2)
-        for (i = 0; i < m; i += 4 * h)
-            for (j = 0; j < h; j += 8) {
-                v8i a0 = v8i_load(v + i + j), a1 = v8i_load(v + i + h + j);
-                v8i a2 = v8i_load(v + i + 2 * h + j), a3 = v8i_load(v + i + 3 * h + j);
-                v8i b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3;
-                v8i_store(v + i + j, b0 + b2);
-                v8i_store(v + i + 2 * h + j, b0 - b2);
-                v8i_store(v + i + h + j, b1 + b3);
-                v8i_store(v + i + 3 * h + j, b1 - b3);
-            }
-    for (; h < m; h <<= 1)
-        for (i = 0; i < m; i += 2 * h)
-            for (j = 0; j < h; j += 8) {
-                v8i a = v8i_load(v + i + j), b = v8i_load(v + i + h + j);
-                v8i_store(v + i + j, a + b);
-                v8i_store(v + i + h + j, a - b);
-            }
+    fwht_i32_strides(v, m, h);
 }
 
 /* ------------------------------------------------------------------ base layer */
