@@ -136,7 +136,6 @@ static Py_ssize_t f16_to_f32_f16c(const uint16_t *restrict h, float *restrict w,
 }
 #endif
 
-
 static const float F32_MAX = 3.4028234663852886e+38f;
 
 /* ------------------------------------------------------------------ scalars */
@@ -171,7 +170,6 @@ static inline uint16_t f32_to_f16(float v) {
     return sign | (uint16_t)(x >> 13);
 }
 
-/* float32 -> bfloat16, round to nearest even. */
 /* o[i] = float16(s[i]) for n finite floats: F16C where the CPU has it (unless
  * scalar), the portable conversion above otherwise. */
 static void f32_to_f16_n(const float *restrict s, uint16_t *restrict o, Py_ssize_t n, int scalar) {
@@ -182,6 +180,7 @@ static void f32_to_f16_n(const float *restrict s, uint16_t *restrict o, Py_ssize
     for (; i < n; i++) o[i] = f32_to_f16(s[i]);
 }
 
+/* float32 -> bfloat16, round to nearest even. */
 static inline uint16_t f32_to_bf16(float v) {
     uint32_t x = f32_bits(v);
     if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40);
