@@ -725,11 +725,24 @@ def flatten(obj, *, stage: Callable[[torch.Tensor], torch.Tensor] | None = None)
 
 
 def _err(msg, field=None):
-    return FormatError(f"malformed skeleton: {msg}", field=field)
+    return FormatError(f"malformed skeleton: {msg}", field=None if field is None else str(field))
 
 
 def _node_where(stack) -> str:
     return "root" + "".join(f"[{f[2] - 1}]" for f in stack)
+
+
+class _Where:
+    """The path of the node being decoded (``root[3][1]``), spelled out only when an error names it:
+    building it for every leaf was a fifth of a skeleton's check."""
+
+    __slots__ = ("stack",)
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def __str__(self) -> str:
+        return _node_where(self.stack)
 
 
 def _check_len(node, n, where):
@@ -787,6 +800,9 @@ def _dec_nonfinite(node, where):
 
 
 def _dec_dtype_name(x, where, table=_ALL_DTYPES) -> torch.dtype:
+    d = table.get(x) if type(x) is str else None
+    if d is not None:  # every name in a table is well-formed
+        return d
     if type(x) is not str or len(x) > 64 or not _NAME_RE.fullmatch(x):
         raise _err(f"bad dtype name {_short_repr(x)}", where)
     d = table.get(x)
@@ -913,6 +929,7 @@ def _decode(root, tensor_at, build=True):
     With ``build=False`` (validation) registered types are checked for form
     only: nothing is looked up or called."""
     stack: list = []  # frames: [tag, node, next_pos, values]
+    where = _Where(stack)
     count = 0
     x = root
     while True:
@@ -931,7 +948,7 @@ def _decode(root, tensor_at, build=True):
             stack.append([tag, x, start, [], start, _open_header(tag, x, _node_where(stack), build)])
             v = _PENDING
         else:
-            v = _dec_leaf(x, _node_where(stack), tensor_at)
+            v = _dec_leaf(x, where, tensor_at)
         while True:
             if v is not _PENDING:
                 if not stack:
@@ -942,7 +959,7 @@ def _decode(root, tensor_at, build=True):
             if pos < len(node):
                 if tag in _MAPPING_TAGS and (pos - start) % 2 == 0:
                     frame[2] = pos + 1
-                    vals.append(_dec_key(node[pos], _node_where(stack)))
+                    vals.append(_dec_key(node[pos], where))
                     pos += 1
                 x = node[pos]
                 frame[2] = pos + 1

@@ -30,7 +30,7 @@ _DAY_SECONDS = 86400
 
 
 def _err(msg, where):
-    return FormatError(f"malformed skeleton: {msg}", field=where)
+    return FormatError(f"malformed skeleton: {msg}", field=None if where is None else str(where))
 
 
 def _enc_tz(tz, where):

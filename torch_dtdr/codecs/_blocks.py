@@ -22,6 +22,7 @@ Decode arithmetic (normative, identical on every device):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,9 +104,16 @@ def check_seed(seed) -> None:
         raise CodecError(f"seed must be an int in [0, 2**64), got {seed!r}")
 
 
+@functools.lru_cache(maxsize=None)
 def dtype_max(dtype: torch.dtype) -> float:
     """The clamp bound M of the decode arithmetic for ``dtype``."""
     return min(float(torch.finfo(dtype).max), _F32_MAX)
+
+
+@functools.lru_cache(maxsize=None)
+def dtype_code(dtype: torch.dtype) -> int:
+    """The compiled core's code for a float ``dtype`` (:data:`native.DTYPE_CODES`)."""
+    return native.DTYPE_CODES[str(dtype).removeprefix("torch.")]
 
 
 def _sums_dtype(qbits: int, device: torch.device) -> torch.dtype:
@@ -180,7 +188,7 @@ def encode_base(x: torch.Tensor, block_size: int, seed: int, qbits: int = 8):
     compiled = native.module()
     if compiled is not None:
         x = x.contiguous()
-        code = native.DTYPE_CODES[str(x.dtype).removeprefix("torch.")]
+        code = dtype_code(x.dtype)
         compiled.encode_base(bits_view(x), code, lay.numel, block_size, sign_bits(seed, block_size), qbits, q, f)
         return torch.from_numpy(q), torch.from_numpy(f)
     if lay.nfull:
@@ -257,7 +265,7 @@ def decode_base(
     M = dtype_max(dtype)
     compiled = native.module()
     if compiled is not None and dev.type == "cpu" and out.is_contiguous():
-        code = native.DTYPE_CODES[str(dtype).removeprefix("torch.")]
+        code = dtype_code(dtype)
         qn = q.contiguous().numpy()
         fn = f.to(torch.float32).contiguous().numpy()
         compiled.decode_base(qn, qbits, fn, code, numel, block_size, sign_bits(seed, block_size), M, bits_view(out))

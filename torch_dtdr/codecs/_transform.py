@@ -20,6 +20,7 @@ from ..errors import CodecError
 from . import _blocks as B, native
 from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous, usable_out
 
+_CPU = torch.device("cpu")
 _QDT_NP = {8: np.dtype("<i1"), 16: np.dtype("<i2")}
 _QDT_T = {8: torch.int8, 16: torch.int16}
 _QRANGE = {8: 254.0, 16: 65534.0}  # the largest possible change of a damaged coefficient
@@ -144,8 +145,7 @@ class TransformCodec(Codec):
     ) -> SegmentResult:
         if not self.accepts(dtype):
             raise CodecError(f"codec {self.name!r} cannot decode dtype {dtype}")
-        lay = B.layout(numel, self.block_size)
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else _CPU
         out = usable_out(out, dtype, numel) if dev.type == "cpu" else None
         if numel == 0:
             return SegmentResult(torch.empty(0, dtype=dtype, device=dev))
@@ -153,6 +153,7 @@ class TransformCodec(Codec):
             intact = self._decode_intact(data, dtype, numel, out)
             if intact is not None:
                 return SegmentResult(intact)
+        lay = B.layout(numel, self.block_size)
         f, bad_f = read_factors(data, lay, damage)
         q, counts, missing = read_coefs(data, lay, self.qbits, damage)
         return self._decode_blocks(q, counts, missing, f, bad_f, lay, dtype, dev, out)
@@ -167,7 +168,7 @@ class TransformCodec(Codec):
             return None
         values = out if out is not None else torch.empty(numel, dtype=dtype)
         status = compiled.decode_base_intact(
-            data["meta"], data["base"], self.qbits, native.DTYPE_CODES[str(dtype).removeprefix("torch.")], numel, self.block_size,
+            data["meta"], data["base"], self.qbits, B.dtype_code(dtype), numel, self.block_size,
             B.sign_bits(self.seed, self.block_size), B.dtype_max(dtype), B.bits_view(values),
         )
         return values if status == 0 else None

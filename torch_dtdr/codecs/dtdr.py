@@ -108,7 +108,7 @@ class DTDR(Codec):
         payload = R.thread_scratch("payload", sum(payload_caps))
         lo = R.thread_scratch("lo", sum(lo_caps))
         flags, lens = native.module().dtdr_encode_segment(
-            B.bits_view(x), numel, bs, native.DTYPE_CODES[str(dtype).removeprefix("torch.")], B.dtype_max(dtype),
+            B.bits_view(x), numel, bs, B.dtype_code(dtype), B.dtype_max(dtype),
             B.sign_bits(self.seed, bs), info.w, info.mant, info.ebits, info.kmax, R.DELTA[dtype], fblocks,
             q, f, scratch, payload, lo,
         )
@@ -216,7 +216,7 @@ class DTDR(Codec):
         values = out if out is not None else torch.empty(numel, dtype=dtype)
         status = compiled.dtdr_decode_segment(
             meta, data["base"], resid, payloads, B.sign_bits(self.seed, self.block_size), B.bits_view(values),
-            numel, self.block_size, native.DTYPE_CODES[str(dtype).removeprefix("torch.")], B.dtype_max(dtype),
+            numel, self.block_size, B.dtype_code(dtype), B.dtype_max(dtype),
             info.w, info.mant, info.ebits, info.kmax, R.DELTA[dtype], fblocks,
         )
         return SegmentResult(values) if status == 0 else None

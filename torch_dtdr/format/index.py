@@ -210,30 +210,11 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
         elif require_records:
             expected = 0
             for r in _list(t.get("records"), f"{name}.records", file):
-                if type(r) is not list:
-                    r = _list(r, f"{name}.records[]", file, 5)
-                if len(r) != 5:
-                    raise FormatError("record entry must have 5 fields", file=file, tensor=name, field="records")
-                off = _int(r[0], "record.offset", lo=constants.SUPERBLOCK.size, file=file)
-                hsize = _int(r[1], "record.header_size", lo=1, hi=1 << 16, file=file)
-                start = _int(r[2], "record.elem_start", file=file)
-                count = _int(r[3], "record.elem_count", file=file)
+                rec = _record(r, name, file)
+                start, count = rec.elem_start, rec.elem_count
                 if start != expected or count > seg or (count == 0 and numel != 0) or start + count > numel:
                     raise FormatError("records do not tile the tensor", file=file, tensor=name, field="records")
                 expected += count
-                secs = []
-                for s in _list(r[4], "record.sections", file, constants.MAX_SECTIONS):
-                    s = _list(s, "section", file, 4)
-                    if len(s) != 4:
-                        raise FormatError("section entry must have 4 fields", file=file, tensor=name, field="sections")
-                    secs.append(SectionEntry(_str(s[0], "section.name", file, 8), _int(s[1], "section.copies", 1, constants.MAX_COPIES, file),
-                                             _int(s[2], "section.length", file=file), _int(s[3], "section.digest", 0, (1 << 64) - 1, file)))
-                if len({s.name for s in secs}) != len(secs):
-                    raise FormatError("duplicate section name in a record", file=file, tensor=name, field="record.sections")
-                if hsize != _RECORD_FIXED + len(secs) * constants.RECORD_SECTION.size:
-                    raise FormatError(f"record header size {hsize} does not match its {len(secs)} sections",
-                                      file=file, tensor=name, field="record.header_size")
-                rec = RecordInfo(off, hsize, start, count, tuple(secs))
                 check_record_size(rec, itemsize, file=file, tensor=name)
                 info.records.append(rec)
             if expected != numel and not (numel == 0 and expected == 0):
@@ -255,6 +236,42 @@ def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
                                       byte_range=(r.offset, r.end), field="records")
                 prev_end = r.end
     return Index(tree, tensors, metadata, geometry, stream_length)
+
+
+def _is_section(s) -> bool:
+    """Whether ``s`` is a well-formed section entry (the common case, checked without a call per field)."""
+    return (type(s) is list and len(s) == 4 and type(s[0]) is str and len(s[0]) <= 8
+            and type(s[1]) is int and 1 <= s[1] <= constants.MAX_COPIES
+            and type(s[2]) is int and 0 <= s[2] < 1 << 63 and type(s[3]) is int and 0 <= s[3] < 1 << 64)
+
+
+def _section(s, name: str, file) -> SectionEntry:
+    if _is_section(s):
+        return SectionEntry(*s)
+    s = _list(s, "section", file, 4)
+    if len(s) != 4:
+        raise FormatError("section entry must have 4 fields", file=file, tensor=name, field="sections")
+    return SectionEntry(_str(s[0], "section.name", file, 8), _int(s[1], "section.copies", 1, constants.MAX_COPIES, file),
+                        _int(s[2], "section.length", file=file), _int(s[3], "section.digest", 0, (1 << 64) - 1, file))
+
+
+def _record(r, name: str, file) -> RecordInfo:
+    """One checked ``[offset, header_size, elem_start, elem_count, sections]`` entry of ``name``'s records."""
+    if type(r) is not list:
+        r = _list(r, f"{name}.records[]", file, 5)
+    if len(r) != 5:
+        raise FormatError("record entry must have 5 fields", file=file, tensor=name, field="records")
+    off = _int(r[0], "record.offset", lo=constants.SUPERBLOCK.size, file=file)
+    hsize = _int(r[1], "record.header_size", lo=1, hi=1 << 16, file=file)
+    start = _int(r[2], "record.elem_start", file=file)
+    count = _int(r[3], "record.elem_count", file=file)
+    secs = tuple(_section(s, name, file) for s in _list(r[4], "record.sections", file, constants.MAX_SECTIONS))
+    if len({s.name for s in secs}) != len(secs):
+        raise FormatError("duplicate section name in a record", file=file, tensor=name, field="record.sections")
+    if hsize != _RECORD_FIXED + len(secs) * constants.RECORD_SECTION.size:
+        raise FormatError(f"record header size {hsize} does not match its {len(secs)} sections",
+                          file=file, tensor=name, field="record.header_size")
+    return RecordInfo(off, hsize, start, count, secs)
 
 
 PROVENANCE_DEGRADED, PROVENANCE_LOST = "degraded", "lost"

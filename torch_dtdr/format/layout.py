@@ -12,6 +12,7 @@ directly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -34,7 +35,7 @@ class Geometry:
     n_data_chunks: int
     inner_nsym: int = 0
 
-    @property
+    @functools.cached_property
     def inner_size(self) -> int:
         return inner_parity_size(self.chunk_size, self.inner_nsym)
 
@@ -51,7 +52,7 @@ class Geometry:
     def n_stripes(self) -> int:
         return -(-self.n_data_chunks // self.k) if self.n_data_chunks else 0
 
-    @property
+    @functools.cached_property
     def stripe_span(self) -> int:
         """Physical bytes of a full stripe (data, parity, inner block)."""
         return (self.k + self.m) * self.chunk_size + self.inner_block(self.k + self.m)

@@ -40,6 +40,9 @@ _MAX_TRY_BYTES = 1 << 26
 
 
 def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """``ranges`` sorted, with empty ones dropped and overlapping or touching ones joined."""
+    if type(ranges) is list and len(ranges) < 2:  # the common case of a clean read: nothing to sort
+        return [(s, e) for s, e in ranges if e > s]
     out: list[list[int]] = []
     for s, e in sorted(ranges):
         if e <= s:
@@ -423,30 +426,25 @@ class ContainerReader:
         digest = hash64(data)
         return any(table_index < len(s) and int(s[table_index]) == digest for s in self._sums)
 
-    def _chunks_ok(self, first_chunk: int, buf: memoryview) -> np.ndarray:
+    def _bad_chunks(self, first_chunk: int, buf: memoryview) -> list[int]:
+        """Positions in ``buf`` (chunks from ``first_chunk`` on) of the chunks that match no checksum table."""
         g = self.geometry
-        c = g.chunk_size
-        hashes = chunk_hashes(buf, c)
-        n = len(hashes)
-        if n <= 4:  # a small tensor's record: plain ints beat numpy's fancy indexing
-            ok = []
+        hashes = chunk_hashes(buf, g.chunk_size)
+        if len(hashes) <= 4:  # a small tensor's record: plain ints beat numpy's fancy indexing
+            bad = []
             for i, digest in enumerate(hashes.tolist()):
                 j = first_chunk + i
                 idx = (j // g.k) * (g.k + g.m) + j % g.k
-                good = False
-                for table in self._sums:
-                    if idx < len(table) and table.item(idx) == digest:
-                        good = True
-                        break
-                ok.append(good)
-            return np.array(ok, dtype=bool)
-        j = np.arange(first_chunk, first_chunk + n)
+                if not any(idx < len(table) and table.item(idx) == digest for table in self._sums):
+                    bad.append(i)
+            return bad
+        j = np.arange(first_chunk, first_chunk + len(hashes))
         idx = (j // g.k) * (g.k + g.m) + j % g.k
-        ok = np.zeros(n, dtype=bool)
+        ok = np.zeros(len(hashes), dtype=bool)
         for s in self._sums:
             valid = idx < len(s)
             ok[valid] |= s[idx[valid]] == hashes[valid]
-        return ok
+        return [] if ok.all() else np.flatnonzero(~ok).tolist()
 
     def read_logical(self, start: int, end: int, verify: bool = True, patched: bool = True) -> ReadResult:
         """Bytes of logical ``[start, end)``, checked chunk by chunk and repaired
@@ -478,9 +476,8 @@ class ContainerReader:
         if verify and self._sums is not None:
             avail = b if missing_from is None else missing_from // c * c
             if avail > a:
-                ok = self._chunks_ok(a // c, memoryview(buf)[: avail - a])
-                for i in np.flatnonzero(~ok):
-                    j = a // c + int(i)
+                for i in self._bad_chunks(a // c, memoryview(buf)[: avail - a]):
+                    j = a // c + i
                     fixed = self._repair_chunk(j)
                     lo, hi = j * c, (j + 1) * c
                     if fixed is not None:
@@ -491,8 +488,10 @@ class ContainerReader:
                         result.bad.append((max(lo, start), min(hi, end)))
         if missing_from is not None:
             result.bad.append((max(missing_from, start), end))
-        result.bad = merge_ranges(result.bad)
-        result.repaired = merge_ranges(result.repaired)
+        if result.bad:
+            result.bad = merge_ranges(result.bad)
+        if result.repaired:
+            result.repaired = merge_ranges(result.repaired)
         result.data = memoryview(buf)[start - a: end - a]
         return result
 
@@ -512,6 +511,10 @@ class ContainerReader:
         to a scratch buffer, so the data lands in place without a gather copy.
         Returns the logical offset where the file's bytes end (None when every
         piece was read whole); the rest of ``buf`` is left as it was."""
+        if len(pieces) == 1:  # within one stripe: one read straight into place
+            lstart, phys, n = pieces[0]
+            got = self.source.read_into(phys, [buf[lstart - base: lstart - base + n]], part_size=_SPAN_PART)
+            return None if got >= n else lstart + max(0, got)
         requests = self._requests(pieces)
         groups = [pieces] if len(requests) < len(pieces) else [[p] for p in pieces]
         gap_scratch = None
