@@ -443,7 +443,7 @@ def m_section_bytes(data: bytes, rng: random.Random) -> bytes:
     off, hs = idx["tensors"][ti]["records"][ri][:2]
     head = RecordHeader.parse(bytes(stream), off)
     secs = list(head.sections)
-    secs[si] = dataclasses.replace(secs[si], digest=hash64(bytes(body)))
+    secs[si] = secs[si]._replace(digest=hash64(bytes(body)))
     stream[off: off + hs] = dataclasses.replace(head, sections=tuple(secs)).pack()
     return restream(data, bytes(stream), idx)
 

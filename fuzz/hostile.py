@@ -255,7 +255,7 @@ def _residual_bomb() -> bytes:
             new = list(head.sections)
             import dataclasses
 
-            new[si] = dataclasses.replace(new[si], digest=hash64(bytes(body)))
+            new[si] = new[si]._replace(digest=hash64(bytes(body)))
             stream[off: off + hs] = dataclasses.replace(head, sections=tuple(new)).pack()
             break
         pos += copies * length

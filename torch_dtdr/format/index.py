@@ -7,8 +7,8 @@ every field is type- and range-checked before anything is allocated.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import zstandard
@@ -19,21 +19,39 @@ from . import constants
 from .records import SectionEntry
 from ..dtypes import DTYPE_NAMES, DTYPES, dtype_name  # noqa: F401 - re-exported: the format's dtype field
 
-@dataclass(frozen=True)
-class RecordInfo:
+class _RecordFields(NamedTuple):
     offset: int
     header_size: int
     elem_start: int
     elem_count: int
     sections: tuple[SectionEntry, ...]
+    #: where the record's bytes end: body_start plus every section's stored bytes
+    end: int
+
+
+class RecordInfo(_RecordFields):
+    """Where one segment record lies and what it holds. A tuple (built from the first five fields;
+    ``end`` is derived): an index holds one per segment, built and dropped per load."""
+
+    __slots__ = ()
+
+    def __new__(cls, offset: int, header_size: int, elem_start: int, elem_count: int,
+                sections: tuple[SectionEntry, ...]):
+        end = offset + header_size
+        for s in sections:
+            end += s.copies * s.length
+        return tuple.__new__(cls, (offset, header_size, elem_start, elem_count, sections, end))
+
+    def __getnewargs__(self):
+        return tuple(self[:5])
+
+    def _replace(self, **changes) -> "RecordInfo":
+        fields = dict(zip(self._fields[:5], self[:5]), **changes)
+        return RecordInfo(**fields)
 
     @property
     def body_start(self) -> int:
         return self.offset + self.header_size
-
-    @functools.cached_property
-    def end(self) -> int:
-        return self.body_start + sum(s.stored_length for s in self.sections)
 
     def to_json(self) -> list:
         return [self.offset, self.header_size, self.elem_start, self.elem_count,
@@ -139,6 +157,7 @@ def _short(v, n=60) -> str:
 
 
 _RECORD_FIXED = constants.RECORD_HEAD.size + constants.RECORD_HASH.size
+_SUPERBLOCK_END = constants.SUPERBLOCK.size
 
 
 def _dict(v, what, file=None) -> dict:
@@ -261,12 +280,16 @@ def _record(r, name: str, file) -> RecordInfo:
         r = _list(r, f"{name}.records[]", file, 5)
     if len(r) != 5:
         raise FormatError("record entry must have 5 fields", file=file, tensor=name, field="records")
-    off = _int(r[0], "record.offset", lo=constants.SUPERBLOCK.size, file=file)
-    hsize = _int(r[1], "record.header_size", lo=1, hi=1 << 16, file=file)
-    start = _int(r[2], "record.elem_start", file=file)
-    count = _int(r[3], "record.elem_count", file=file)
-    secs = tuple(_section(s, name, file) for s in _list(r[4], "record.sections", file, constants.MAX_SECTIONS))
-    if len({s.name for s in secs}) != len(secs):
+    off, hsize, start, count, raw_secs = r
+    if not (type(off) is int and type(hsize) is int and type(start) is int and type(count) is int
+            and _SUPERBLOCK_END <= off < 1 << 63 and 1 <= hsize <= 1 << 16 and 0 <= start < 1 << 63
+            and 0 <= count < 1 << 63):  # the messages name the first bad field
+        _int(off, "record.offset", lo=_SUPERBLOCK_END, file=file)
+        _int(hsize, "record.header_size", lo=1, hi=1 << 16, file=file)
+        _int(start, "record.elem_start", file=file)
+        _int(count, "record.elem_count", file=file)
+    secs = tuple(_section(s, name, file) for s in _list(raw_secs, "record.sections", file, constants.MAX_SECTIONS))
+    if len(secs) > 1 and len({s.name for s in secs}) != len(secs):
         raise FormatError("duplicate section name in a record", file=file, tensor=name, field="record.sections")
     if hsize != _RECORD_FIXED + len(secs) * constants.RECORD_SECTION.size:
         raise FormatError(f"record header size {hsize} does not match its {len(secs)} sections",
@@ -303,7 +326,7 @@ def parse_provenance(t: dict, name: str, file=None) -> dict | None:
 def check_record_size(rec: "RecordInfo", itemsize: int, *, file=None, tensor=None) -> None:
     """Refuse a segment record whose elements could not come from its stored
     bytes: ``elem_count * itemsize > MAX_DECODE_RATIO * stored``."""
-    stored = sum(s.stored_length for s in rec.sections)
+    stored = rec.end - rec.offset - rec.header_size
     decoded = rec.elem_count * itemsize
     if decoded > constants.MAX_DECODE_RATIO * stored:
         raise FormatError(f"record of {stored} stored bytes declares {decoded} bytes of elements", file=file,

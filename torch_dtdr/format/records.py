@@ -5,6 +5,7 @@ xxh3_64 of its own bytes, so a parser can tell a damaged header from a valid one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import FormatError, UnsupportedVersionError
 from ..integrity.checksum import hash64
@@ -80,8 +81,10 @@ def check_geometry(chunk_size: int, k: int, m: int, file=None) -> None:
         raise FormatError(f"stripe geometry k={k}, m={m} out of range", file=file, field="k/m")
 
 
-@dataclass(frozen=True)
-class SectionEntry:
+class SectionEntry(NamedTuple):
+    """One section of a record: its name, how many copies are stored back to back, each copy's length,
+    and the xxh3-64 digest of one copy. A tuple: an index holds thousands, built and dropped per load."""
+
     name: str
     copies: int
     length: int
