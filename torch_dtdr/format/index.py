@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import zstandard
 
-from .._json import canonical_dumps, strict_loads
+from .._json import canonical_dumps, cycle_collection_paused, strict_loads
 from ..errors import FormatError
 from . import constants
 from .records import SectionEntry
@@ -174,7 +174,13 @@ def _list(v, what, file=None, max_len=None) -> list:
 
 
 def parse_index(raw: bytes, file=None, require_records: bool = True) -> Index:
-    """Decode and check an index (or, with ``require_records=False``, a manifest)."""
+    """Decode and check an index (or, with ``require_records=False``, a manifest).
+    The cycle collector is paused meanwhile (see :func:`cycle_collection_paused`)."""
+    with cycle_collection_paused():
+        return _parse_index(raw, file, require_records)
+
+
+def _parse_index(raw: bytes, file, require_records: bool) -> Index:
     if len(raw) > constants.MAX_INDEX_BYTES:
         raise FormatError(f"index of {len(raw)} bytes exceeds the limit", file=file, field="index")
     try:

@@ -1,0 +1,115 @@
+"""The index parser's allocation discipline: records as tuples, the cycle
+collector paused while an index is turned into objects (and always restored)."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import sys
+import threading
+
+import pytest
+import torch
+
+import torch_dtdr
+from torch_dtdr._json import cycle_collection_paused
+from torch_dtdr.errors import FormatError
+from torch_dtdr.format.index import RecordInfo, SectionEntry, encode_index, parse_index
+from torch_dtdr.format.reader import ContainerReader
+from torch_dtdr.storage import open_source
+
+
+@pytest.fixture
+def gc_state():
+    was = gc.isenabled()
+    threshold = gc.get_threshold()
+    yield
+    gc.set_threshold(*threshold)
+    (gc.enable if was else gc.disable)()
+
+
+def test_record_end_is_derived_from_its_sections_and_survives_pickle_and_replace():
+    rec = RecordInfo(4096, 100, 0, 10, (SectionEntry("meta", 1, 16, 7), SectionEntry("base", 3, 50, 9)))
+    assert rec.body_start == 4196
+    assert rec.end == 4196 + 16 + 150
+    assert rec.sections[1].stored_length == 150
+    assert pickle.loads(pickle.dumps(rec)) == rec
+    moved = rec._replace(offset=8192)
+    assert moved.end == 8192 + 100 + 166 and moved.sections == rec.sections
+    assert RecordInfo(*rec[:5]) == rec
+
+
+def test_the_collector_is_restored_after_a_pause(gc_state):
+    gc.enable()
+    with cycle_collection_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with cycle_collection_paused():
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()  # a caller that turned it off keeps it off
+    with cycle_collection_paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()
+
+
+def test_overlapping_pauses_on_two_threads_restore_the_collector_once_both_end(gc_state):
+    gc.enable()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with cycle_collection_paused():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with cycle_collection_paused():
+        pass
+    assert not gc.isenabled(), "the other thread's pause is still running"
+    release.set()
+    t.join(10)
+    assert gc.isenabled()
+
+
+def _index_bytes(tmp_path) -> bytes:
+    sd = {f"layer{i}.bias": torch.full((3,), float(i)) for i in range(600)}
+    path = tmp_path / "many.dtdr"
+    torch_dtdr.save(sd, path)
+    with open_source(str(path), None) as src:
+        index = ContainerReader(src).index
+    return encode_index(dict(index.to_json(), stream_length=index.stream_length))
+
+
+def test_parsing_a_large_index_starts_no_cycle_collection(tmp_path, gc_state):
+    raw = _index_bytes(tmp_path)
+    started = []
+
+    def count(phase, info):  # a collection started from inside the parser, with the parser's frame on the stack
+        frame = sys._getframe()
+        while frame is not None and phase == "start":
+            if frame.f_code.co_name == "_parse_index":
+                started.append(info["generation"])
+                break
+            frame = frame.f_back
+
+    gc.enable()
+    gc.set_threshold(50, 2, 2)  # without the pause, thousands of containers set off many collections
+    gc.callbacks.append(count)
+    try:
+        index = parse_index(raw)
+    finally:
+        gc.callbacks.remove(count)
+    assert len(index.tensors) == 600 and all(t.records for t in index.tensors)
+    assert started == []
+    assert gc.isenabled()
+
+
+def test_a_malformed_index_still_restores_the_collector(tmp_path, gc_state):
+    gc.enable()
+    raw = _index_bytes(tmp_path).replace(b'"segment_elems":', b'"segment_elems":-', 1)
+    with pytest.raises(FormatError, match="segment_elems"):
+        parse_index(raw)
+    assert gc.isenabled()
