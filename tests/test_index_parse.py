@@ -113,3 +113,44 @@ def test_a_malformed_index_still_restores_the_collector(tmp_path, gc_state):
     with pytest.raises(FormatError, match="segment_elems"):
         parse_index(raw)
     assert gc.isenabled()
+
+
+def _reference_bad_chunks(reader, first_chunk: int, hashes) -> list[int]:
+    """The chunk check spelled out: chunk j's entry sits at (j // k) * (k + m) + j % k of each table."""
+    g = reader.geometry
+    bad = []
+    for i, digest in enumerate(hashes):
+        j = first_chunk + i
+        idx = (j // g.k) * (g.k + g.m) + j % g.k
+        if not any(idx < len(table) and int(table[idx]) == int(digest) for table in reader._sums):
+            bad.append(i)
+    return bad
+
+
+@pytest.mark.parametrize("tables", ["one", "three copies, one short"])
+def test_the_chunk_check_by_slices_agrees_with_the_spelled_out_one(tmp_path, tables):
+    import numpy as np
+
+    from torch_dtdr.integrity.checksum import chunk_hashes
+
+    path = tmp_path / "big.dtdr"
+    torch_dtdr.save({"w": torch.randn(300_000), "b": torch.randn(5)}, path, parity=(4, 2))
+    rng = np.random.default_rng(7)
+    with open_source(str(path), None) as src:
+        reader = ContainerReader(src)
+        sums = reader._sums[0].copy()
+        if tables != "one":
+            short = sums[: len(sums) * 2 // 3].copy()
+            other = sums.copy()
+            other[rng.choice(len(other), 20, replace=False)] ^= 1
+            reader._sums = [sums, other, short]
+        c = reader.geometry.chunk_size
+        n_chunks = reader.geometry.n_data_chunks
+        for trial in range(40):
+            first = int(rng.integers(0, n_chunks - 1))
+            count = int(rng.integers(1, min(60, n_chunks - first) + 1))
+            buf = bytearray(reader.read_logical(first * c, (first + count) * c, verify=False).data)
+            for pos in rng.choice(len(buf), int(rng.integers(0, 6)), replace=False):
+                buf[pos] ^= 0x40
+            want = _reference_bad_chunks(reader, first, chunk_hashes(buf, c))
+            assert reader._bad_chunks(first, memoryview(buf)) == want, (trial, first, count)

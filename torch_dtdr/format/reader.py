@@ -112,6 +112,7 @@ class ContainerReader:
         self._correction_budget: WorkBudget | None = None
         self._lock = threading.Lock()
         self._sums: list[np.ndarray] | None = None
+        self._data_sums: tuple | None = None  # (the _sums it was made from, their data-chunk entries)
         self._footer_blobs: list[tuple[int, int, int]] = []
         self._patched: dict[int, bytes] = {}  # data chunk -> bytes corrected without checksums (no footer)
         self._try_budget = 2 * self.size + _MAX_TRY_BYTES
@@ -430,7 +431,18 @@ class ContainerReader:
         """Positions in ``buf`` (chunks from ``first_chunk`` on) of the chunks that match no checksum table."""
         g = self.geometry
         hashes = chunk_hashes(buf, g.chunk_size)
-        if len(hashes) <= 4:  # a small tensor's record: plain ints beat numpy's fancy indexing
+        n = len(hashes)
+        if n > 4:  # against the tables laid out by data chunk: slices, no index arithmetic per read
+            tables = self._data_chunk_sums()
+            if len(tables) == 1 and len(tables[0]) >= first_chunk + n:
+                differ = hashes != tables[0][first_chunk: first_chunk + n]
+                return np.flatnonzero(differ).tolist() if differ.any() else []
+            ok = np.zeros(n, dtype=bool)
+            for table in tables:
+                part = table[first_chunk: first_chunk + n]
+                ok[: len(part)] |= part == hashes[: len(part)]
+            return [] if ok.all() else np.flatnonzero(~ok).tolist()
+        if n:  # a small tensor's record: plain ints beat numpy's indexing
             bad = []
             for i, digest in enumerate(hashes.tolist()):
                 j = first_chunk + i
@@ -438,13 +450,22 @@ class ContainerReader:
                 if not any(idx < len(table) and table.item(idx) == digest for table in self._sums):
                     bad.append(i)
             return bad
-        j = np.arange(first_chunk, first_chunk + len(hashes))
-        idx = (j // g.k) * (g.k + g.m) + j % g.k
-        ok = np.zeros(len(hashes), dtype=bool)
-        for s in self._sums:
-            valid = idx < len(s)
-            ok[valid] |= s[idx[valid]] == hashes[valid]
-        return [] if ok.all() else np.flatnonzero(~ok).tolist()
+        return []
+
+    def _data_chunk_sums(self) -> list[np.ndarray]:
+        """Each checksum table's entries for the data chunks, in data-chunk order (parity chunks' entries
+        left out), cut where the table ends; made once per set of tables."""
+        if self._data_sums is None or self._data_sums[0] is not self._sums:
+            g = self.geometry
+            span = g.k + g.m
+
+            def covered(length: int) -> int:  # data chunks whose entries lie inside a table of this length
+                return length // span * g.k + min(length % span, g.k)
+
+            j = np.arange(max(covered(len(table)) for table in self._sums), dtype=np.int64)
+            idx = (j // g.k) * span + j % g.k
+            self._data_sums = (self._sums, [table[idx[: covered(len(table))]] for table in self._sums])
+        return self._data_sums[1]
 
     def read_logical(self, start: int, end: int, verify: bool = True, patched: bool = True) -> ReadResult:
         """Bytes of logical ``[start, end)``, checked chunk by chunk and repaired
