@@ -409,6 +409,20 @@ def test_parameter_and_its_data_share():
     assert out["p"].data_ptr() == out["d"].data_ptr()
 
 
+@pytest.mark.parametrize("order", ["parameter first", "data first"])
+def test_two_whole_views_of_one_entry_keep_their_own_kind_and_grad(order):
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    items = [("p", p), ("d", p.data), ("g", p.detach().requires_grad_(True))]
+    obj = dict(items if order == "parameter first" else items[::-1])
+    out = roundtrip(obj)
+    assert type(out["p"]) is torch.nn.Parameter and out["p"].requires_grad
+    assert type(out["d"]) is torch.Tensor and not out["d"].requires_grad and out["d"].grad_fn is None
+    assert out["g"].requires_grad and out["g"].grad_fn is None
+    assert len({id(v) for v in out.values()}) == 3
+    assert out["p"].data_ptr() == out["d"].data_ptr() == out["g"].data_ptr()
+    assert all(torch.equal(out[k].detach(), p.detach()) for k in out)
+
+
 def test_overlapping_views_share_one_span():
     base = torch.arange(100.0)
     a = base[2:7]

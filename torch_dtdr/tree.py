@@ -1217,6 +1217,7 @@ class Builder:
         self.get_tensor = get_tensor
         self.loaded: dict[int, torch.Tensor] = {}
         self.built: dict[int, Any] = {}
+        self.whole: set[int] = set()  # entries whose loaded tensor was handed out as a record itself
 
     def load(self, e):
         if e in self.loaded:
@@ -1252,13 +1253,18 @@ class Builder:
         if base is None:
             self.built[i] = None
             return None
-        isz = dtype.itemsize
-        start = base.storage_offset() * base.element_size() + offset * isz
-        t = torch.empty((0,), dtype=dtype, device=base.device)
-        try:
-            t.set_(base.untyped_storage(), start // isz, shape, stride)
-        except RuntimeError as exc:  # e.g. a size * stride product torch cannot represent
-            raise FormatError(f"cannot rebuild view ({exc})", field=f"tensors[{i}]") from None
+        if offset == 0 and dtype == base.dtype and base.shape == shape and base.stride() == stride \
+                and e not in self.whole:
+            t = base  # the record is the whole entry as loaded (a state dict's usual case): no new view
+            self.whole.add(e)
+        else:
+            isz = dtype.itemsize
+            start = base.storage_offset() * base.element_size() + offset * isz
+            t = torch.empty((0,), dtype=dtype, device=base.device)
+            try:
+                t.set_(base.untyped_storage(), start // isz, shape, stride)
+            except RuntimeError as exc:  # e.g. a size * stride product torch cannot represent
+                raise FormatError(f"cannot rebuild view ({exc})", field=f"tensors[{i}]") from None
         if kind == "parameter":
             obj = torch.nn.Parameter(t, requires_grad=rg)
         elif kind == "ndarray":
