@@ -11,6 +11,7 @@ Locating the index, most trusted first:
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -569,9 +570,10 @@ class ContainerReader:
         """Fetch ahead what reading ``records`` (and the physical ranges
         ``also``) needs (a context manager; see
         :meth:`torch_dtdr.storage.Source.prefetch`). A part is dropped once
-        every planned read of it has been served."""
-        reads = [r for rec in records for r in self.record_reads(rec)]
-        return self.source.prefetch(reads + list(also), max_workers=self.max_workers)
+        every planned read of it has been served. The reads are worked out
+        only if the source prefetches (local files do not)."""
+        reads = itertools.chain((r for rec in records for r in self.record_reads(rec)), also)
+        return self.source.prefetch(reads, max_workers=self.max_workers)
 
     def _repair_chunk(self, j: int) -> bytes | None:
         g = self.geometry
