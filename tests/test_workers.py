@@ -14,7 +14,7 @@ import torch_dtdr
 from torch_dtdr import _cpu
 from torch_dtdr.codecs.base import copy_elements, flat_contiguous
 from torch_dtdr.codecs.dtdr import DTDR as DTDRCodec
-from torch_dtdr.errors import ArgumentError, DamageWarning
+from torch_dtdr.errors import ArgumentError, DamageWarning, FormatError
 
 from .helpers import assert_same, pseudo, zero_range
 
@@ -231,3 +231,21 @@ def test_strided_tensors_round_trip(tmp_path):
         back = torch_dtdr.load(path, errors="strict")
         for k, v in sd.items():
             assert back[k].shape == v.shape and back[k].equal(v)
+
+
+def test_a_malformed_tree_fails_a_load_whose_big_tensors_are_already_decoding(tmp_path):
+    """The skeleton is checked while the workers decode the big tensors: a bad one still fails the load,
+    with the FormatError, every worker stopped and nothing returned."""
+    from fuzz import craft
+
+    sd = {f"w{i}": torch.randn(40_000) for i in range(6)}
+    sd["bias"] = torch.randn(4)
+    data = craft.save_bytes(sd, codec="dtdr")
+    doc = craft.parse(data).index
+    doc["tree"]["tensors"][3]["offset"] = 10 ** 9  # a view far outside its entry
+    path = tmp_path / "bad_tree.dtdr"
+    path.write_bytes(craft.reseal(data, doc))
+    before = threading.active_count()
+    with pytest.raises(FormatError, match="offset"):
+        torch_dtdr.load(path, workers=2)
+    assert threading.active_count() == before

@@ -262,12 +262,15 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
     workers = workers or DEFAULT_WORKERS
     # several tensors: one thread per tensor; a lone tensor: its segments on the threads
     dec = Decoder(reader, errors, workers=workers if n == 1 else 1)
-    tables = tree.check(reader.index.tree, len(reader.tensors))  # once, before any data is read
-    devices = tree.entry_devices(reader.index.tree, len(reader.tensors), tables)
     sizes = [stored_bytes(t) for t in reader.tensors]
+    tables = devices = None
 
-    def decode(i: int):
-        t = dec.tensor(i)
+    def check_tree() -> None:
+        nonlocal tables, devices
+        tables = tree.check(reader.index.tree, n)
+        devices = tree.entry_devices(reader.index.tree, n, tables)
+
+    def placed(i: int, t: torch.Tensor | None):
         return None if t is None else place(t, map_location, devices[i], reader.name, reader.tensors[i].name)
 
     with reader.prefetch(rec for t in reader.tensors for rec in t.records) as plan:
@@ -280,10 +283,12 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
                 # largest first, so that no big tensor starts last and leaves one core idle at the end;
                 # in file order while a prefetch downloads the file in that order (a remote store)
                 starts = pooled if plan.active else sorted(pooled, key=sizes.__getitem__, reverse=True)
-                futures = {i: pool.submit(decode, i) for i in starts}
+                futures = {i: pool.submit(dec.tensor, i) for i in starts}
                 try:
-                    # the small tensors decode here while the workers run the big ones' GIL-free kernels
-                    done = (decode(i) if i not in futures else futures[i].result() for i in order)
+                    # the tree is checked, and the small tensors decoded, here while the workers
+                    # run the big ones' GIL-free kernels; a malformed tree still fails the load
+                    check_tree()
+                    done = (placed(i, futures[i].result() if i in futures else dec.tensor(i)) for i in order)
                     for i, t in zip(order, byte_progress(done, [sizes[i] for i in order], progress, "load")):
                         loaded[i] = t
                 except BaseException:  # a failure or Ctrl-C: do not decode the rest first
@@ -291,7 +296,8 @@ def load_from_reader(reader: ContainerReader, map_location, errors: str, workers
                         future.cancel()
                     raise
         else:
-            loaded = list(byte_progress(map(decode, range(n)), sizes, progress, "load"))
+            check_tree()  # before any data is read
+            loaded = list(byte_progress((placed(i, dec.tensor(i)) for i in range(n)), sizes, progress, "load"))
     rep = dec.finish()
     error = None if partial else lost_tensors_error(rep)
     if error is not None:
