@@ -801,12 +801,9 @@ def _dec_nonfinite(node, where):
 
 def _dec_dtype_name(x, where, table=_ALL_DTYPES) -> torch.dtype:
     d = table.get(x) if type(x) is str else None
-    if d is not None:  # every name in a table is well-formed
-        return d
-    if type(x) is not str or len(x) > 64 or not _NAME_RE.fullmatch(x):
-        raise _err(f"bad dtype name {_short_repr(x)}", where)
-    d = table.get(x)
     if d is None:
+        if type(x) is not str or len(x) > 64 or not _NAME_RE.fullmatch(x):
+            raise _err(f"bad dtype name {_short_repr(x)}", where)
         raise _err(f"unknown or unsupported dtype {x!r}", where)
     return d
 

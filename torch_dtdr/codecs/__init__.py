@@ -29,7 +29,7 @@ def get(name: str, **params) -> Codec:
 def from_dict(d: Mapping) -> Codec:
     """Rebuild a codec from :meth:`Codec.to_dict` output. Codecs are frozen,
     so equal descriptions share one instance (a load builds one per tensor)."""
-    if not (type(d) is dict or isinstance(d, Mapping)) or type(d.get("name")) is not str:
+    if not isinstance(d, Mapping) or not isinstance(d.get("name"), str):
         raise CodecError(f"malformed codec description {d!r}")
     try:
         key = tuple((k, type(v), v) for k, v in sorted(d.items()))  # types too: True == 1, 1.0 == 1

@@ -332,7 +332,7 @@ def parse_provenance(t: dict, name: str, file=None) -> dict | None:
 def check_record_size(rec: "RecordInfo", itemsize: int, *, file=None, tensor=None) -> None:
     """Refuse a segment record whose elements could not come from its stored
     bytes: ``elem_count * itemsize > MAX_DECODE_RATIO * stored``."""
-    stored = rec.end - rec.offset - rec.header_size
+    stored = rec.end - rec.body_start
     decoded = rec.elem_count * itemsize
     if decoded > constants.MAX_DECODE_RATIO * stored:
         raise FormatError(f"record of {stored} stored bytes declares {decoded} bytes of elements", file=file,

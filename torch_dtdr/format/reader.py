@@ -430,31 +430,23 @@ class ContainerReader:
 
     def _bad_chunks(self, first_chunk: int, buf: memoryview) -> list[int]:
         """Positions in ``buf`` (chunks from ``first_chunk`` on) of the chunks that match no checksum table."""
-        g = self.geometry
-        hashes = chunk_hashes(buf, g.chunk_size)
+        hashes = chunk_hashes(buf, self.geometry.chunk_size)
         n = len(hashes)
-        if n > 4:  # against the tables laid out by data chunk: slices, no index arithmetic per read
-            tables = self._data_chunk_sums()
-            if len(tables) == 1 and len(tables[0]) >= first_chunk + n:
-                differ = hashes != tables[0][first_chunk: first_chunk + n]
-                return np.flatnonzero(differ).tolist() if differ.any() else []
-            ok = np.zeros(n, dtype=bool)
-            for table in tables:
-                part = table[first_chunk: first_chunk + n]
-                ok[: len(part)] |= part == hashes[: len(part)]
-            return [] if ok.all() else np.flatnonzero(~ok).tolist()
-        if n:  # a small tensor's record: plain ints beat numpy's indexing
+        if not n:
+            return []
+        tables = self._data_chunk_sums()
+        if n <= 4:  # a small tensor's record: comparing plain lists beats numpy
             got = hashes.tolist()
-            if any(table[first_chunk: first_chunk + n].tolist() == got for table in self._data_chunk_sums()):
+            if any(table[first_chunk: first_chunk + n].tolist() == got for table in tables):
                 return []
-            bad = []
-            for i, digest in enumerate(hashes.tolist()):
-                j = first_chunk + i
-                idx = (j // g.k) * (g.k + g.m) + j % g.k
-                if not any(idx < len(table) and table.item(idx) == digest for table in self._sums):
-                    bad.append(i)
-            return bad
-        return []
+        elif len(tables) == 1 and len(tables[0]) >= first_chunk + n:
+            differ = hashes != tables[0][first_chunk: first_chunk + n]
+            return np.flatnonzero(differ).tolist() if differ.any() else []
+        ok = np.zeros(n, dtype=bool)
+        for table in tables:
+            part = table[first_chunk: first_chunk + n]
+            ok[: len(part)] |= part == hashes[: len(part)]
+        return [] if ok.all() else np.flatnonzero(~ok).tolist()
 
     def _data_chunk_sums(self) -> list[np.ndarray]:
         """Each checksum table's entries for the data chunks, in data-chunk order (parity chunks' entries
@@ -513,10 +505,8 @@ class ContainerReader:
                         result.bad.append((max(lo, start), min(hi, end)))
         if missing_from is not None:
             result.bad.append((max(missing_from, start), end))
-        if result.bad:
-            result.bad = merge_ranges(result.bad)
-        if result.repaired:
-            result.repaired = merge_ranges(result.repaired)
+        result.bad = merge_ranges(result.bad)
+        result.repaired = merge_ranges(result.repaired)
         result.data = memoryview(buf)[start - a: end - a]
         return result
 
