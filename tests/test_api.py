@@ -87,6 +87,7 @@ def test_thread_pools_change_nothing_but_speed(tmp_path, monkeypatch):
 
     sd = {f"w{i}": pseudo(70_000 + 4096 * i, torch.float32, i) for i in range(5)}
     sd["big"] = pseudo(1_500_000, torch.bfloat16, 9)  # two segments, many residual frames
+    sd.update({f"small{i}": pseudo(300 + 7 * i, torch.float16, i) for i in range(6)})  # encoded by the writer
     serial, parallel = tmp_path / "serial.dtdr", tmp_path / "parallel.dtdr"
     torch_dtdr.save(sd, serial, workers=1)
     torch_dtdr.save(sd, parallel, workers=3)
@@ -239,6 +240,21 @@ def test_file_objects_and_memory_urls(tmp_path):
     assert_same(torch_dtdr.load("memory://ckpt/a.dtdr")["x"], x)
     torch_dtdr.save({"x": x}, f"file://{tmp_path}/b.dtdr")
     assert_same(torch_dtdr.load(str(tmp_path / "b.dtdr"))["x"], x)
+
+
+@pytest.mark.parametrize("parity", ["default", "off", "strong", (4, 2)])
+def test_a_local_file_holds_the_bytes_a_file_object_gets(tmp_path, parity):
+    """A local path takes whole runs of stripes at once (writev, no copy into a buffer), a file
+    object one piece at a time: the same bytes, at every parity level (the archive level's inner
+    blocks sit between stripes)."""
+    sd = {"w": pseudo(300_000, torch.float32, 1), "b": pseudo(77, torch.bfloat16, 2), "i": torch.arange(5000)}
+    path = tmp_path / "m.dtdr"
+    torch_dtdr.save(sd, path, parity=parity)
+    buf = io.BytesIO()
+    torch_dtdr.save(sd, buf, parity=parity)
+    assert path.read_bytes() == buf.getvalue()
+    for k, v in torch_dtdr.load(path, errors="strict").items():
+        assert_same(v, sd[k])
 
 
 def test_map_location_forms(tmp_path):

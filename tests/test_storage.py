@@ -258,6 +258,23 @@ def test_write_accepts_buffers(store):
     assert read_bytes(url, store.options) == b"abcdef" + doubles.tobytes()
 
 
+def test_write_all_appends_the_pieces_in_order(store):
+    """write_all takes many pieces in one call (a local file in few writev calls, more pieces than
+    IOV_MAX included); the bytes and the count are those of one write() each."""
+    url = store.url("pieces")
+    doubles = array.array("d", [1.0, 2.0, 3.0])
+    rnd = random.Random(5)
+    pieces = [b"ab", bytearray(b"cd"), memoryview(b"xxefxx")[2:4], doubles, b""]
+    pieces += [_data(rnd.randrange(0, 300), seed=i) for i in range(1500)]
+    with open_sink(url, store.options) as sink:
+        assert sink.write(b"<") == 1
+        assert sink.write_all(pieces) == sum(memoryview(p).nbytes for p in pieces)
+        assert sink.write(b">") == 1
+    expected = b"<" + b"".join(bytes(memoryview(p).cast("B")) for p in pieces) + b">"
+    assert sink.tell() == len(expected)
+    assert read_bytes(url, store.options) == expected
+
+
 # --------------------------------------------------------------------------- S3 specifics
 
 
@@ -390,6 +407,36 @@ def test_local_writes_through_symlink(tmp_path):
     write_bytes_atomic(link, b"new")
     assert link.is_symlink()
     assert target.read_bytes() == b"new"
+
+
+def test_local_write_all_takes_up_partial_writes(tmp_path, monkeypatch):
+    """A writev that writes less than asked for (a signal, a full disk's last bytes) is taken up again
+    where it stopped, in the middle of a piece too; one that writes nothing is an error, not a loop."""
+    from torch_dtdr.storage import sinks
+
+    real_writev, calls = os.writev, []
+
+    def short_writev(fd, views):
+        calls.append(len(views))
+        budget, head = 1000, []
+        for mv in views:  # the real call, on at most the first 1000 bytes
+            head.append(memoryview(mv)[:budget])
+            budget -= head[-1].nbytes
+            if not budget:
+                break
+        return real_writev(fd, head)
+
+    monkeypatch.setattr(sinks, "_writev", short_writev)
+    pieces = [_data(n, seed=n) for n in (10, 999, 1, 4097, 0, 3000, 1)]
+    with open_sink(str(tmp_path / "f"), None) as sink:
+        sink.write_all(pieces)
+    assert (tmp_path / "f").read_bytes() == b"".join(pieces)
+    assert len(calls) >= sum(map(len, pieces)) // 1000
+    monkeypatch.setattr(sinks, "_writev", lambda fd, views: 0)
+    with pytest.raises(StorageError, match="write failed"):
+        with open_sink(str(tmp_path / "g"), None) as sink:
+            sink.write_all([b"abc"])
+    assert not (tmp_path / "g").exists()
 
 
 def test_local_errors(tmp_path):

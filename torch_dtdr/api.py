@@ -207,16 +207,19 @@ def _encode_in_order(jobs, workers: int):
                 # as many bytes ahead as 2 * workers segments of the first tensor's dtype: small
                 # tensors (whose records cost the writer more than their encoding) queue deeper
                 budget = 2 * workers * max(nbytes, 1, job[5].segment_elems * job[3].element_size())
-            pending.append((job, pool.submit(job[4].encode, job[3]), nbytes))
+            # a small segment costs the pool's hand-off (a future, a wake-up, the GIL twice) more
+            # than its encoding: the writer encodes it itself when its turn comes
+            task = None if nbytes < decoding.INLINE_BYTES else pool.submit(job[4].encode, job[3])
+            pending.append((job, task, nbytes))
             pending_bytes += nbytes
             while pending and (len(pending) >= 64 * workers or
                                (len(pending) >= 2 * workers and pending_bytes >= budget)):
-                job0, fut, done_bytes = pending.popleft()
+                job0, task, done_bytes = pending.popleft()
                 pending_bytes -= done_bytes
-                yield job0, fut.result()
+                yield job0, job0[4].encode(job0[3]) if task is None else task.result()
         while pending:
-            job0, fut, _ = pending.popleft()
-            yield job0, fut.result()
+            job0, task, _ = pending.popleft()
+            yield job0, job0[4].encode(job0[3]) if task is None else task.result()
 
 
 def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None = None, mmap: bool | None = None,

@@ -42,13 +42,15 @@ class _HashTable:
 
 
 class ContainerWriter:
-    """Streams a DTDR container into ``sink`` (anything with ``write(bytes)``)."""
+    """Streams a DTDR container into ``sink`` (anything with ``write(bytes)``; a
+    :class:`~torch_dtdr.storage.Sink`'s ``write_all`` takes many stripes at once)."""
 
     def __init__(self, sink, *, chunk_size: int = constants.DEFAULT_CHUNK_SIZE, k: int = 32, m: int = 2,
                  index_copies: int = 7, chunksum_copies: int | None = None, algorithm: str | None = None,
                  inner_nsym: int = 0):
         check_geometry(chunk_size, k, m)
         self.sink = sink
+        self._write_many = getattr(sink, "write_all", None)  # a storage Sink's; plain files write piece by piece
         self.chunk_size = chunk_size
         self.k = k
         self.m = m
@@ -100,26 +102,32 @@ class ContainerWriter:
         self.sink.write(mv)
         self._physical += mv.nbytes
 
+    def _write_all(self, pieces) -> None:
+        if self._write_many is None:
+            for piece in pieces:
+                self._write(piece)
+        else:
+            self._physical += self._write_many(pieces)
+
     def _emit_stripes(self, mv: memoryview) -> None:
         """Write whole stripes (``len(mv)`` a multiple of k * chunk_size) with their parity."""
         c, k, m = self.chunk_size, self.k, self.m
         span = k * c
-        data_hashes = chunk_hashes(mv, c).reshape(-1, k)
-        if not m:
-            for s in range(len(mv) // span):
-                self._write(mv[s * span:(s + 1) * span])
-                if self.inner is not None:
-                    self._write_inner([mv[s * span:(s + 1) * span]])
-            self._hashes.append(data_hashes.reshape(-1))
-            return
-        parity = self.code.encode_stripes(mv, c)
-        parity_hashes = chunk_hashes(parity.reshape(-1), c).reshape(-1, m)
-        for s in range(parity.shape[0]):
-            self._write(mv[s * span:(s + 1) * span])
-            self._write(parity[s].reshape(-1).data)
+        stripes = len(mv) // span
+        hashes = chunk_hashes(mv, c).reshape(-1, k)
+        parity = None
+        if m:
+            parity = self.code.encode_stripes(mv, c)
+            hashes = np.concatenate([hashes, chunk_hashes(parity.reshape(-1), c).reshape(-1, m)], axis=1)
+        pieces = []  # each stripe's data, then its parity chunks, then (archive level) its inner block
+        for s in range(stripes):
+            pieces.append(mv[s * span:(s + 1) * span])
+            if m:
+                pieces.append(parity[s].reshape(-1).data)
             if self.inner is not None:
-                self._write_inner([mv[s * span:(s + 1) * span], parity[s].data])
-        self._hashes.append(np.concatenate([data_hashes, parity_hashes], axis=1).reshape(-1))
+                pieces.extend(self._inner_block(pieces[-1 - bool(m):]))
+        self._write_all(pieces)  # one call: no copy into a buffer, one system call for many stripes
+        self._hashes.append(hashes.reshape(-1))
 
     def _emit_last_stripe(self, mv: memoryview) -> None:
         """The final, possibly short stripe: parity as if the missing data chunks were zeros."""
@@ -138,10 +146,12 @@ class ContainerWriter:
             self._write_inner([mv, *parity])
 
     def _write_inner(self, pieces) -> None:
-        """The inner block of one stripe: RS parity of each of its chunks, page-padded."""
+        self._write_all(self._inner_block(pieces))
+
+    def _inner_block(self, pieces) -> tuple[bytes, bytes]:
+        """The inner block of one stripe (RS parity of each of its chunks) and its page padding."""
         raw = self.inner.encode(b"".join(bytes(p) for p in pieces)).tobytes()
-        self._write(raw)
-        self._write(bytes(-len(raw) % constants.PAGE))
+        return raw, bytes(-len(raw) % constants.PAGE)
 
     def write_record(self, kind: int, tensor_id: int, segment: int, elem_start: int, elem_count: int,
                      sections: Sequence[tuple[str, int, bytes]]) -> tuple[int, RecordHeader]:

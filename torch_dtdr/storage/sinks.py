@@ -60,6 +60,30 @@ def _writeback_starter():
 _start_writeback = _writeback_starter()
 
 
+_writev = getattr(os, "writev", None)
+try:
+    _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16
+
+
+def write_vectored(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` to ``fd`` in order with ``writev``: at most IOV_MAX
+    buffers a call, the rest of a partly written one taken up again."""
+    i = 0
+    while i < len(views):
+        group = views[i : i + _IOV_MAX]
+        done = _writev(fd, group)
+        if done <= 0:
+            raise OSError(f"writev wrote {done} of {sum(mv.nbytes for mv in group)} bytes")
+        for mv in group:
+            if done < mv.nbytes:
+                views[i] = mv[done:]
+                break
+            done -= mv.nbytes
+            i += 1
+
+
 class Sink:
     """A write-only destination that appears at its path only on :meth:`commit`.
 
@@ -106,6 +130,27 @@ class Sink:
                 raise storage_error("write failed", e, file=self.name) from e
             self._written += n
         return n
+
+    def write_all(self, pieces) -> int:
+        """Append every bytes-like of ``pieces``, in order; returns the number
+        of bytes written. A local file takes them in as few system calls as it
+        can (``writev``), without copying them into a buffer first."""
+        if self._state != "open":
+            raise ValueError(f"write to a {self._state} sink: {self.name}")
+        views = [mv for mv in map(byte_view, pieces) if mv.nbytes]
+        n = sum(mv.nbytes for mv in views)
+        if n:
+            try:
+                self._write_many(views)
+            except Exception as e:
+                raise storage_error("write failed", e, file=self.name) from e
+            self._written += n
+        return n
+
+    def _write_many(self, views: list[memoryview]) -> None:
+        """Subclass hook of :meth:`write_all`: by default one :meth:`_write` each."""
+        for mv in views:
+            self._write(mv)
 
     def tell(self) -> int:
         """Bytes written so far."""
@@ -368,8 +413,18 @@ class _LocalSink(Sink):
 
     def _write(self, mv):
         self._f.write(mv)
+        self._written_up_to(self._written + mv.nbytes)
+
+    def _write_many(self, views):
+        if _writev is None:
+            return super()._write_many(views)
+        self._f.flush()
+        write_vectored(self._f.fileno(), views)
+        self._written_up_to(self._written + sum(mv.nbytes for mv in views))
+
+    def _written_up_to(self, end: int) -> None:
+        """Start the write-back of what was written before ``end`` (see :data:`WRITEBACK_BYTES`)."""
         if self._fsync and _start_writeback is not None:
-            end = self._written + mv.nbytes
             if end - self._writeback_from >= WRITEBACK_BYTES:
                 self._f.flush()
                 _start_writeback(self._f.fileno(), self._writeback_from, end - self._writeback_from)
