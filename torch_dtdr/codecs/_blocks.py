@@ -83,6 +83,7 @@ class Layout:
         return self.block_size if b < self.nfull else self.tail_m
 
 
+@functools.lru_cache(maxsize=4096)  # a save asks for the same few layouts once per segment
 def layout(numel: int, block_size: int) -> Layout:
     nfull, tail = divmod(int(numel), int(block_size))
     return Layout(int(numel), int(block_size), nfull, tail, next_pow2(tail) if tail else 0)

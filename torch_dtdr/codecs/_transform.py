@@ -9,6 +9,7 @@ Sections (see ``docs/codecs.md``):
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
@@ -22,6 +23,7 @@ from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous, us
 
 _CPU = torch.device("cpu")
 _QDT_NP = {8: np.dtype("<i1"), 16: np.dtype("<i2")}
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _QDT_T = {8: torch.int8, 16: torch.int16}
 _QRANGE = {8: 254.0, 16: 65534.0}  # the largest possible change of a damaged coefficient
 
@@ -40,10 +42,11 @@ def check_input(codec: Codec, x: torch.Tensor) -> torch.Tensor:
         raise CodecError(f"codec {codec.name!r} encodes torch tensors, got {type(x).__name__}")
     if not codec.accepts(x.dtype):
         raise CodecError(f"codec {codec.name!r} cannot store dtype {x.dtype}")
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     if x.device.type != "cpu":
         x = x.cpu()
-    return flat_contiguous(x)
+    return x if x.dim() == 1 and x.is_contiguous() else flat_contiguous(x)
 
 
 def read_factors(data: Mapping, lay: B.Layout, damage: Damage | None, offset: int = 0):
@@ -127,6 +130,15 @@ class TransformCodec(Codec):
 
     def encode(self, x: torch.Tensor) -> dict[str, bytes]:
         x = check_input(self, x)
+        compiled = native.module()
+        if compiled is not None and _LITTLE_ENDIAN:
+            # the compiled core writes both sections' bytes in place: a small tensor's encode was
+            # mostly the arrays, views and copies around this one call
+            lay = B.layout(x.numel(), self.block_size)
+            meta, base = bytearray(4 * lay.nblocks), bytearray(lay.ncoef * (self.qbits // 8))
+            compiled.encode_base(B.bits_view(x), B.dtype_code(x.dtype), lay.numel, self.block_size,
+                                 B.sign_bits(self.seed, self.block_size), self.qbits, base, meta)
+            return {"meta": meta, "base": base}
         q, f = B.encode_base(x, self.block_size, self.seed, self.qbits)
         return {
             "meta": f.numpy().astype("<f4", copy=False).tobytes(),
