@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import numpy as np
@@ -246,6 +247,58 @@ def test_buffer_types_and_encode_stripes():
         assert rec == chunks and all(type(x) is bytes for x in rec)
         with pytest.raises(ValueError):
             ec.encode_stripes(buf[:-1], c)
+
+
+@pytest.mark.parametrize("algorithm,impl", [(a, i) for a in parity.ALGORITHMS for i in backends.CHAIN[a]
+                                             if backends.usable(i, a)])
+def test_stripes_with_their_checksums_in_one_pass_equal_parity_then_checksums(algorithm, impl):
+    """encode_stripes_hashed (one compiled pass with ISA-L: the parity of a stripe, then the checksums
+    of its k + m chunks while it is in cache) gives the parity of encode_stripes and the chunk checksums
+    of the data then the parity, stripe by stripe, for every implementation; with the fused pass
+    present where ISA-L and the compiled checksums are."""
+    from torch_dtdr.integrity import native
+
+    rng = np.random.default_rng(3)
+    for k, m, c, stripes in ((32, 2, 4096, 9), (5, 3, 512, 4), (1, 1, 64, 3), (8, 2, 4096, 0)):
+        if algorithm == "isa_l_rs_vand" and m > 4 or algorithm == "liberasurecode_rs_vand" and c % 2:
+            continue
+        ec = ErasureCode(k, m, algorithm, impl=impl)
+        buf = rng.integers(0, 256, k * c * stripes, dtype=np.uint8).tobytes()
+        par, hashes = ec.encode_stripes_hashed(memoryview(buf), c)
+        expected = ec.encode_stripes(buf, c)
+        assert np.array_equal(par, expected)
+        assert hashes.shape == (stripes, k + m) and hashes.dtype == np.uint64
+        for s in range(stripes):
+            chunks = [buf[s * k * c + j * c : s * k * c + (j + 1) * c] for j in range(k)]
+            chunks += [expected[s, j].tobytes() for j in range(m)]
+            assert hashes[s].tolist() == [xxhash.xxh3_64_intdigest(ch) for ch in chunks]
+        with pytest.raises(ValueError):
+            ec.encode_stripes_hashed(buf[:-1] if buf else b"x", c)
+    if impl == "isal" and os.environ.get("TORCH_DTDR_NATIVE", "").strip() != "0":
+        assert native.hashes_module() is not None and hasattr(ec._backend, "encode_address")
+
+
+@pytest.mark.skipif(os.environ.get("TORCH_DTDR_NATIVE", "").strip() == "0",
+                    reason="the compiled checksums are off (TORCH_DTDR_NATIVE=0): no compiled pass to check")
+def test_the_compiled_stripe_pass_checks_its_buffers():
+    """The compiled pass refuses buffers that do not hold whole stripes or are too small for the
+    parity and checksums of the stripes it was given, before it touches anything."""
+    from torch_dtdr.integrity import native
+
+    compiled = native.hashes_module()
+    ec = ErasureCode(4, 2, "isa_l_rs_cauchy", impl="isal")
+    fn, tables = ec._backend.encode_address()
+    data = bytes(4 * 64 * 3)
+    good = (np.empty((3, 2, 64), np.uint8), np.empty((3, 6), np.uint64))
+    assert compiled.stripe_parity_hashes(data, 64, 4, 2, fn, tables, *good) == 3
+    for args in ((data[:-1], 64, 4, 2, fn, tables, *good),
+                 (data, 64, 4, 2, fn, tables, np.empty((2, 2, 64), np.uint8), good[1]),
+                 (data, 64, 4, 2, fn, tables, good[0], np.empty((3, 5), np.uint64)),
+                 (data, 0, 4, 2, fn, tables, *good), (data, 64, 0, 2, fn, tables, *good),
+                 (data, 64, 4, 0, fn, tables, *good), (data, 64, 200, 57, fn, tables, *good),
+                 (data, 64, 4, 2, 0, tables, *good)):
+        with pytest.raises(ValueError):
+            compiled.stripe_parity_hashes(*args)
 
 
 @pytest.mark.parametrize("algorithm,k,m", [("isa_l_rs_cauchy", 32, 2), ("isa_l_rs_cauchy", 16, 4),

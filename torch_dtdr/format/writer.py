@@ -114,11 +114,10 @@ class ContainerWriter:
         c, k, m = self.chunk_size, self.k, self.m
         span = k * c
         stripes = len(mv) // span
-        hashes = chunk_hashes(mv, c).reshape(-1, k)
-        parity = None
         if m:
-            parity = self.code.encode_stripes(mv, c)
-            hashes = np.concatenate([hashes, chunk_hashes(parity.reshape(-1), c).reshape(-1, m)], axis=1)
+            parity, hashes = self.code.encode_stripes_hashed(mv, c)
+        else:
+            parity, hashes = None, chunk_hashes(mv, c)
         pieces = []  # each stripe's data, then its parity chunks, then (archive level) its inner block
         for s in range(stripes):
             pieces.append(mv[s * span:(s + 1) * span])

@@ -200,6 +200,11 @@ class IsalBackend:
     def encode(self, chunks: Sequence, c: int) -> list[bytes]:
         return self._run(self._enc_addr, self.m, chunks, c)
 
+    def encode_address(self) -> tuple[int, int]:
+        """The addresses of ISA-L's ``ec_encode_data`` and of this code's encode
+        tables, for the compiled stripe loop (``_xxh.stripe_parity_hashes``)."""
+        return ctypes.cast(self.lib.ec_encode_data, _V).value, self._enc_addr
+
     def encode_stripes(self, buf, c: int, out: np.ndarray) -> None:
         k, m = self.k, self.m
         s = out.shape[0]

@@ -63,7 +63,9 @@ import numpy as np
 
 from ..errors import CodecError, IntegrityError
 from . import gf256
+from . import native as compiled_core
 from .backends import CHAIN, IMPLS, as_buffer, native, usable
+from .checksum import chunk_hashes
 
 __all__ = [
     "ALGORITHMS",
@@ -242,6 +244,30 @@ class ErasureCode:
         self._check_chunk_size(c)
         self._backend.encode_stripes(mv, c, out)
         return out
+
+    def encode_stripes_hashed(self, buf, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode_stripes` and the chunk checksums of the stripes:
+        ``(parity, hashes)``, ``hashes`` a ``uint64`` array of shape
+        ``(stripes, k + m)`` whose row ``s`` is the xxh3_64 of stripe ``s``'s k
+        data chunks, then of its m parity chunks (the container's chunk-sum
+        order). With ISA-L and the compiled checksums (``_xxh``) one C call
+        does both while each stripe is in cache, without the GIL; otherwise
+        the parity, then the checksums, with the same result."""
+        c = int(chunk_size)
+        mv = as_buffer(buf)
+        compiled = compiled_core.hashes_module()
+        address = getattr(self._backend, "encode_address", None)
+        if compiled is None or address is None or self.m == 0 or c <= 0 or len(mv) % (self.k * c):
+            parity = self.encode_stripes(mv, c)
+            data_hashes = chunk_hashes(mv, c).reshape(-1, self.k) if c > 0 else np.empty((0, self.k), np.uint64)
+            return parity, np.concatenate([data_hashes, chunk_hashes(parity.reshape(-1), c).reshape(-1, self.m)],
+                                          axis=1)
+        self._check_chunk_size(c)
+        stripes = len(mv) // (self.k * c)
+        parity = np.empty((stripes, self.m, c), dtype=np.uint8)
+        hashes = np.empty((stripes, self.n), dtype=np.uint64)
+        compiled.stripe_parity_hashes(mv, c, self.k, self.m, *address(), parity, hashes)
+        return parity, hashes
 
     def reconstruct(self, chunks: Sequence) -> list[bytes]:
         """The k data chunks of a stripe from its k + m slots (``None`` = erased).
