@@ -274,6 +274,8 @@ def test_stripes_with_their_checksums_in_one_pass_equal_parity_then_checksums(al
             assert hashes[s].tolist() == [xxhash.xxh3_64_intdigest(ch) for ch in chunks]
         with pytest.raises(ValueError):
             ec.encode_stripes_hashed(buf[:-1] if buf else b"x", c)
+    par, hashes = ErasureCode(4, 0).encode_stripes_hashed(bytes(4 * 64 * 2), 64)  # no parity: data checksums
+    assert par.shape == (2, 0, 64) and hashes.tolist() == [[xxhash.xxh3_64_intdigest(bytes(64))] * 4] * 2
     if impl == "isal" and os.environ.get("TORCH_DTDR_NATIVE", "").strip() != "0":
         assert native.hashes_module() is not None and hasattr(ec._backend, "encode_address")
 

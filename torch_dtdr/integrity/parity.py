@@ -259,9 +259,9 @@ class ErasureCode:
         address = getattr(self._backend, "encode_address", None)
         if compiled is None or address is None or self.m == 0 or c <= 0 or len(mv) % (self.k * c):
             parity = self.encode_stripes(mv, c)
-            data_hashes = chunk_hashes(mv, c).reshape(-1, self.k) if c > 0 else np.empty((0, self.k), np.uint64)
-            return parity, np.concatenate([data_hashes, chunk_hashes(parity.reshape(-1), c).reshape(-1, self.m)],
-                                          axis=1)
+            stripes = parity.shape[0]  # (encode_stripes refused a bad chunk size or a partial stripe)
+            return parity, np.concatenate([chunk_hashes(mv, c).reshape(stripes, self.k),
+                                           chunk_hashes(parity.reshape(-1), c).reshape(stripes, self.m)], axis=1)
         self._check_chunk_size(c)
         stripes = len(mv) // (self.k * c)
         parity = np.empty((stripes, self.m, c), dtype=np.uint8)
