@@ -32,7 +32,8 @@ PKG = "torch_dtdr"
 #: prefix (``torch_dtdr.codecs.base`` before ``torch_dtdr.codecs``). Mirrored in docs/architecture.md.
 LAYERS: list[tuple[str, ...]] = [
     # the bottom floor: errors, helpers, the one dtype table, reports
-    ("torch_dtdr.errors", "torch_dtdr._json", "torch_dtdr._cpu", "torch_dtdr.dtypes", "torch_dtdr.report"),
+    ("torch_dtdr.errors", "torch_dtdr._json", "torch_dtdr._cpu", "torch_dtdr._memory", "torch_dtdr.dtypes",
+     "torch_dtdr.report"),
     # bytes: the only door to files and stores; checksums and erasure codes
     ("torch_dtdr.storage", "torch_dtdr.integrity"),
     # the codec contract (the container hands codecs a Damage it defines)

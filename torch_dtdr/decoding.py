@@ -20,6 +20,7 @@ import torch
 
 from . import codecs, tree
 from .codecs.base import copy_elements
+from . import _memory as memory
 from ._cpu import compute_cores
 from .errors import ArgumentError, DamageWarning, DeviceError, IntegrityError, TruncatedError, warn_caller
 from .format import constants
@@ -100,7 +101,7 @@ class Decoder:
             return None
         bound = 0.0
         if out is None and len(info.records) > 1:
-            out = torch.empty(numel, dtype=info.dtype)  # the segments decode straight into it
+            out = memory.empty(numel, info.dtype)  # the segments decode straight into it
         for rec, seg, result in self._decoded_records(info, codec, after_record, out):
             rep.damaged_bytes += r.physical(seg.bad)
             rep.repaired_bytes += r.physical(seg.repaired)

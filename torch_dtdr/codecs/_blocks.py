@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import _memory as memory
 from . import native
 from .hadamard import (
     MAX_BLOCK,
@@ -260,7 +261,7 @@ def decode_base(
     lay = layout(numel, block_size)
     dev = q.device
     if out is None:
-        out = torch.empty(numel, dtype=dtype, device=dev)
+        out = memory.empty(numel, dtype) if dev.type == "cpu" else torch.empty(numel, dtype=dtype, device=dev)
     if numel == 0:
         return out
     M = dtype_max(dtype)

@@ -17,6 +17,7 @@ from typing import ClassVar, Mapping
 import numpy as np
 import torch
 
+from .. import _memory as memory
 from ..errors import CodecError
 from . import _blocks as B, native
 from .base import Codec, Damage, SectionSpec, SegmentResult, flat_contiguous, usable_out
@@ -178,7 +179,7 @@ class TransformCodec(Codec):
         compiled = native.module()
         if compiled is None or "meta" not in data or "base" not in data:
             return None
-        values = out if out is not None else torch.empty(numel, dtype=dtype)
+        values = out if out is not None else memory.empty(numel, dtype)
         status = compiled.decode_base_intact(
             data["meta"], data["base"], self.qbits, B.dtype_code(dtype), numel, self.block_size,
             B.sign_bits(self.seed, self.block_size), B.dtype_max(dtype), B.bits_view(values),

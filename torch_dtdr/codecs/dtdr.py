@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import zstandard
 
+from .. import _memory as memory
 from ..errors import CodecError
 from . import _blocks as B
 from . import _residual as R
@@ -213,7 +214,7 @@ class DTDR(Codec):
             payloads = [dctx.decompress(zframe, max_output_size=cap) for zframe, cap in zframes]
         except (zstandard.ZstdError, ValueError):
             return None
-        values = out if out is not None else torch.empty(numel, dtype=dtype)
+        values = out if out is not None else memory.empty(numel, dtype)
         status = compiled.dtdr_decode_segment(
             meta, data["base"], resid, payloads, B.sign_bits(self.seed, self.block_size), B.bits_view(values),
             numel, self.block_size, B.dtype_code(dtype), B.dtype_max(dtype),

@@ -21,6 +21,7 @@ from typing import ClassVar, Mapping
 import numpy as np
 import torch
 
+from .. import _memory as memory
 from ..errors import CodecError
 from . import _blocks as B
 from . import register
@@ -89,18 +90,20 @@ class Raw(Codec):
             raise CodecError(f"codec 'raw' cannot decode dtype {dtype}")
         isz = dtype.itemsize
         nbytes = numel * isz
-        out = usable_out(out, dtype, numel) if nbytes else None
-        target = out.view(torch.uint8).numpy() if out is not None else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "ComplexHalf support is experimental"
+            values = usable_out(out, dtype, numel)
+            if values is None:
+                values = memory.empty(nbytes, torch.uint8).view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+        buf = values.view(torch.uint8).numpy()
         missing = "data" not in data or (damage is not None and "data" in damage.missing)
         bad = None
         if missing:
-            buf = np.zeros(nbytes, np.uint8) if target is None else target
             buf[:] = 0
             bad = np.ones(numel, bool)
         else:
             mv = B.as_bytes(data["data"])
             have = min(len(mv), nbytes)
-            buf = np.empty(nbytes, np.uint8) if target is None else target
             buf[have:] = 0
             if have:
                 buf[:have] = np.frombuffer(mv, np.uint8, have)
@@ -115,12 +118,6 @@ class Raw(Codec):
             buf.reshape(numel, isz)[bad] = 0
         if dtype == torch.bool:
             np.not_equal(buf, 0, out=buf.view(bool))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "ComplexHalf support is experimental"
-            if out is not None:
-                values = out
-            else:
-                values = torch.from_numpy(buf).view(dtype) if nbytes else torch.empty(0, dtype=dtype)
         if bad is None:
             return SegmentResult(values)
         return SegmentResult(values, exact=False, degraded_elements=int(bad.sum()), error_bound=None)
