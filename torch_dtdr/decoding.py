@@ -103,11 +103,12 @@ class Decoder:
         if out is None and len(info.records) > 1:
             out = memory.empty(numel, info.dtype)  # the segments decode straight into it
         for rec, seg, result in self._decoded_records(info, codec, after_record, out):
-            rep.damaged_bytes += r.physical(seg.bad)
-            rep.repaired_bytes += r.physical(seg.repaired)
-            rep.wrong_bytes_repaired += seg.wrong_bytes
+            if seg.bad:
+                rep.damaged_bytes += r.physical(seg.bad)
             if seg.repaired:
+                rep.repaired_bytes += r.physical(seg.repaired)
                 rep.status = worst(rep.status, REPAIRED)
+            rep.wrong_bytes_repaired += seg.wrong_bytes
             if not result.exact:
                 floating = info.dtype.is_floating_point or info.dtype.is_complex
                 # Only the residual layer is optional: without anything else a segment has no bounded value.
@@ -124,9 +125,11 @@ class Decoder:
                 copy_elements(out, rec.elem_start, values)
         if out is None:
             out = torch.empty(0, dtype=info.dtype)
-        rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
-        rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
-        rep.unrepaired_bytes = sum(e - s for s, e in rep.damaged_bytes)
+        if rep.damaged_bytes:
+            rep.damaged_bytes = merge_ranges(rep.damaged_bytes)
+            rep.unrepaired_bytes = sum(e - s for s, e in rep.damaged_bytes)
+        if rep.repaired_bytes:
+            rep.repaired_bytes = merge_ranges(rep.repaired_bytes)
         if rep.status in (DEGRADED, LOST):
             rep.error_bound = bound
         if prov is not None and rep.status != LOST:

@@ -330,6 +330,15 @@ class _LocalSource(Source):
     def read_into(self, offset, buffers, part_size=None):
         if self._lock is not None or not hasattr(os, "preadv"):
             return super().read_into(offset, buffers, part_size)
+        if len(buffers) == 1 and not self.closed and 0 <= offset and offset + len(buffers[0]) <= self.size:
+            # one buffer inside the file (a small record's read): one pread, no bookkeeping
+            try:
+                n = os.preadv(self._fd, buffers, offset)
+            except OSError:
+                n = -1  # the general path below reports it
+            if n == len(buffers[0]):
+                self._count(n)
+                return n
         self._check_open()
         offset, want = self._clamp(offset, sum(len(b) for b in buffers))
         views, left = [], want
