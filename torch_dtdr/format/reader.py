@@ -788,31 +788,16 @@ class ContainerReader:
         if self._read_pieces_into(self.geometry.physical_ranges(a, b), buf, a) is not None \
                 or self._bad_chunks(a // c, buf):
             return None
-        sections: dict[str, memoryview] = {}
-        pos = rec.body_start - a
-        for spec in rec.sections:
-            value = buf[pos: pos + spec.length]
-            if hash64(value) != spec.digest:
-                return None
-            sections[spec.name] = value
-            pos += spec.stored_length
-        return SegmentData(sections, Damage(), [], [], 0)
+        sections = _first_copies(rec, buf[rec.body_start - a:])
+        return None if sections is None else SegmentData(sections, Damage(), [], [], 0)
 
     def _intact_sections(self, rec: RecordInfo, res: ReadResult) -> SegmentData | None:
         """What :meth:`read_record` returns for a record whose chunks all verify and whose
         sections' first copies match their digests, without its per-copy bookkeeping (the
         common case, and most of a small tensor's load). None when any first copy differs:
         the general path votes the copies."""
-        sections: dict[str, memoryview] = {}
-        data = res.data
-        pos = 0
-        for spec in rec.sections:
-            value = data[pos: pos + spec.length]
-            if hash64(value) != spec.digest:
-                return None
-            sections[spec.name] = value
-            pos += spec.stored_length
-        return SegmentData(sections, Damage(), res.repaired, [], res.wrong_bytes)
+        sections = _first_copies(rec, res.data)
+        return None if sections is None else SegmentData(sections, Damage(), res.repaired, [], res.wrong_bytes)
 
     def read_section(self, rec: RecordInfo, name: str, start: int = 0, end: int | None = None) -> SectionData:
         """Bytes ``[start, end)`` (default: all) of section ``name`` of ``rec``, checked and repaired chunk by
@@ -972,6 +957,20 @@ class Scrubber:
         line = f"scrub: {self.damaged} damaged chunks"
         line += f", {self.unrepairable} stripes beyond repair" if self.unrepairable else ", all repairable by parity"
         return [line]
+
+
+def _first_copies(rec: RecordInfo, body: memoryview) -> dict[str, memoryview] | None:
+    """The first copy of each section of ``rec`` in ``body`` (the record's bytes after its
+    header), or None when any of them differs from its digest."""
+    sections: dict[str, memoryview] = {}
+    pos = 0
+    for spec in rec.sections:
+        value = body[pos: pos + spec.length]
+        if hash64(value) != spec.digest:
+            return None
+        sections[spec.name] = value
+        pos += spec.stored_length
+    return sections
 
 
 def _header_hash_ok(stream: bytes, pos: int) -> bool:
