@@ -18,9 +18,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import codecs, tree
+from . import _memory as memory, codecs, tree
 from .codecs.base import copy_elements
-from . import _memory as memory
 from ._cpu import compute_cores
 from .errors import ArgumentError, DamageWarning, DeviceError, IntegrityError, TruncatedError, warn_caller
 from .format import constants

@@ -119,29 +119,27 @@ class Sink:
 
     def write(self, b) -> int:
         """Append the bytes-like ``b``; returns the number of bytes written."""
-        if self._state != "open":
-            raise ValueError(f"write to a {self._state} sink: {self.name}")
+        self._check_writable()
         mv = byte_view(b)
-        n = mv.nbytes
-        if n:
-            try:
-                self._write(mv)
-            except Exception as e:
-                raise storage_error("write failed", e, file=self.name) from e
-            self._written += n
-        return n
+        return self._appended(mv.nbytes, self._write, mv)
 
     def write_all(self, pieces) -> int:
         """Append every bytes-like of ``pieces``, in order; returns the number
         of bytes written. A local file takes them in as few system calls as it
         can (``writev``), without copying them into a buffer first."""
+        self._check_writable()
+        views = [mv for mv in map(byte_view, pieces) if mv.nbytes]
+        return self._appended(sum(mv.nbytes for mv in views), self._write_many, views)
+
+    def _check_writable(self) -> None:
         if self._state != "open":
             raise ValueError(f"write to a {self._state} sink: {self.name}")
-        views = [mv for mv in map(byte_view, pieces) if mv.nbytes]
-        n = sum(mv.nbytes for mv in views)
+
+    def _appended(self, n: int, write, data) -> int:
+        """``write(data)`` for ``n`` bytes (nothing when ``n`` is 0), its failure a StorageError; returns ``n``."""
         if n:
             try:
-                self._write_many(views)
+                write(data)
             except Exception as e:
                 raise storage_error("write failed", e, file=self.name) from e
             self._written += n
