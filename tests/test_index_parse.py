@@ -4,12 +4,15 @@ collector paused while an index is turned into objects (and always restored)."""
 from __future__ import annotations
 
 import gc
+import json
 import pickle
 import sys
 import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torch_dtdr
 from torch_dtdr._json import cycle_collection_paused
@@ -154,3 +157,83 @@ def test_the_chunk_check_by_slices_agrees_with_the_spelled_out_one(tmp_path, tab
                 buf[pos] ^= 0x40
             want = _reference_bad_chunks(reader, first, chunk_hashes(buf, c))
             assert reader._bad_chunks(first, memoryview(buf)) == want, (trial, first, count)
+
+
+def _index_for_text(provenance: bool):
+    from torch_dtdr.format.index import Index, TensorInfo
+
+    tensors = [
+        TensorInfo("w\u00e9ight \"q\"\n", torch.float32, (3, 4), {"name": "dtdr", "block_size": 256, "seed": 0,
+                                                             "level": 3}, 1 << 20),
+        TensorInfo("b", torch.bfloat16, (), {"name": "raw", "copies": 3}, 7),
+        TensorInfo("empty", torch.int64, (0,), {"name": "raw", "copies": 5}, 1 << 20),
+    ]
+    if provenance:
+        tensors[1].provenance = {"status": "degraded", "source": "x.dtdr", "degraded_elements": 2,
+                                 "error_bound": 0.5}
+    tree = {"format": "torch_dtdr.tree", "version": 1, "root": ["dict", "a\u2603", ["tensor", 0], "n", 1.5e300]}
+    return Index(tree, tensors, {"k\u00fc": "v\\"}, {"chunk_size": 4096, "k": 32, "m": 2, "inner_nsym": 0,
+                                                    "algorithm": "isa_l_rs_cauchy"})
+
+
+@pytest.mark.parametrize("provenance", [False, True])
+def test_the_spliced_index_text_is_the_canonical_encoding_of_the_index(provenance):
+    from torch_dtdr.format.index import IndexText
+
+    index = _index_for_text(provenance)
+    text = IndexText(index)
+    assert text.manifest() == encode_index(index.to_json(with_records=False))
+    index.tensors[0].records.append(RecordInfo(4096, 104, 0, 12, (SectionEntry("meta", 3, 4, 2**64 - 1),
+                                                                    SectionEntry("base", 1, 12, 5))))
+    index.tensors[0].records.append(RecordInfo(8192, 80, 12, 0, ()))
+    index.geometry["n_data_chunks"] = 3
+    assert text.full(12345) == encode_index(dict(index.to_json(), stream_length=12345))
+    index.tensors.append(index.tensors[0])
+    with pytest.raises(ValueError, match="changed after its manifest"):
+        text.full(1)
+
+
+def test_a_saved_file_holds_the_canonical_encoding_of_its_index(tmp_path):
+    """The footer's index (read back raw) is the dict encoding of the index parsed from it."""
+    from torch_dtdr.format import constants
+    from torch_dtdr.format.index import decompress_index
+    from torch_dtdr.format.records import BlobHeader, Trailer
+
+    path = tmp_path / "x.dtdr"
+    torch_dtdr.save({"a": torch.randn(300), "b": [torch.arange(5), {"c\u00e9": torch.zeros(2, 3, dtype=torch.bfloat16)}]},
+                    path, codec={"a": "dtdr8"}, metadata={"who": "\u2603"})
+    raw = path.read_bytes()
+    trailer = Trailer.parse(raw)
+    head = BlobHeader.parse(raw, trailer.footer_offset)
+    assert head.kind == constants.BLOB_KIND_INDEX
+    start = trailer.footer_offset + constants.BLOB_HEAD_SIZE
+    stored = decompress_index(raw[start:start + trailer.index_length])
+    with open_source(str(path)) as src:
+        index = ContainerReader(src).index
+    assert stored == encode_index(dict(index.to_json(), stream_length=index.stream_length))
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_the_canonical_encoder_writes_what_json_dumps_writes(value):
+    from torch_dtdr._json import canonical_dumps
+
+    assert canonical_dumps(value) == json.dumps(value, allow_nan=False, separators=(",", ":"),
+                                                ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("bad, error", [(float("nan"), ValueError), (float("-inf"), ValueError),
+                                        (object(), TypeError), ({(1, 2): 2}, TypeError)])
+def test_the_canonical_encoder_refuses_what_the_format_cannot_hold(bad, error):
+    from torch_dtdr._json import canonical_dumps
+
+    with pytest.raises(error):
+        canonical_dumps({"x": [bad]})

@@ -27,9 +27,35 @@ def strict_loads(text):
     return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
 
 
+#: One encoder for every call: ``json.dumps`` with options builds a new one each time, which costs a
+#: small document (a tensor's entry in the index) more than its encoding. Encoders keep no state.
+_CANONICAL = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
+def _c_canonical():
+    """json's C encoder with :data:`_CANONICAL`'s options, built once (``JSONEncoder.encode`` builds
+    it again on every call), or None where json has no C accelerator. It skips the check for
+    circular references: the format's documents are trees this package builds."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        encode = make(None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+        if "".join(encode({"a": [1, 2.5, None, True, "\u00e9\n"]}, 0)) != _CANONICAL.encode({"a": [1, 2.5, None, True, "\u00e9\n"]}):
+            return None
+    except Exception:  # another Python's signature: use the portable path
+        return None
+    return encode
+
+
+_C_CANONICAL = _c_canonical()
+
+
 def canonical_dumps(obj) -> bytes:
     """The canonical UTF-8 JSON the format stores: compact, no NaN literals."""
-    return json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if _C_CANONICAL is not None:
+        return "".join(_C_CANONICAL(obj, 0)).encode("utf-8")
+    return _CANONICAL.encode(obj).encode("utf-8")
 
 
 _pause_lock = threading.Lock()

@@ -22,7 +22,8 @@ from .decoding import Decoder, byte_progress, check_workers, stored_bytes
 from .codecs.base import Codec, flat_contiguous
 from .errors import ArgumentError, CheckpointNotFoundError, CodecError, DamageWarning, DTDRError, IntegrityError
 from .format import constants
-from .format.index import PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, RecordInfo, TensorInfo, dtype_name, encode_index
+from .format.index import (PROVENANCE_DEGRADED, PROVENANCE_LOST, Index, IndexText, RecordInfo, TensorInfo, dtype_name,
+                           encode_index)
 from .format.reader import ContainerReader
 from .format.writer import ContainerWriter
 from .report import DEGRADED, EXACT, LOST, REPAIRED, Report, TensorReport
@@ -143,20 +144,25 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
     skeleton, entries = tree.flatten(obj)
     meta = {str(a): str(b) for a, b in (metadata or {}).items()}
     cache: dict = {}
+    codec_dicts: dict[int, dict] = {}  # one per codec chosen (the index only reads them)
     infos = []
     chosen = []
     for e in entries:
         c = _choose_codec(codec, e.name, e.tensor, block_size, cache)
         chosen.append(c)
-        infos.append(TensorInfo(e.name, e.tensor.dtype, tuple(e.tensor.shape), c.to_dict(), segment_elems))
+        codec_dict = codec_dicts.get(id(c))
+        if codec_dict is None:
+            codec_dict = codec_dicts[id(c)] = c.to_dict()
+        infos.append(TensorInfo(e.name, e.tensor.dtype, tuple(e.tensor.shape), codec_dict, segment_elems))
     for t in infos:
         dtype_name(t.dtype)
     index = Index(skeleton, infos, meta, {"chunk_size": chunk_size, "k": k, "m": m, "inner_nsym": inner})
+    index_text = IndexText(index)
     with open_sink(f, storage_options) as sink:
         w = ContainerWriter(sink, chunk_size=chunk_size, k=k, m=m, inner_nsym=inner)
         index.geometry["algorithm"] = w.code.algorithm
         w.write_record(constants.RECORD_KIND_MANIFEST, constants.MANIFEST_TENSOR_ID, 0, 0, 0,
-                       [("manifest", 1, encode_index(index.to_json(with_records=False)))])
+                       [("manifest", 1, index_text.manifest())])
         jobs = ((tid, seg, start, part, c, info)
                 for tid, (e, info, c) in enumerate(zip(entries, infos, chosen))
                 for seg, (start, part) in enumerate(_segments(e.tensor, segment_elems)))
@@ -172,7 +178,7 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
             info.records.append(RecordInfo(offset, header.size, start, part.numel(), header.sections))
         stream_end = w.logical_offset
         index.geometry["n_data_chunks"] = -(-stream_end // chunk_size)
-        w.finish(index.to_json())
+        w.finish(index_text)
 
 
 def _segments(tensor: torch.Tensor, segment_elems: int):

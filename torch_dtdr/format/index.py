@@ -108,6 +108,50 @@ def encode_index(index: dict) -> bytes:
     return canonical_dumps(index)
 
 
+class IndexText:
+    """The canonical JSON of one save's manifest and of its full index, which
+    share their tree and every tensor's description: each is encoded once.
+
+    A save calls :meth:`manifest` before its records are written (the tree and
+    the tensors without records), then :meth:`full` after (the same, plus
+    every tensor's records and the stream length). The bytes are exactly
+    ``encode_index(index.to_json(with_records=False))`` and
+    ``encode_index(dict(index.to_json(), stream_length=n))``: canonical JSON of
+    an object is ``{`` + the members' ``"key":value`` texts joined by ``,`` +
+    ``}``, so it can be put together from the members' own encodings."""
+
+    def __init__(self, index: Index):
+        self.index = index
+        self._tree: bytes | None = None
+        self._heads: list[bytes] | None = None
+
+    def _parts(self) -> tuple[bytes, list[bytes]]:
+        if self._tree is None:
+            self._tree = canonical_dumps(self.index.tree)
+            self._heads = [canonical_dumps(t.to_json(with_records=False)) for t in self.index.tensors]
+        return self._tree, self._heads
+
+    def _document(self, tensors: bytes, extra: bytes = b"") -> bytes:
+        index = self.index
+        minor = constants.PROVENANCE_MINOR if any(t.provenance is not None for t in index.tensors) else constants.FORMAT_MINOR
+        return b"".join((b'{"format":', canonical_dumps([constants.FORMAT_MAJOR, minor]),
+                         b',"geometry":', canonical_dumps(index.geometry), b',"tree":', self._parts()[0],
+                         b',"tensors":[', tensors, b'],"metadata":', canonical_dumps(index.metadata), extra, b"}"))
+
+    def manifest(self) -> bytes:
+        """``encode_index(index.to_json(with_records=False))``."""
+        return self._document(b",".join(self._parts()[1]))
+
+    def full(self, stream_length: int) -> bytes:
+        """``encode_index(dict(index.to_json(), stream_length=stream_length))``."""
+        heads = self._parts()[1]
+        if len(heads) != len(self.index.tensors):
+            raise ValueError("the index's tensors changed after its manifest was encoded")
+        tensors = b",".join(head[:-1] + b',"records":' + canonical_dumps([r.to_json() for r in t.records]) + b"}"
+                            for head, t in zip(heads, self.index.tensors))
+        return self._document(tensors, b',"stream_length":' + canonical_dumps(stream_length))
+
+
 def compress_index(raw: bytes) -> bytes:
     """Footer index payload: one zstd frame (with its content size) of the JSON.
     Smaller copies vote better: fewer bits must survive."""

@@ -95,8 +95,13 @@ class SectionEntry(NamedTuple):
         return self.copies * self.length
 
 
-@dataclass(frozen=True)
-class RecordHeader:
+#: Section names as the header stores them (8 bytes, NUL-padded), by name: a save packs a few names thousands of times.
+_SECTION_NAMES: dict[str, bytes] = {}
+
+
+class RecordHeader(NamedTuple):
+    """A record's header: what the record holds and its sections. A tuple: a save builds one per segment."""
+
     kind: int
     tensor_id: int
     segment: int
@@ -114,9 +119,14 @@ class RecordHeader:
 
     def pack(self) -> bytes:
         parts = [constants.RECORD_HEAD.pack(constants.RECORD_MAGIC, self.kind, len(self.sections), 0, self.tensor_id,
-                                    self.segment, self.elem_start, self.elem_count)]
-        for s in self.sections:
-            parts.append(constants.RECORD_SECTION.pack(_pad_ascii(s.name, 8, "section name"), s.copies, s.length, s.digest))
+                                            self.segment, self.elem_start, self.elem_count)]
+        for name, copies, length, digest in self.sections:
+            stored_name = _SECTION_NAMES.get(name)
+            if stored_name is None:
+                stored_name = _pad_ascii(name, 8, "section name")
+                if len(_SECTION_NAMES) < 64:
+                    _SECTION_NAMES[name] = stored_name
+            parts.append(constants.RECORD_SECTION.pack(stored_name, copies, length, digest))
         body = b"".join(parts)
         return body + constants.RECORD_HASH.pack(hash64(body))
 

@@ -16,8 +16,11 @@ from ..integrity.checksum import chunk_hashes, hash64
 from ..integrity.inner import InnerCode
 from ..integrity.parity import ErasureCode
 from . import constants
-from .index import compress_index, encode_index
+from .index import IndexText, compress_index, encode_index
 from .records import BlobHeader, RecordHeader, SectionEntry, Superblock, Trailer, check_geometry, footer_plan, padded
+
+#: A record whose sections' copies hold at most this many bytes is joined to its header and appended in one piece.
+SMALL_RECORD_BYTES = 16 << 10
 
 
 class _HashTable:
@@ -79,9 +82,13 @@ class ContainerWriter:
     def append(self, data) -> int:
         """Append bytes to the logical stream; returns their logical offset."""
         start = self._logical
+        stripe = self.k * self.chunk_size
+        if type(data) is bytes and len(self._buf) + len(data) < stripe:  # the common small append
+            self._buf += data
+            self._logical += len(data)
+            return start
         mv = memoryview(data).cast("B")
         self._logical += len(mv)
-        stripe = self.k * self.chunk_size
         if self._buf:
             take = min(len(mv), stripe - len(self._buf))
             self._buf += mv[:take]
@@ -158,15 +165,19 @@ class ContainerWriter:
         record's logical offset and its header."""
         entries = tuple(SectionEntry(name, copies, len(data), hash64(data)) for name, copies, data in sections)
         header = RecordHeader(kind, tensor_id, segment, elem_start, elem_count, entries)
+        if header.body_length <= SMALL_RECORD_BYTES:  # one append: a small record's appends cost more than its copy
+            return self.append(b"".join([header.pack(), *(data for _, copies, data in sections
+                                                          for _ in range(copies))])), header
         offset = self.append(header.pack())
         for name, copies, data in sections:
             for _ in range(copies):
                 self.append(data)
         return offset, header
 
-    def finish(self, index: dict, index_copies: int | None = None) -> int:
+    def finish(self, index: dict | IndexText, index_copies: int | None = None) -> int:
         """Flush the last stripe, write the footer (index and chunk-sum copies)
-        and the trailer. ``index`` gets ``stream_length`` added. Returns the file size."""
+        and the trailer. ``index`` (a JSON-able dict, or the :class:`IndexText`
+        whose manifest began the stream) gets ``stream_length`` added. Returns the file size."""
         if self._finished:
             raise RuntimeError("writer already finished")
         self._finished = True
@@ -180,8 +191,10 @@ class ContainerWriter:
         n_data_chunks = -(-stream_length // c)
         footer_offset = self._physical
 
-        index = dict(index, stream_length=stream_length)
-        index_raw = compress_index(encode_index(index))
+        if isinstance(index, IndexText):
+            index_raw = compress_index(index.full(stream_length))
+        else:
+            index_raw = compress_index(encode_index(dict(index, stream_length=stream_length)))
         sums_raw = self._hashes.array().astype("<u8").tobytes()
         n_index = index_copies or self.index_copies
         blobs = {constants.BLOB_KIND_INDEX: index_raw, constants.BLOB_KIND_CHUNKSUMS: sums_raw}
