@@ -171,11 +171,15 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
             segment_bytes = [min(segment_elems, e.tensor.numel() - start) * e.tensor.element_size()
                              for e in entries for start in range(0, max(e.tensor.numel(), 1), segment_elems)]
             encoded_jobs = byte_progress(encoded_jobs, segment_bytes, True, "save")
+        layouts: dict = {}  # (codec, dtype): its sections' (name, copies), asked once
         for (tid, seg, start, part, c, info), encoded in encoded_jobs:
-            offset, header = w.write_record(
-                constants.RECORD_KIND_SEGMENT, tid, seg, start, part.numel(),
-                [(s.name, s.copies, encoded[s.name]) for s in c.sections(part.dtype)])
-            info.records.append(RecordInfo(offset, header.size, start, part.numel(), header.sections))
+            layout = layouts.get((id(c), part.dtype))
+            if layout is None:
+                layout = layouts[(id(c), part.dtype)] = [(s.name, s.copies) for s in c.sections(part.dtype)]
+            numel = part.numel()
+            offset, header = w.write_record(constants.RECORD_KIND_SEGMENT, tid, seg, start, numel,
+                                            [(name, copies, encoded[name]) for name, copies in layout])
+            info.records.append(RecordInfo(offset, header.size, start, numel, header.sections))
         stream_end = w.logical_offset
         index.geometry["n_data_chunks"] = -(-stream_end // chunk_size)
         w.finish(index_text)
@@ -184,7 +188,7 @@ def save(obj: Any, f, *, codec: CodecSpec = "dtdr", block_size: int | None = Non
 def _segments(tensor: torch.Tensor, segment_elems: int):
     """``(first element, 1-D contiguous part)`` of each segment (one for an empty tensor)."""
     flat = flat_contiguous(tensor)
-    if flat.numel() == 0:
+    if flat.numel() <= segment_elems:  # one segment, the whole tensor (or an empty one)
         yield 0, flat
         return
     for start in range(0, flat.numel(), segment_elems):

@@ -229,6 +229,7 @@ _STORABLE: dict[str, torch.dtype] = {
     for n, d in _ALL_DTYPES.items()
     if not n.startswith("q") and not re.fullmatch(r"u?int[1-7]", n)
 }
+_STORABLE_DTYPES = frozenset(_STORABLE.values())
 _NP_NAMES = (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64", "complex64", "complex128",
@@ -410,29 +411,28 @@ class _Encoder:
         return ["tensor", rid]
 
     def _torch_rec(self, x: torch.Tensor, path) -> _Rec:
-        where = _where(path)
         if x.layout != torch.strided:
-            raise TypeError(f"unsupported tensor layout {x.layout} at {where}")
+            raise TypeError(f"unsupported tensor layout {x.layout} at {_where(path)}")
         if x.is_quantized:
-            raise TypeError(f"unsupported quantized tensor at {where}")
+            raise TypeError(f"unsupported quantized tensor at {_where(path)}")
         if getattr(x, "is_nested", False):
-            raise TypeError(f"unsupported nested tensor at {where}")
-        if x.device.type == "meta":
-            raise TypeError(f"unsupported meta tensor (it has no data) at {where}")
+            raise TypeError(f"unsupported nested tensor at {_where(path)}")
+        if x.is_meta:
+            raise TypeError(f"unsupported meta tensor (it has no data) at {_where(path)}")
         if any(n is not None for n in (getattr(x, "names", None) or ())):
-            raise TypeError(f"unsupported named tensor at {where}; drop the names with .rename(None)")
-        dname = str(x.dtype)[6:]
-        if dname not in _STORABLE:
-            raise TypeError(f"unsupported tensor dtype {x.dtype} at {where}")
+            raise TypeError(f"unsupported named tensor at {_where(path)}; drop the names with .rename(None)")
+        if x.dtype not in _STORABLE_DTYPES:
+            raise TypeError(f"unsupported tensor dtype {x.dtype} at {_where(path)}")
         if x.dim() > MAX_NDIM:
-            raise ValueError(f"tensor with {x.dim()} dimensions at {where} exceeds MAX_NDIM={MAX_NDIM}")
+            raise ValueError(f"tensor with {x.dim()} dimensions at {_where(path)} exceeds MAX_NDIM={MAX_NDIM}")
         t = x.detach()
         groupable = True
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
             groupable = False
         kind = "parameter" if type(x) is torch.nn.Parameter else "tensor"
-        return _Rec(t, kind, None, str(x.device), bool(x.requires_grad), _path_name(path), groupable)
+        return _Rec(t, kind, None, "cpu" if x.is_cpu else str(x.device), bool(x.requires_grad), _path_name(path),
+                    groupable)
 
     def _numpy_rec(self, x, path) -> _Rec:
         name = x.dtype.name

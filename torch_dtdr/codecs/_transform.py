@@ -45,7 +45,7 @@ def check_input(codec: Codec, x: torch.Tensor) -> torch.Tensor:
         raise CodecError(f"codec {codec.name!r} cannot store dtype {x.dtype}")
     if x.requires_grad:
         x = x.detach()
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         x = x.cpu()
     return x if x.dim() == 1 and x.is_contiguous() else flat_contiguous(x)
 

@@ -66,8 +66,8 @@ def usable_out(out: torch.Tensor | None, dtype: torch.dtype, numel: int) -> torc
 def flat_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t.reshape(-1).contiguous()`` (``t`` itself, flattened, when it is
     already contiguous), copying a strided CPU tensor on the calling thread."""
-    if t.is_contiguous() or t.numel() == 0 or t.device.type != "cpu":
-        return t.reshape(-1).contiguous()
+    if t.is_contiguous() or t.numel() == 0 or not t.is_cpu:
+        return t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
     src = _numpy_of(t)
     if src is None:
         return t.reshape(-1).contiguous()

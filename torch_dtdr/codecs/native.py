@@ -60,7 +60,7 @@ def module():
     """The compiled core's module, or ``None`` when the reference core runs."""
     if _override == "reference":
         return None
-    return _load()
+    return _compiled if _loaded else _load()  # (read without the lock once loaded: it never changes after)
 
 
 def core() -> str:
