@@ -12,7 +12,8 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..errors import CodecError
 from .base import Codec, Damage, SectionSpec, SegmentResult
@@ -31,13 +31,23 @@ def from_dict(d: Mapping) -> Codec:
     so equal descriptions share one instance (a load builds one per tensor)."""
     if not isinstance(d, Mapping) or not isinstance(d.get("name"), str):
         raise CodecError(f"malformed codec description {d!r}")
+    values = tuple(d.values())
+    seen_as = (tuple(d), tuple(map(type, values)), values)  # types too: True == 1, 1.0 == 1
     try:
-        key = tuple((k, type(v), v) for k, v in sorted(d.items()))  # types too: True == 1, 1.0 == 1
-        hash(key)
+        codec = _described.get(seen_as)
+        if codec is None:
+            codec = _from_items(tuple((k, type(v), v) for k, v in sorted(d.items())))
+            if len(_described) < 256:
+                _described[seen_as] = codec
+        return codec
     except TypeError:  # unhashable or unorderable parameters: the codec's own checks will say what is wrong
         params = dict(d)
         return get(params.pop("name"), **params)
-    return _from_items(key)
+
+
+#: Codecs by their description as given (members in the order given): most of a load's
+#: descriptions are the same few, and this finds them without sorting.
+_described: dict[tuple, Codec] = {}
 
 
 @functools.lru_cache(maxsize=256)
