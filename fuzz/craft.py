@@ -392,13 +392,13 @@ def m_record(data: bytes, rng: random.Random) -> bytes:
         s = secs[i]
         v = _hostile_value(rng, s.length)
         secs[i] = SectionEntry(s.name, s.copies, v % (1 << 64) if type(v) is int else 0, s.digest)
-        new = dataclasses.replace(head, sections=tuple(secs))
+        new = head._replace(sections=tuple(secs))
     elif field == "kind":
-        new = dataclasses.replace(head, kind=rng.randrange(256))
+        new = head._replace(kind=rng.randrange(256))
     else:
         v = _hostile_value(rng, getattr(head, field))
         bits = 32 if field == "tensor_id" else 64
-        new = dataclasses.replace(head, **{field: (v if type(v) is int else 0) % (1 << bits)})
+        new = head._replace(**{field: (v if type(v) is int else 0) % (1 << bits)})
     packed = new.pack()
     if len(packed) == head.size:
         stream[off: off + len(packed)] = packed
@@ -444,7 +444,7 @@ def m_section_bytes(data: bytes, rng: random.Random) -> bytes:
     head = RecordHeader.parse(bytes(stream), off)
     secs = list(head.sections)
     secs[si] = secs[si]._replace(digest=hash64(bytes(body)))
-    stream[off: off + hs] = dataclasses.replace(head, sections=tuple(secs)).pack()
+    stream[off: off + hs] = head._replace(sections=tuple(secs)).pack()
     return restream(data, bytes(stream), idx)
 
 

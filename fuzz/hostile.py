@@ -253,10 +253,8 @@ def _residual_bomb() -> bytes:
 
             head = RecordHeader.parse(bytes(stream), off)
             new = list(head.sections)
-            import dataclasses
-
             new[si] = new[si]._replace(digest=hash64(bytes(body)))
-            stream[off: off + hs] = dataclasses.replace(head, sections=tuple(new)).pack()
+            stream[off: off + hs] = head._replace(sections=tuple(new)).pack()
             break
         pos += copies * length
     return craft.restream(data, bytes(stream), idx)

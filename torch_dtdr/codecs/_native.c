@@ -293,6 +293,64 @@ static void fwht_f32(float *restrict v, Py_ssize_t m) {
             }
 }
 
+/* The encoder's scaling and forward transform in one: v_j <- fl(s_j v_j 2^-e) (s_j the
+ * sign d_j, given as the sign bit sgnb[j]; pw = 2^-e a binary32 power of two) in the
+ * transform's first pass, then fwht_f32's stages, in the same order with the same
+ * roundings; returns the largest |z_j| (as bits: all finite, so bit order is value order),
+ * tracked in the last pass. For m >= 16. */
+#define V8I_MAX(a, b) ({ v8i a_ = (a), b_ = (b), gt_ = a_ > b_; (a_ & gt_) | (b_ & ~gt_); })
+
+DTDR_CLONES
+static uint32_t fwht_f32_scaled(float *restrict v, Py_ssize_t m, const uint32_t *restrict sgnb, float pw) {
+    Py_ssize_t i, j, h;
+    const v8i S1 = NEG1 & INT32_MIN, S2 = NEG2 & INT32_MIN, S4 = NEG4 & INT32_MIN;
+    const v8i ABS = {0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF};
+    const v8f PW = {pw, pw, pw, pw, pw, pw, pw, pw};
+    v8i zm = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (i = 0; i < m; i += 8) {
+        v8i xb = v8i_load(v + i), sb = v8i_load(sgnb + i);
+        v8f x = (v8f)(xb ^ sb) * PW;
+        x = __builtin_shuffle(x, SWAP1) + (v8f)((v8i)x ^ S1);
+        x = __builtin_shuffle(x, SWAP2) + (v8f)((v8i)x ^ S2);
+        x = __builtin_shuffle(x, SWAP4) + (v8f)((v8i)x ^ S4);
+        memcpy(v + i, &x, 32);
+    }
+    for (h = 8; 4 * h <= m; h <<= 2) {
+        const int last = 4 * h == m;
+        for (i = 0; i < m; i += 4 * h)
+            for (j = 0; j < h; j += 8) {
+                v8f a0, a1, a2, a3;
+                memcpy(&a0, v + i + j, 32);
+                memcpy(&a1, v + i + h + j, 32);
+                memcpy(&a2, v + i + 2 * h + j, 32);
+                memcpy(&a3, v + i + 3 * h + j, 32);
+                v8f b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3; /* stage h */
+                a0 = b0 + b2; a2 = b0 - b2; a1 = b1 + b3; a3 = b1 - b3;     /* stage 2h */
+                memcpy(v + i + j, &a0, 32);
+                memcpy(v + i + h + j, &a1, 32);
+                memcpy(v + i + 2 * h + j, &a2, 32);
+                memcpy(v + i + 3 * h + j, &a3, 32);
+                if (last)
+                    zm = V8I_MAX(V8I_MAX(zm, (v8i)a0 & ABS),
+                                 V8I_MAX(V8I_MAX((v8i)a1 & ABS, (v8i)a2 & ABS), (v8i)a3 & ABS));
+            }
+    }
+    for (; h < m; h <<= 1) /* at most one stage is left */
+        for (i = 0; i < m; i += 2 * h)
+            for (j = 0; j < h; j += 8) {
+                v8f a, b;
+                memcpy(&a, v + i + j, 32);
+                memcpy(&b, v + i + h + j, 32);
+                v8f lo = a + b, hi = a - b;
+                memcpy(v + i + j, &lo, 32);
+                memcpy(v + i + h + j, &hi, 32);
+                zm = V8I_MAX(zm, V8I_MAX((v8i)lo & ABS, (v8i)hi & ABS));
+            }
+    uint32_t zmax = 0;
+    for (i = 0; i < 8; i++) zmax = (uint32_t)zm[i] > zmax ? (uint32_t)zm[i] : zmax;
+    return zmax;
+}
+
 /* Strides 1, 2 and 4 of eight int32 sums, in registers. */
 static inline v8i fwht8_i32(v8i x) {
     x = __builtin_shuffle(x, SWAP1) + ((x ^ NEG1) - NEG1);
@@ -403,33 +461,44 @@ static inline Py_ssize_t next_pow2(Py_ssize_t n) {
 /* Quantise one block already loaded into work[0:m] (finite float32, zero-padded).
  * sgn[j] is the sign bit (1 << 31) where d_j = -1. Compiled with
  * -fno-strict-aliasing: work is also read as its bit patterns. */
+/* ``amax_bits`` is the largest |x_j| of the block as bits, or AMAX_UNKNOWN (then it is
+ * computed here). */
+#define AMAX_UNKNOWN 0xFFFFFFFFu
+
 DTDR_CLONES
 static float encode_block(float *restrict work, Py_ssize_t m, const uint32_t *restrict sgn, int qbits,
-                          void *qdst) {
+                          void *qdst, uint32_t amax_bits) {
     const int32_t qmax = qbits == 8 ? 127 : 32767;
     uint32_t *restrict wb = (uint32_t *)work;
-    uint32_t amax_bits = 0, zmax_bits = 0;
+    uint32_t zmax_bits = 0;
     Py_ssize_t j;
     int e = 0;
-    for (j = 0; j < m; j++) { /* max |x|: for finite non-negative floats the bit order is the value order */
-        uint32_t u = wb[j] & 0x7FFFFFFFu;
-        amax_bits = u > amax_bits ? u : amax_bits;
+    if (amax_bits == AMAX_UNKNOWN) {
+        amax_bits = 0;
+        for (j = 0; j < m; j++) { /* max |x|: for finite non-negative floats the bit order is the value order */
+            uint32_t u = wb[j] & 0x7FFFFFFFu;
+            amax_bits = u > amax_bits ? u : amax_bits;
+        }
     }
     float amax = bits_f32(amax_bits);
     if (amax > 0.0f) frexpf(amax, &e);
-    if (e >= -126) {
-        /* 2^-e is a binary32 number: one rounded multiplication */
-        const float pw = ldexpf(1.0f, -e);
-        for (j = 0; j < m; j++) work[j] = bits_f32(wb[j] ^ sgn[j]) * pw;
+    if (e >= -126 && m >= 16) {
+        zmax_bits = fwht_f32_scaled(work, m, sgn, ldexpf(1.0f, -e)); /* the branch below, in fewer passes */
     } else {
-        /* the same correctly rounded product, computed where 2^-e fits */
-        const double pw = ldexp(1.0, -e);
-        for (j = 0; j < m; j++) work[j] = (float)((double)bits_f32(wb[j] ^ sgn[j]) * pw);
-    }
-    fwht_f32(work, m);
-    for (j = 0; j < m; j++) {
-        uint32_t u = wb[j] & 0x7FFFFFFFu;
-        zmax_bits = u > zmax_bits ? u : zmax_bits;
+        if (e >= -126) {
+            /* 2^-e is a binary32 number: one rounded multiplication */
+            const float pw = ldexpf(1.0f, -e);
+            for (j = 0; j < m; j++) work[j] = bits_f32(wb[j] ^ sgn[j]) * pw;
+        } else {
+            /* the same correctly rounded product, computed where 2^-e fits */
+            const double pw = ldexp(1.0, -e);
+            for (j = 0; j < m; j++) work[j] = (float)((double)bits_f32(wb[j] ^ sgn[j]) * pw);
+        }
+        fwht_f32(work, m);
+        for (j = 0; j < m; j++) {
+            uint32_t u = wb[j] & 0x7FFFFFFFu;
+            zmax_bits = u > zmax_bits ? u : zmax_bits;
+        }
     }
     const float zmax = bits_f32(zmax_bits);
     const double two_e = ldexp(1.0, e);
@@ -465,22 +534,62 @@ static float encode_block(float *restrict work, Py_ssize_t m, const uint32_t *re
 
 static inline int dt_size(int dt) { return dt == DT_F16 || dt == DT_BF16 ? 2 : dt == DT_F32 ? 4 : 8; }
 
+/* The working values of a float32 / bfloat16 block (non-finite -> 0); returns their
+ * largest magnitude as bits (encode_block's amax_bits). Spelled out in vectors: GCC
+ * does not vectorise the store and the max reduction together. */
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+#define V8U_MAX(a, b) ({ v8u a_ = (a), b_ = (b); v8u gt_ = (v8u)(a_ > b_); (a_ & gt_) | (b_ & ~gt_); })
+
+static inline uint32_t finite_work_bits(uint32_t u) { return (u & 0x7F800000u) == 0x7F800000u ? 0u : u; }
+
 DTDR_CLONES
-static void load_block_f32(float *restrict work, const uint32_t *restrict src, Py_ssize_t m) {
+static uint32_t load_block_f32(float *restrict work, const uint32_t *restrict src, Py_ssize_t m) {
     uint32_t *restrict wb = (uint32_t *)work;
-    for (Py_ssize_t j = 0; j < m; j++) {
-        uint32_t u = src[j];
-        wb[j] = (u & 0x7F800000u) == 0x7F800000u ? 0u : u;
+    const v8u EXP = {0x7F800000u, 0x7F800000u, 0x7F800000u, 0x7F800000u,
+                     0x7F800000u, 0x7F800000u, 0x7F800000u, 0x7F800000u};
+    v8u zm = {0, 0, 0, 0, 0, 0, 0, 0};
+    Py_ssize_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        v8u u;
+        memcpy(&u, src + j, 32);
+        u &= ~(v8u)((u & EXP) == EXP);
+        memcpy(wb + j, &u, 32);
+        zm = V8U_MAX(zm, u & (EXP | 0x007FFFFFu));
     }
+    uint32_t amax = 0;
+    for (int i = 0; i < 8; i++) amax = zm[i] > amax ? zm[i] : amax;
+    for (; j < m; j++) {
+        uint32_t u = finite_work_bits(src[j]);
+        wb[j] = u;
+        amax = (u & 0x7FFFFFFFu) > amax ? (u & 0x7FFFFFFFu) : amax;
+    }
+    return amax;
 }
 
 DTDR_CLONES
-static void load_block_bf16(float *restrict work, const uint16_t *restrict src, Py_ssize_t m) {
+static uint32_t load_block_bf16(float *restrict work, const uint16_t *restrict src, Py_ssize_t m) {
     uint32_t *restrict wb = (uint32_t *)work;
-    for (Py_ssize_t j = 0; j < m; j++) {
-        uint32_t u = (uint32_t)src[j] << 16;
-        wb[j] = (u & 0x7F800000u) == 0x7F800000u ? 0u : u;
+    const v8u EXP = {0x7F800000u, 0x7F800000u, 0x7F800000u, 0x7F800000u,
+                     0x7F800000u, 0x7F800000u, 0x7F800000u, 0x7F800000u};
+    v8u zm = {0, 0, 0, 0, 0, 0, 0, 0};
+    Py_ssize_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        v8u16 h;
+        memcpy(&h, src + j, 16);
+        v8u u = __builtin_convertvector(h, v8u) << 16;
+        u &= ~(v8u)((u & EXP) == EXP);
+        memcpy(wb + j, &u, 32);
+        zm = V8U_MAX(zm, u & (EXP | 0x007FFFFFu));
     }
+    uint32_t amax = 0;
+    for (int i = 0; i < 8; i++) amax = zm[i] > amax ? zm[i] : amax;
+    for (; j < m; j++) {
+        uint32_t u = finite_work_bits((uint32_t)src[j] << 16);
+        wb[j] = u;
+        amax = (u & 0x7FFFFFFFu) > amax ? (u & 0x7FFFFFFFu) : amax;
+    }
+    return amax;
 }
 
 static int encode_base_kernel(const void *x, int dt, Py_ssize_t numel, Py_ssize_t bs, const uint8_t *neg,
@@ -493,8 +602,9 @@ static int encode_base_kernel(const void *x, int dt, Py_ssize_t numel, Py_ssize_
     for (j = 0; j < bs; j++) sgn[j] = neg[j] ? 0x80000000u : 0u;
     for (b = 0; b < nfull; b++) {
         Py_ssize_t e0 = b * bs;
-        if (dt == DT_F32) load_block_f32(work, (const uint32_t *)x + e0, bs);
-        else if (dt == DT_BF16) load_block_bf16(work, (const uint16_t *)x + e0, bs);
+        uint32_t amax_bits = AMAX_UNKNOWN;
+        if (dt == DT_F32) amax_bits = load_block_f32(work, (const uint32_t *)x + e0, bs);
+        else if (dt == DT_BF16) amax_bits = load_block_bf16(work, (const uint16_t *)x + e0, bs);
         else {
             j = 0;
 #ifdef DTDR_GATHER
@@ -502,13 +612,13 @@ static int encode_base_kernel(const void *x, int dt, Py_ssize_t numel, Py_ssize_
 #endif
             for (; j < bs; j++) work[j] = load_work(x, dt, e0 + j);
         }
-        f[b] = encode_block(work, bs, sgn, qbits, q + e0 * qsz);
+        f[b] = encode_block(work, bs, sgn, qbits, q + e0 * qsz, amax_bits);
     }
     if (tail) {
         Py_ssize_t m = next_pow2(tail), e0 = nfull * bs;
         for (j = 0; j < tail; j++) work[j] = load_work(x, dt, e0 + j);
         for (; j < m; j++) work[j] = 0.0f;
-        f[nfull] = encode_block(work, m, sgn, qbits, q + e0 * qsz);
+        f[nfull] = encode_block(work, m, sgn, qbits, q + e0 * qsz, AMAX_UNKNOWN);
     }
     free(work);
     free(sgn);
