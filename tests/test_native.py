@@ -184,6 +184,40 @@ def test_every_block_size(block_size):
 
 
 @needs_native
+@pytest.mark.parametrize("block_size", [16, 256, 1024])
+def test_sections_the_compiled_encoder_allocates_unfilled_are_written_in_full(block_size):
+    """The compiled encoders write their sections into bytearrays whose memory is not
+    zeroed first: with the heap just filled with 0xA5 bytes of the same sizes, every
+    section still equals the reference's (a byte left unwritten would show the fill)."""
+    g = torch.Generator().manual_seed(block_size)
+    for n in (1, 5, block_size - 3, block_size, 3 * block_size + 7, 70_000):
+        for dtype in FLOATS:
+            x = (torch.randn(n, generator=g) * 3).to(dtype)
+            for name in ("dtdr", "dtdr8", "dtdr16"):
+                c = codecs.get(name, block_size=block_size)
+                want = None
+                with native.forced("reference"):
+                    want = c.encode(x)
+                sizes = [len(v) for v in want.values()] * 4
+                dirty = [bytearray(b"\xa5" * size) for size in sizes]
+                del dirty
+                got = c.encode(x)
+                assert {k: bytes(v) for k, v in got.items()} == {k: bytes(v) for k, v in want.items()}, (n, dtype, name)
+
+
+def test_an_unfilled_bytearray_has_the_size_asked_and_refuses_a_negative_one():
+    compiled = native.module()
+    if compiled is None:
+        pytest.skip("the compiled core is not in use (TORCH_DTDR_NATIVE=0 or not built)")
+    for n in (0, 1, 4096, 1 << 20):
+        b = compiled.unfilled_bytearray(n)
+        assert type(b) is bytearray and len(b) == n
+        b[-1:] = b"x" if n else b""
+    with pytest.raises(ValueError):
+        compiled.unfilled_bytearray(-1)
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_residual_fields_of_every_width_decode_exactly_through_the_vector_path(dtype):
     """Whole frames of 1024-element blocks whose elements span many binades, so

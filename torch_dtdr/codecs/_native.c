@@ -983,8 +983,7 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
                            int mant, uint32_t emask, T nfmask, uint8_t *restrict kk, T *restrict rr,             \
                            uint8_t *restrict plane, uint32_t *restrict total, Py_ssize_t *restrict nesc) {       \
         int nf = 0;                                                                                          \
-        uint32_t tot = 0;                                                                                    \
-        Py_ssize_t ne = 0;                                                                                   \
+        uint32_t tot = 0, ne = 0; /* 32-bit counts (a block has at most 2^16 elements): vectors stay narrow */ \
         for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
             T p = px[i], b = pb[i];                                                                          \
             nf |= (p & nfmask) == nfmask;                                                                    \
@@ -1602,6 +1601,18 @@ static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* unfilled_bytearray(n): a bytearray of n bytes whose contents are not set (no zeroing pass):
+ * for an encoder's sections, which a kernel then writes in full. */
+static PyObject *py_unfilled_bytearray(PyObject *self, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "size must be non-negative");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, n);
+}
+
 static PyObject *py_set_error_class(PyObject *self, PyObject *cls) {
     if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_ValueError)) {
         PyErr_SetString(PyExc_TypeError, "the error class must be a subclass of ValueError");
@@ -1622,6 +1633,7 @@ static PyMethodDef methods[] = {
     {"dtdr_decode_segment", py_dtdr_decode_segment, METH_VARARGS, "Decode a whole undamaged dtdr segment."},
     {"dtdr_encode_segment", py_dtdr_encode_segment, METH_VARARGS, "Encode a whole dtdr segment (but for zstd)."},
     {"f32_convert", py_f32_convert, METH_VARARGS, "float32 -> float16/bfloat16 with the decoder's rounding."},
+    {"unfilled_bytearray", py_unfilled_bytearray, METH_O, "A bytearray of n bytes, contents not set."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -136,7 +136,9 @@ class TransformCodec(Codec):
             # the compiled core writes both sections' bytes in place: a small tensor's encode was
             # mostly the arrays, views and copies around this one call
             lay = B.layout(x.numel(), self.block_size)
-            meta, base = bytearray(4 * lay.nblocks), bytearray(lay.ncoef * (self.qbits // 8))
+            # (every byte of both is written by the call: no zeroing pass first)
+            meta = compiled.unfilled_bytearray(4 * lay.nblocks)
+            base = compiled.unfilled_bytearray(lay.ncoef * (self.qbits // 8))
             compiled.encode_base(B.bits_view(x), B.dtype_code(x.dtype), lay.numel, self.block_size,
                                  B.sign_bits(self.seed, self.block_size), self.qbits, base, meta)
             return {"meta": meta, "base": base}

@@ -103,7 +103,7 @@ class DTDR(Codec):
         frame_n = [min(fblocks * bs, numel - j * fblocks * bs) for j in range(nframes)]
         payload_caps = [n + 4 * -(-n // bs) + n * info.itemsize for n in frame_n]
         lo_caps = [(n * info.kmax + 7) // 8 + 8 for n in frame_n]
-        q = bytearray(lay.ncoef)
+        q = native.module().unfilled_bytearray(lay.ncoef)  # written in full by the call below
         f = np.empty(lay.nblocks, np.float32)
         scratch = R.thread_scratch("base", min(numel, fblocks * bs) * info.itemsize)  # one frame's base values
         payload = R.thread_scratch("payload", sum(payload_caps))
