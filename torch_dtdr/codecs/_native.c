@@ -1040,6 +1040,34 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
              * acc holds at most 7 + kmax <= 63 bits; 8 bytes are stored each time (the buffer  \
              * has 8 bytes of slack) and the completed ones kept */                              \
             Py_ssize_t i0 = 0;                                                                               \
+            if (W == 16) { /* fields of at most 15 bits: four at a time (4 * 14 + 7 <= 63 bits) or three */  \
+                uint8_t kb = 0;                                                                              \
+                for (Py_ssize_t i = 0; i < cnt; i++) kb = kk[i] > kb ? kk[i] : kb;                           \
+                if (kb <= 14)                                                                                \
+                    for (; i0 + 3 < cnt; i0 += 4) {                                                          \
+                        const int k0 = kk[i0], k01 = k0 + kk[i0 + 1], k012 = k01 + kk[i0 + 2];               \
+                        acc |= ((uint64_t)rr[i0] | ((uint64_t)rr[i0 + 1] << k0) |                            \
+                                ((uint64_t)rr[i0 + 2] << k01) | ((uint64_t)rr[i0 + 3] << k012)) << nacc;     \
+                        nacc += k012 + kk[i0 + 3];                                                           \
+                        memcpy(lo + out, &acc, 8);                                                           \
+                        int done = nacc >> 3;                                                                \
+                        out += done;                                                                         \
+                        acc >>= 8 * done;                                                                    \
+                        nacc &= 7;                                                                           \
+                    }                                                                                        \
+                else                                                                                         \
+                    for (; i0 + 2 < cnt; i0 += 3) { /* 3 * 15 + 7 <= 52 bits */                              \
+                        const int k0 = kk[i0], k01 = k0 + kk[i0 + 1];                                        \
+                        acc |= ((uint64_t)rr[i0] | ((uint64_t)rr[i0 + 1] << k0) |                            \
+                                ((uint64_t)rr[i0 + 2] << k01)) << nacc;                                      \
+                        nacc += k01 + kk[i0 + 2];                                                            \
+                        memcpy(lo + out, &acc, 8);                                                           \
+                        int done = nacc >> 3;                                                                \
+                        out += done;                                                                         \
+                        acc >>= 8 * done;                                                                    \
+                        nacc &= 7;                                                                           \
+                    }                                                                                        \
+            }                                                                                                \
             if (W <= 32) /* two fields at a time: 2 kmax + 7 <= 57 bits */                                    \
                 for (; i0 + 1 < cnt; i0 += 2) {                                                              \
                     acc |= ((uint64_t)rr[i0] | ((uint64_t)rr[i0 + 1] << kk[i0])) << nacc;                    \
