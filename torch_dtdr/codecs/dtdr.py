@@ -113,6 +113,11 @@ class DTDR(Codec):
             B.sign_bits(self.seed, bs), info.w, info.mant, info.ebits, info.kmax, R.DELTA[dtype], fblocks,
             q, f, scratch, payload, lo,
         )
+        if nframes == 1:  # a small tensor's segment: no lists of frames
+            z = R.thread_compressor(self.level).compress(payload[: lens[0]])
+            meta = b"".join((struct.pack("<I", flags), f.astype("<f4", copy=False).tobytes(),
+                             struct.pack("<II", len(z), lens[1])))
+            return {"meta": meta, "base": q, "residual": b"".join((z, lo[: lens[1]], bytes(8)))}
         plains = []
         poff = 0
         for j in range(nframes):
