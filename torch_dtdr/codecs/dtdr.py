@@ -191,7 +191,7 @@ class DTDR(Codec):
         toff = 4 + 4 * lay.nblocks
         if len(meta) < toff + 8 * nframes:
             return None
-        table = B.np_view(meta, np.dtype("<u4"), 2 * nframes, toff).tolist()
+        table = struct.unpack_from(f"<{2 * nframes}I", meta, toff)
         info = R.INFO[dtype]
         frame_elements = fblocks * self.block_size
         zframes = []
