@@ -32,8 +32,10 @@ _LOCAL_WRITE_BUFFER = 1 << 20
 #: A local sink starts the kernel's write-back of what it has written every
 #: this many bytes (without waiting for it), and a background fdatasync of it
 #: (one at a time), so that the fsync at commit finds little left to write or
-#: to flush from the device's cache.
-WRITEBACK_BYTES = 32 << 20
+#: to flush from the device's cache. On this project's disk the closing fsync
+#: of a 98 MB dtdr8 save waited 72 ms with 32 MiB here and 12-30 ms with 8 MiB
+#: (the save: 0.205 -> 0.186 s); slower saves (lossless) lost nothing.
+WRITEBACK_BYTES = 8 << 20
 
 
 def _writeback_starter():
