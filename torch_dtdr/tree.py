@@ -1233,7 +1233,8 @@ class Builder:
                 f"{dtype} with {numel}",
                 tensor=name,
             )
-        base = base.detach()
+        if base.requires_grad:
+            base = base.detach()
         if not base.is_contiguous():
             base = base.contiguous()
         if (base.storage_offset() * base.element_size()) % tables.align[e]:
