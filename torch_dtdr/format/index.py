@@ -247,16 +247,21 @@ def _parse_index(raw: bytes, file, require_records: bool) -> Index:
     tensors = []
     names: set[str] = set()
     total_bytes = 0
+    # (the checks below spell out their field names only when they fail: most of an index is its tensors)
     for i, t in enumerate(_list(doc.get("tensors"), "tensors", file, constants.MAX_TENSORS)):
-        t = _dict(t, f"tensors[{i}]", file)
-        name = _str(t.get("name"), f"tensors[{i}].name", file)
+        if type(t) is not dict:
+            _dict(t, f"tensors[{i}]", file)
+        name = t.get("name")
+        if type(name) is not str or len(name) > 1 << 16:
+            _str(name, f"tensors[{i}].name", file)
         if name in names:
             raise FormatError(f"duplicate tensor name {_short(name)}", file=file, tensor=name, field=f"tensors[{i}].name")
         names.add(name)
-        dname = _str(t.get("dtype"), f"tensors[{i}].dtype", file)
-        if dname not in DTYPES:
+        dname = t.get("dtype")
+        dtype = DTYPES.get(dname) if type(dname) is str else None
+        if dtype is None:
+            _str(dname, f"tensors[{i}].dtype", file)
             raise FormatError(f"unknown dtype {_short(dname)}", file=file, tensor=name, field="dtype")
-        dtype = DTYPES[dname]
         shape = tuple(d if type(d) is int and 0 <= d < 1 << 63 else _int(d, f"{name}.shape", file=file)
                       for d in _list(t.get("shape"), "shape", file, constants.MAX_DIMS))
         numel = 1
@@ -269,16 +274,23 @@ def _parse_index(raw: bytes, file, require_records: bool) -> Index:
         if total_bytes > constants.MAX_TENSOR_BYTES:
             raise FormatError(f"the tensors declare more than {constants.MAX_TENSOR_BYTES} bytes (TORCH_DTDR_MAX_BYTES)",
                               file=file, tensor=name, field="shape")
-        codec = _dict(t.get("codec"), f"{name}.codec", file)
-        seg = _int(t.get("segment_elems"), f"{name}.segment_elems", lo=1, file=file)
+        codec = t.get("codec")
+        if type(codec) is not dict:
+            _dict(codec, f"{name}.codec", file)
+        seg = t.get("segment_elems")
+        if type(seg) is not int or not 1 <= seg <= (1 << 63) - 1:
+            _int(seg, f"{name}.segment_elems", lo=1, file=file)
         info = TensorInfo(name, dtype, shape, codec, seg, provenance=parse_provenance(t, name, file))
         lost = info.provenance is not None and info.provenance["status"] == PROVENANCE_LOST
+        records = t.get("records")
+        if require_records and type(records) is not list:
+            _list(records, f"{name}.records", file)
         if require_records and lost:
-            if _list(t.get("records"), f"{name}.records", file):
+            if records:
                 raise FormatError("a tensor marked lost has records", file=file, tensor=name, field="records")
         elif require_records:
             expected = 0
-            for r in _list(t.get("records"), f"{name}.records", file):
+            for r in records:
                 rec = _record(r, name, file)
                 start, count = rec.elem_start, rec.elem_count
                 if start != expected or count > seg or (count == 0 and numel != 0) or start + count > numel:
