@@ -41,7 +41,8 @@ def _c_canonical():
         return None
     try:
         encode = make(None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
-        if "".join(encode({"a": [1, 2.5, None, True, "\u00e9\n"]}, 0)) != _CANONICAL.encode({"a": [1, 2.5, None, True, "\u00e9\n"]}):
+        sample = {"a": [1, 2.5, None, True, "\u00e9\n"]}
+        if "".join(encode(sample, 0)) != _CANONICAL.encode(sample):
             return None
     except Exception:  # another Python's signature: use the portable path
         return None

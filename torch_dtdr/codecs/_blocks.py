@@ -107,7 +107,6 @@ def check_seed(seed) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def dtype_max(dtype: torch.dtype) -> float:
     """The clamp bound M of the decode arithmetic for ``dtype``."""
     return min(float(torch.finfo(dtype).max), _F32_MAX)

@@ -240,83 +240,29 @@ static const v8i SWAP1 = {1, 0, 3, 2, 5, 4, 7, 6}, SWAP2 = {2, 3, 0, 1, 6, 7, 4,
 static const v8i NEG1 = {0, -1, 0, -1, 0, -1, 0, -1}, NEG2 = {0, 0, -1, -1, 0, 0, -1, -1},
                  NEG4 = {0, 0, 0, 0, -1, -1, -1, -1};
 
-/* The specified forward butterfly (docs/codecs.md 2.6): stages h = 1, 2, 4, ...,
- * m/2 in that order; stage h maps every pair (j, j + h) with bit h of j clear to
- * (v[j] + v[j+h], v[j] - v[j+h]), each rounded to binary32. Every element goes
- * through the stages in that order (two stages share a pass over the block). */
-DTDR_CLONES
-static void fwht_f32(float *restrict v, Py_ssize_t m) {
-    Py_ssize_t i, j, h;
-    if (m >= 8) {
-        const v8i S1 = NEG1 & INT32_MIN, S2 = NEG2 & INT32_MIN, S4 = NEG4 & INT32_MIN; /* sign bits */
-        for (i = 0; i < m; i += 8) {
-            v8f x;
-            memcpy(&x, v + i, 32);
-            x = __builtin_shuffle(x, SWAP1) + (v8f)((v8i)x ^ S1);
-            x = __builtin_shuffle(x, SWAP2) + (v8f)((v8i)x ^ S2);
-            x = __builtin_shuffle(x, SWAP4) + (v8f)((v8i)x ^ S4);
-            memcpy(v + i, &x, 32);
-        }
-        for (h = 8; 4 * h <= m; h <<= 2)
-            for (i = 0; i < m; i += 4 * h)
-                for (j = 0; j < h; j += 8) {
-                    v8f a0, a1, a2, a3;
-                    memcpy(&a0, v + i + j, 32);
-                    memcpy(&a1, v + i + h + j, 32);
-                    memcpy(&a2, v + i + 2 * h + j, 32);
-                    memcpy(&a3, v + i + 3 * h + j, 32);
-                    v8f b0 = a0 + a1, b1 = a0 - a1, b2 = a2 + a3, b3 = a2 - a3; /* stage h */
-                    a0 = b0 + b2; a2 = b0 - b2; a1 = b1 + b3; a3 = b1 - b3;     /* stage 2h */
-                    memcpy(v + i + j, &a0, 32);
-                    memcpy(v + i + h + j, &a1, 32);
-                    memcpy(v + i + 2 * h + j, &a2, 32);
-                    memcpy(v + i + 3 * h + j, &a3, 32);
-                }
-        for (; h < m; h <<= 1)
-            for (i = 0; i < m; i += 2 * h)
-                for (j = 0; j < h; j += 8) {
-                    v8f a, b;
-                    memcpy(&a, v + i + j, 32);
-                    memcpy(&b, v + i + h + j, 32);
-                    v8f lo = a + b, hi = a - b;
-                    memcpy(v + i + j, &lo, 32);
-                    memcpy(v + i + h + j, &hi, 32);
-                }
-        return;
-    }
-    for (h = 1; h < m; h <<= 1)
-        for (i = 0; i < m; i += 2 * h)
-            for (j = i; j < i + h; j++) {
-                float a = v[j], b = v[j + h];
-                v[j] = a + b;
-                v[j + h] = a - b;
-            }
-}
-
-/* The encoder's scaling and forward transform in one: v_j <- fl(s_j v_j 2^-e) (s_j the
- * sign d_j, given as the sign bit sgnb[j]; pw = 2^-e a binary32 power of two) in the
- * transform's first pass, then fwht_f32's stages, in the same order with the same
- * roundings; returns the largest |z_j| (as bits: all finite, so bit order is value order),
- * tracked in the last pass. For m >= 16. */
 #define V8I_MAX(a, b) ({ v8i a_ = (a), b_ = (b), gt_ = a_ > b_; (a_ & gt_) | (b_ & ~gt_); })
 
-DTDR_CLONES
-static uint32_t fwht_f32_scaled(float *restrict v, Py_ssize_t m, const uint32_t *restrict sgnb, float pw) {
-    Py_ssize_t i, j, h;
-    const v8i S1 = NEG1 & INT32_MIN, S2 = NEG2 & INT32_MIN, S4 = NEG4 & INT32_MIN;
+/* Stages h = 1, 2, 4 of eight floats, in registers: lane j becomes t_j + s_j v_j
+ * (see SWAP1.. and NEG1..). This and fwht_f32_strides are always inlined: a plain
+ * call from a DTDR_CLONES function runs the default (SSE) build, twice as slow. */
+static inline __attribute__((always_inline)) v8f fwht8_f32(v8f x) {
+    const v8i S1 = NEG1 & INT32_MIN, S2 = NEG2 & INT32_MIN, S4 = NEG4 & INT32_MIN; /* sign bits */
+    x = __builtin_shuffle(x, SWAP1) + (v8f)((v8i)x ^ S1);
+    x = __builtin_shuffle(x, SWAP2) + (v8f)((v8i)x ^ S2);
+    return __builtin_shuffle(x, SWAP4) + (v8f)((v8i)x ^ S4);
+}
+
+/* Stages h = 8, 16, ..., m/2 of fwht_f32 on v[0:m] (m >= 8; stages 1, 2, 4 done): two
+ * stages per pass while two remain, then the last alone. With ``track`` (a constant at
+ * every call, so each caller gets its own copy of the loops) returns the largest |v_j|
+ * after the last stage as bits (all finite: bit order is value order), taken in the last
+ * pass; else 0. */
+static inline __attribute__((always_inline)) uint32_t fwht_f32_strides(float *restrict v, Py_ssize_t m, const int track) {
     const v8i ABS = {0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF, 0x7FFFFFFF};
-    const v8f PW = {pw, pw, pw, pw, pw, pw, pw, pw};
     v8i zm = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (i = 0; i < m; i += 8) {
-        v8i xb = v8i_load(v + i), sb = v8i_load(sgnb + i);
-        v8f x = (v8f)(xb ^ sb) * PW;
-        x = __builtin_shuffle(x, SWAP1) + (v8f)((v8i)x ^ S1);
-        x = __builtin_shuffle(x, SWAP2) + (v8f)((v8i)x ^ S2);
-        x = __builtin_shuffle(x, SWAP4) + (v8f)((v8i)x ^ S4);
-        memcpy(v + i, &x, 32);
-    }
+    Py_ssize_t i, j, h;
     for (h = 8; 4 * h <= m; h <<= 2) {
-        const int last = 4 * h == m;
+        const int last = track && 4 * h == m;
         for (i = 0; i < m; i += 4 * h)
             for (j = 0; j < h; j += 8) {
                 v8f a0, a1, a2, a3;
@@ -344,11 +290,51 @@ static uint32_t fwht_f32_scaled(float *restrict v, Py_ssize_t m, const uint32_t 
                 v8f lo = a + b, hi = a - b;
                 memcpy(v + i + j, &lo, 32);
                 memcpy(v + i + h + j, &hi, 32);
-                zm = V8I_MAX(zm, V8I_MAX((v8i)lo & ABS, (v8i)hi & ABS));
+                if (track) zm = V8I_MAX(zm, V8I_MAX((v8i)lo & ABS, (v8i)hi & ABS));
             }
     uint32_t zmax = 0;
     for (i = 0; i < 8; i++) zmax = (uint32_t)zm[i] > zmax ? (uint32_t)zm[i] : zmax;
     return zmax;
+}
+
+/* The specified forward butterfly (docs/codecs.md 2.6): stages h = 1, 2, 4, ...,
+ * m/2 in that order; stage h maps every pair (j, j + h) with bit h of j clear to
+ * (v[j] + v[j+h], v[j] - v[j+h]), each rounded to binary32. Every element goes
+ * through the stages in that order (two stages share a pass over the block). */
+DTDR_CLONES
+static void fwht_f32(float *restrict v, Py_ssize_t m) {
+    Py_ssize_t i, j, h;
+    if (m >= 8) {
+        for (i = 0; i < m; i += 8) {
+            v8f x;
+            memcpy(&x, v + i, 32);
+            x = fwht8_f32(x);
+            memcpy(v + i, &x, 32);
+        }
+        fwht_f32_strides(v, m, 0);
+        return;
+    }
+    for (h = 1; h < m; h <<= 1)
+        for (i = 0; i < m; i += 2 * h)
+            for (j = i; j < i + h; j++) {
+                float a = v[j], b = v[j + h];
+                v[j] = a + b;
+                v[j + h] = a - b;
+            }
+}
+
+/* The encoder's scaling and forward transform in one: v_j <- fl(s_j v_j 2^-e) (s_j the
+ * sign d_j, given as the sign bit sgnb[j]; pw = 2^-e a binary32 power of two) in the
+ * transform's first pass, then fwht_f32's stages, in the same order with the same
+ * roundings; returns the largest |z_j| (as bits), tracked in the last pass. For m >= 16. */
+DTDR_CLONES
+static uint32_t fwht_f32_scaled(float *restrict v, Py_ssize_t m, const uint32_t *restrict sgnb, float pw) {
+    const v8f PW = {pw, pw, pw, pw, pw, pw, pw, pw};
+    for (Py_ssize_t i = 0; i < m; i += 8) {
+        v8f x = fwht8_f32((v8f)(v8i_load(v + i) ^ v8i_load(sgnb + i)) * PW);
+        memcpy(v + i, &x, 32);
+    }
+    return fwht_f32_strides(v, m, 1);
 }
 
 /* Strides 1, 2 and 4 of eight int32 sums, in registers. */

@@ -113,30 +113,30 @@ class DTDR(Codec):
             B.sign_bits(self.seed, bs), info.w, info.mant, info.ebits, info.kmax, R.DELTA[dtype], fblocks,
             q, f, scratch, payload, lo,
         )
-        if nframes == 1:  # a small tensor's segment: no lists of frames
-            z = R.thread_compressor(self.level).compress(payload[: lens[0]])
-            meta = b"".join((struct.pack("<I", flags), f.astype("<f4", copy=False).tobytes(),
-                             struct.pack("<II", len(z), lens[1])))
-            return {"meta": meta, "base": q, "residual": b"".join((z, lo[: lens[1]], bytes(8)))}
-        plains = []
-        poff = 0
-        for j in range(nframes):
-            plains.append(payload[poff : poff + lens[2 * j]])
-            poff += payload_caps[j]
-        # one call for every frame: the same bytes as one compress() each, without a GIL
-        # hand-off per frame (our own payloads: decoding takes the frames one at a time)
-        zframes = R.thread_compressor(self.level).multi_compress_to_buffer(plains, threads=0)
-        table = np.empty(2 * nframes, "<u4")
+        compressor = R.thread_compressor(self.level)
+        if nframes == 1:  # a small tensor's segment: one plain compress call
+            zframes = [compressor.compress(payload[: lens[0]])]
+        else:
+            plains = []
+            poff = 0
+            for j in range(nframes):
+                plains.append(payload[poff : poff + lens[2 * j]])
+                poff += payload_caps[j]
+            # one call for every frame: the same bytes as one compress() each, without a GIL
+            # hand-off per frame (our own payloads: decoding takes the frames one at a time)
+            zframes = compressor.multi_compress_to_buffer(plains, threads=0)
+        table = []
         parts = []
         loff = 0
         for j, z in enumerate(zframes):
             lolen = lens[2 * j + 1]
-            table[2 * j], table[2 * j + 1] = len(z), lolen
+            table += (len(z), lolen)
             parts.append(z)
             parts.append(lo[loff : loff + lolen])
             loff += lo_caps[j]
         parts.append(bytes(8))
-        meta = b"".join((struct.pack("<I", flags), f.astype("<f4", copy=False).tobytes(), table.tobytes()))
+        meta = b"".join((struct.pack("<I", flags), f.astype("<f4", copy=False).tobytes(),
+                         struct.pack(f"<{len(table)}I", *table)))
         return {"meta": meta, "base": q, "residual": b"".join(parts)}
 
     def decode(

@@ -96,9 +96,14 @@ class Index:
     geometry: dict
     stream_length: int | None = None
 
-    def to_json(self, with_records: bool = True) -> dict:
+    @property
+    def format_version(self) -> list[int]:
+        """``[major, minor]``: the provenance minor when any tensor carries a provenance marker."""
         minor = constants.PROVENANCE_MINOR if any(t.provenance is not None for t in self.tensors) else constants.FORMAT_MINOR
-        d = {"format": [constants.FORMAT_MAJOR, minor], "geometry": self.geometry, "tree": self.tree,
+        return [constants.FORMAT_MAJOR, minor]
+
+    def to_json(self, with_records: bool = True) -> dict:
+        d = {"format": self.format_version, "geometry": self.geometry, "tree": self.tree,
              "tensors": [t.to_json(with_records) for t in self.tensors], "metadata": self.metadata}
         return d
 
@@ -133,8 +138,7 @@ class IndexText:
 
     def _document(self, tensors: bytes, extra: bytes = b"") -> bytes:
         index = self.index
-        minor = constants.PROVENANCE_MINOR if any(t.provenance is not None for t in index.tensors) else constants.FORMAT_MINOR
-        return b"".join((b'{"format":', canonical_dumps([constants.FORMAT_MAJOR, minor]),
+        return b"".join((b'{"format":', canonical_dumps(index.format_version),
                          b',"geometry":', canonical_dumps(index.geometry), b',"tree":', self._parts()[0],
                          b',"tensors":[', tensors, b'],"metadata":', canonical_dumps(index.metadata), extra, b"}"))
 
