@@ -47,7 +47,7 @@ setup(
     ext_modules=[
         Extension(
             "torch_dtdr.codecs._native",
-            sources=["torch_dtdr/codecs/_native.c"],
+            sources=["torch_dtdr/codecs/_native.c", "torch_dtdr/codecs/_literal_frames.c"],
             extra_compile_args=compile_args,
             optional=True,
         ),

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_literal_frames.h"
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(DTDR_NO_CLONES)
 #define DTDR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -1589,6 +1591,61 @@ static PyObject *py_dtdr_encode_segment(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* literal_frames(payload, specs, out, lengths): zstd frames of Huffman-coded literal
+ * blocks (_literal_frames.c) for the frames whose parts specs lists as uint64
+ * quadruples (payload offset, plane, totals, escapes), one after the other in
+ * out; each frame's length into lengths (uint64). */
+static PyObject *py_literal_frames(PyObject *self, PyObject *args) {
+    PyObject *opay, *ospec, *oout, *olen;
+    Buf pay, spec, out, lens;
+    if (!PyArg_ParseTuple(args, "OOOO", &opay, &ospec, &oout, &olen)) return NULL;
+    Buf *all[4] = {&pay, &spec, &out, &lens};
+    PyObject *objs[4] = {opay, ospec, oout, olen};
+    const char *names[4] = {"payload", "specs", "out", "lengths"};
+    int got = 0, ok = 1;
+    for (; got < 4; got++)
+        if (buf_get(objs[got], all[got], got >= 2, names[got]) < 0) { ok = 0; break; }
+    Py_ssize_t nframes = 0;
+    size_t need = 0, work = 0;
+    const uint64_t *sp = NULL;
+    if (ok) {
+        nframes = spec.view.len / 32;
+        sp = (const uint64_t *)spec.view.buf;
+        if (spec.view.len % 32) {
+            PyErr_SetString(err_cls(), "specs: not quadruples of uint64");
+            ok = 0;
+        }
+        ok = ok && check_len(&lens, 8 * nframes, "lengths") == 0;
+        for (Py_ssize_t j = 0; ok && j < nframes; j++) {
+            const uint64_t off = sp[4 * j], a = sp[4 * j + 1], b = sp[4 * j + 2], c = sp[4 * j + 3];
+            if (a > (1u << 30) || b > (1u << 30) || c > (1u << 30) || off > (uint64_t)pay.view.len ||
+                a + b + c > (uint64_t)pay.view.len - off) {
+                PyErr_Format(err_cls(), "literal_frames: frame %zd lies outside the payload", j);
+                ok = 0;
+            }
+            if (ok) {
+                need += literal_frame_bound(a, b, c);
+                work += a + b + c;
+            }
+        }
+        if (ok) ok = check_len(&out, (Py_ssize_t)need, "out") == 0;
+    }
+    if (ok) {
+        const uint8_t *src = (const uint8_t *)pay.view.buf;
+        uint8_t *dst = (uint8_t *)out.view.buf;
+        uint64_t *lp = (uint64_t *)lens.view.buf;
+        RUN_UNLOCKED_IF(work >= GIL_FREE_ELEMENTS, {
+            for (Py_ssize_t j = 0; j < nframes; j++) {
+                lp[j] = literal_frame(src + sp[4 * j], sp[4 * j + 1], sp[4 * j + 2], sp[4 * j + 3], dst);
+                dst += lp[j];
+            }
+        });
+    }
+    for (int i = 0; i < got; i++) buf_release(all[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* f32_convert(src float32 buffer, dtype_code, out[, scalar]): the decoder's
  * casts, for tests (scalar: float16 without F16C). */
 static PyObject *py_f32_convert(PyObject *self, PyObject *args) {
@@ -1646,6 +1703,7 @@ static PyMethodDef methods[] = {
     {"residual_decode_frame", py_residual_decode_frame, METH_VARARGS, "Apply one residual frame (after zstd)."},
     {"dtdr_decode_segment", py_dtdr_decode_segment, METH_VARARGS, "Decode a whole undamaged dtdr segment."},
     {"dtdr_encode_segment", py_dtdr_encode_segment, METH_VARARGS, "Encode a whole dtdr segment (but for zstd)."},
+    {"literal_frames", py_literal_frames, METH_VARARGS, "zstd frames of Huffman-coded literal blocks."},
     {"f32_convert", py_f32_convert, METH_VARARGS, "float32 -> float16/bfloat16 with the decoder's rounding."},
     {"unfilled_bytearray", py_unfilled_bytearray, METH_O, "A bytearray of n bytes, contents not set."},
     {NULL, NULL, 0, NULL},

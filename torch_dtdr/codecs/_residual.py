@@ -21,6 +21,7 @@ import zstandard
 
 from .._cpu import compute_cores
 from . import _blocks as B
+from . import _literal_frames as literal_frames
 from . import native
 
 # Format constants (part of the on-disk contract; see docs/codecs.md).
@@ -175,7 +176,6 @@ def encode_residual(x: torch.Tensor, b: torch.Tensor, f: np.ndarray, lay: B.Layo
         flags |= FLAG_UNBOUNDED  # (also catches infinities; NaNs are caught per frame below)
 
     kp = KParams(f, lay, dtype)
-    cctx = compressor(level)
     nframes = (lay.nblocks + fblocks - 1) // fblocks
     table = np.zeros((nframes, 2), np.uint32)
     parts = []
@@ -198,7 +198,7 @@ def encode_residual(x: torch.Tensor, b: torch.Tensor, f: np.ndarray, lay: B.Layo
             )
             if nonfinite:
                 flags |= FLAG_UNBOUNDED
-            z = cctx.compress(payload[:plen])
+            z = compress_payload(payload[:plen], (e1 - e0, 4 * (b1 - b0), plen - (e1 - e0) - 4 * (b1 - b0)), level)
             table[j] = (len(z), lolen)
             parts.append(z)
             parts.append(lo_buf[:lolen].tobytes())
@@ -226,7 +226,9 @@ def encode_residual(x: torch.Tensor, b: torch.Tensor, f: np.ndarray, lay: B.Layo
         exc = np.flatnonzero(hi >= ESCAPE)
         plane = np.minimum(hi, ESCAPE).astype(np.uint8)
         totals = np.add.reduceat(kj, np.arange(0, e1 - e0, lay.block_size), dtype=np.int64).astype("<u4")
-        z = cctx.compress(b"".join((plane.tobytes(), totals.tobytes(), hi[exc].astype(hi_le).tobytes())))
+        escapes = hi[exc].astype(hi_le).tobytes()
+        z = compress_payload(b"".join((plane.tobytes(), totals.tobytes(), escapes)),
+                             (plane.size, 4 * totals.size, len(escapes)), level)
         lob = pack_bits(r, kj)
         table[j] = (len(z), len(lob))
         parts.append(z)
@@ -506,30 +508,23 @@ def thread_decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-#: zstd levels at which the residual payload is compressed with :func:`compressor`'s tuned
-#: match finder rather than zstd's own parameters for the level (docs/codecs.md 4.6 and 5).
-TUNED_LEVELS = range(1, 5)
+#: zstd levels at which each frame's payload is written as a zstd frame of Huffman-coded
+#: literal blocks (:mod:`._literal_frames`, docs/codecs.md 4.6 and 5); other levels run
+#: zstd's own compressor at that level.
+LITERAL_LEVELS = range(1, 5)
+
+
+def compress_payload(payload, parts: tuple[int, int, int], level: int) -> bytes:
+    """A frame's zstd frame ``Z_j``: the payload's ``parts`` are its plane, totals and
+    escapes (byte counts)."""
+    if level in LITERAL_LEVELS:
+        return literal_frames.frame(payload, parts)
+    return thread_compressor(level).compress(payload)
 
 
 def compressor(level: int) -> zstandard.ZstdCompressor:
-    """The zstd compressor this encoder compresses a frame's payload with at ``level``.
-
-    The payload is a plane of small integers, then the blocks' totals, then
-    escapes (docs/codecs.md 4.6): nearly all of it is entropy, and the short
-    matches zstd's fast levels find cost more than they save. At levels 1 to 4
-    the encoder therefore looks only for matches of 7 bytes or more, in a
-    64-entry hash table, with a 64 KiB window, which also puts a default
-    frame's plane and its totals into separate zstd blocks, each with its own
-    Huffman table. On all-MiniLM-L6-v2 in bfloat16 that is a residual 17%
-    smaller, compressed in 60% of the time, than with zstd's level-3
-    parameters. Other levels take zstd's parameters for the level. Content
-    size on, no checksum (the container checksums every byte)."""
-    if level in TUNED_LEVELS:
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, strategy=zstandard.STRATEGY_FAST, window_log=16, hash_log=6, min_match=7,
-            write_content_size=True, write_checksum=False,
-        )
-        return zstandard.ZstdCompressor(compression_params=params)
+    """zstd's compressor at ``level`` (levels outside :data:`LITERAL_LEVELS`): content size
+    on, no checksum (the container checksums every byte)."""
     return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
 
 

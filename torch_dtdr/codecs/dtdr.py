@@ -30,6 +30,7 @@ from .. import _memory as memory
 from ..errors import CodecError
 from . import _blocks as B
 from . import _residual as R
+from . import _literal_frames as literal_frames
 from . import _units, native, register
 from ._transform import check_input, read_coefs, read_factors, rounding_allowance
 from .base import Codec, Damage, SectionSpec, SegmentResult, usable_out
@@ -93,7 +94,7 @@ class DTDR(Codec):
 
     def _encode_compiled(self, x: torch.Tensor) -> dict[str, bytes]:
         """The compiled core's encode: base layer, its decode and every residual
-        frame in one GIL-free call, then zstd on each frame's payload here.
+        frame in one GIL-free call, then each frame's zstd frame (docs/codecs.md 4.6) in another.
         Byte-identical to the reference encoder (docs/codecs.md 2.6, 4)."""
         numel, bs, dtype = x.numel(), self.block_size, x.dtype
         info = R.INFO[dtype]
@@ -113,17 +114,29 @@ class DTDR(Codec):
             B.sign_bits(self.seed, bs), info.w, info.mant, info.ebits, info.kmax, R.DELTA[dtype], fblocks,
             q, f, scratch, payload, lo,
         )
-        compressor = R.thread_compressor(self.level)
-        if nframes == 1:  # a small tensor's segment: one plain compress call
-            zframes = [compressor.compress(payload[: lens[0]])]
+        if self.level in R.LITERAL_LEVELS:
+            specs = np.empty((nframes, 4), np.uint64)
+            poff = bound = 0
+            for j, n in enumerate(frame_n):
+                totals = 4 * -(-n // bs)
+                specs[j] = (poff, n, totals, lens[2 * j] - n - totals)
+                bound += literal_frames.frame_bound(n, totals, lens[2 * j] - n - totals)
+                poff += payload_caps[j]
+            zbuf = R.thread_scratch("zframes", bound)
+            zlens = np.empty(nframes, np.uint64)
+            native.module().literal_frames(payload, specs, zbuf, zlens)
+            zview = memoryview(zbuf)
+            zframes, zoff = [], 0
+            for zlen in zlens.tolist():
+                zframes.append(zview[zoff : zoff + zlen])
+                zoff += zlen
         else:
+            compressor = R.thread_compressor(self.level)
             plains = []
             poff = 0
             for j in range(nframes):
                 plains.append(payload[poff : poff + lens[2 * j]])
                 poff += payload_caps[j]
-            # one call for every frame: the same bytes as one compress() each, without a GIL
-            # hand-off per frame (our own payloads: decoding takes the frames one at a time)
             zframes = compressor.multi_compress_to_buffer(plains, threads=0)
         table = []
         parts = []
