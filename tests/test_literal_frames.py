@@ -201,3 +201,26 @@ def test_compiled_writer_checks_its_buffers():
         native.module().literal_frames(data, np.array([[0, 100, 0, 0]], np.uint64), bytearray(50), np.zeros(1, np.uint64))
     with pytest.raises(CodecError):  # no room for the lengths
         native.module().literal_frames(data, np.array([[0, 100, 0, 0]], np.uint64), bytearray(1000), np.zeros(0, np.uint64))
+
+
+@needs_native
+def test_compiled_writer_interleaves_lo_streams():
+    """With lo streams given, each frame is followed by its lo bytes (a dtdr residual's layout)."""
+    data = payload_of("geometric", 200000, 3)
+    lo = bytes(range(256)) * 40
+    specs = [(0, 70000, 0, 0), (70000, 65536, 256, 64208)]
+    lo_specs = np.array([[5, 1000], [2000, 0]], np.uint64)
+    out = bytearray(sum(literal_frames.frame_bound(*s[1:]) for s in specs) + 1000)
+    lengths = np.zeros(2, np.uint64)
+    native.module().literal_frames(data, np.array(specs, np.uint64), out, lengths, lo, lo_specs)
+    first = literal_frames.frame(data[:70000], (70000, 0, 0))
+    second = literal_frames.frame(data[70000:], (65536, 256, 64208))
+    assert lengths.tolist() == [len(first), len(second)]
+    assert bytes(out[: len(first) + 1000 + len(second)]) == first + lo[5:1005] + second
+    from torch_dtdr.errors import CodecError
+
+    with pytest.raises(CodecError):  # lo bytes outside lo
+        native.module().literal_frames(data, np.array(specs, np.uint64), out, lengths, lo,
+                                       np.array([[5, 1000], [len(lo) - 10, 11]], np.uint64))
+    with pytest.raises(TypeError):
+        native.module().literal_frames(data, np.array(specs, np.uint64), out, lengths, lo)

@@ -1591,23 +1591,31 @@ static PyObject *py_dtdr_encode_segment(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* literal_frames(payload, specs, out, lengths): zstd frames of Huffman-coded literal
- * blocks (_literal_frames.c) for the frames whose parts specs lists as uint64
- * quadruples (payload offset, plane, totals, escapes), one after the other in
- * out; each frame's length into lengths (uint64). */
+/* literal_frames(payload, specs, out, lengths[, lo, lo_specs]): zstd frames of
+ * Huffman-coded literal blocks (_literal_frames.c) for the frames whose parts specs
+ * lists as uint64 quadruples (payload offset, plane, totals, escapes), one after the
+ * other in out; each frame's length into lengths (uint64). With lo and lo_specs
+ * (uint64 pairs: offset, length), each frame is followed in out by its bytes of lo:
+ * a dtdr residual's Z_0 L_0 Z_1 L_1 ... without a copy of each part. */
 static PyObject *py_literal_frames(PyObject *self, PyObject *args) {
-    PyObject *opay, *ospec, *oout, *olen;
-    Buf pay, spec, out, lens;
-    if (!PyArg_ParseTuple(args, "OOOO", &opay, &ospec, &oout, &olen)) return NULL;
-    Buf *all[4] = {&pay, &spec, &out, &lens};
-    PyObject *objs[4] = {opay, ospec, oout, olen};
-    const char *names[4] = {"payload", "specs", "out", "lengths"};
+    PyObject *opay, *ospec, *oout, *olen, *olo = NULL, *olospec = NULL;
+    Buf pay, spec, out, lens, lo, lospec;
+    if (!PyArg_ParseTuple(args, "OOOO|OO", &opay, &ospec, &oout, &olen, &olo, &olospec)) return NULL;
+    if ((olo == NULL) != (olospec == NULL)) {
+        PyErr_SetString(PyExc_TypeError, "literal_frames: lo and lo_specs go together");
+        return NULL;
+    }
+    const int nbuf = olo ? 6 : 4;
+    Buf *all[6] = {&pay, &spec, &out, &lens, &lo, &lospec};
+    PyObject *objs[6] = {opay, ospec, oout, olen, olo, olospec};
+    const char *names[6] = {"payload", "specs", "out", "lengths", "lo", "lo_specs"};
+    const int writable[6] = {0, 0, 1, 1, 0, 0};
     int got = 0, ok = 1;
-    for (; got < 4; got++)
-        if (buf_get(objs[got], all[got], got >= 2, names[got]) < 0) { ok = 0; break; }
+    for (; got < nbuf; got++)
+        if (buf_get(objs[got], all[got], writable[got], names[got]) < 0) { ok = 0; break; }
     Py_ssize_t nframes = 0;
     size_t need = 0, work = 0;
-    const uint64_t *sp = NULL;
+    const uint64_t *sp = NULL, *lsp = NULL;
     if (ok) {
         nframes = spec.view.len / 32;
         sp = (const uint64_t *)spec.view.buf;
@@ -1616,6 +1624,10 @@ static PyObject *py_literal_frames(PyObject *self, PyObject *args) {
             ok = 0;
         }
         ok = ok && check_len(&lens, 8 * nframes, "lengths") == 0;
+        if (ok && olo) {
+            lsp = (const uint64_t *)lospec.view.buf;
+            ok = check_len(&lospec, 16 * nframes, "lo_specs") == 0;
+        }
         for (Py_ssize_t j = 0; ok && j < nframes; j++) {
             const uint64_t off = sp[4 * j], a = sp[4 * j + 1], b = sp[4 * j + 2], c = sp[4 * j + 3];
             if (a > (1u << 30) || b > (1u << 30) || c > (1u << 30) || off > (uint64_t)pay.view.len ||
@@ -1623,8 +1635,12 @@ static PyObject *py_literal_frames(PyObject *self, PyObject *args) {
                 PyErr_Format(err_cls(), "literal_frames: frame %zd lies outside the payload", j);
                 ok = 0;
             }
+            if (ok && lsp && (lsp[2 * j] > (uint64_t)lo.view.len || lsp[2 * j + 1] > (uint64_t)lo.view.len - lsp[2 * j])) {
+                PyErr_Format(err_cls(), "literal_frames: frame %zd's lo bytes lie outside lo", j);
+                ok = 0;
+            }
             if (ok) {
-                need += literal_frame_bound(a, b, c);
+                need += literal_frame_bound(a, b, c) + (lsp ? lsp[2 * j + 1] : 0);
                 work += a + b + c;
             }
         }
@@ -1632,12 +1648,17 @@ static PyObject *py_literal_frames(PyObject *self, PyObject *args) {
     }
     if (ok) {
         const uint8_t *src = (const uint8_t *)pay.view.buf;
+        const uint8_t *losrc = olo ? (const uint8_t *)lo.view.buf : NULL;
         uint8_t *dst = (uint8_t *)out.view.buf;
         uint64_t *lp = (uint64_t *)lens.view.buf;
         RUN_UNLOCKED_IF(work >= GIL_FREE_ELEMENTS, {
             for (Py_ssize_t j = 0; j < nframes; j++) {
                 lp[j] = literal_frame(src + sp[4 * j], sp[4 * j + 1], sp[4 * j + 2], sp[4 * j + 3], dst);
                 dst += lp[j];
+                if (lsp) {
+                    memcpy(dst, losrc + lsp[2 * j], lsp[2 * j + 1]);
+                    dst += lsp[2 * j + 1];
+                }
             }
         });
     }

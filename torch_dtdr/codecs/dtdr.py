@@ -114,22 +114,28 @@ class DTDR(Codec):
             B.sign_bits(self.seed, bs), info.w, info.mant, info.ebits, info.kmax, R.DELTA[dtype], fblocks,
             q, f, scratch, payload, lo,
         )
+        table = np.empty((nframes, 2), np.uint32)
+        table[:, 1] = lens[1::2]
         if self.level in R.LITERAL_LEVELS:
+            # the frames and the lo streams straight into the residual section, which is
+            # then cut to length (its unused tail was never written)
             specs = np.empty((nframes, 4), np.uint64)
-            poff = bound = 0
+            lo_specs = np.empty((nframes, 2), np.uint64)
+            poff = loff = bound = 0
             for j, n in enumerate(frame_n):
-                totals = 4 * -(-n // bs)
+                totals, lolen = 4 * -(-n // bs), lens[2 * j + 1]
                 specs[j] = (poff, n, totals, lens[2 * j] - n - totals)
-                bound += literal_frames.frame_bound(n, totals, lens[2 * j] - n - totals)
+                lo_specs[j] = (loff, lolen)
+                bound += literal_frames.frame_bound(n, totals, lens[2 * j] - n - totals) + lolen
                 poff += payload_caps[j]
-            zbuf = R.thread_scratch("zframes", bound)
+                loff += lo_caps[j]
+            residual = native.module().unfilled_bytearray(bound + 8)
             zlens = np.empty(nframes, np.uint64)
-            native.module().literal_frames(payload, specs, zbuf, zlens)
-            zview = memoryview(zbuf)
-            zframes, zoff = [], 0
-            for zlen in zlens.tolist():
-                zframes.append(zview[zoff : zoff + zlen])
-                zoff += zlen
+            native.module().literal_frames(payload, specs, residual, zlens, lo, lo_specs)
+            table[:, 0] = zlens
+            end = int(zlens.sum()) + int(table[:, 1].sum())
+            residual[end : end + 8] = bytes(8)
+            del residual[end + 8 :]
         else:
             compressor = R.thread_compressor(self.level)
             plains = []
@@ -137,20 +143,16 @@ class DTDR(Codec):
             for j in range(nframes):
                 plains.append(payload[poff : poff + lens[2 * j]])
                 poff += payload_caps[j]
-            zframes = compressor.multi_compress_to_buffer(plains, threads=0)
-        table = []
-        parts = []
-        loff = 0
-        for j, z in enumerate(zframes):
-            lolen = lens[2 * j + 1]
-            table += (len(z), lolen)
-            parts.append(z)
-            parts.append(lo[loff : loff + lolen])
-            loff += lo_caps[j]
-        parts.append(bytes(8))
-        meta = b"".join((struct.pack("<I", flags), f.astype("<f4", copy=False).tobytes(),
-                         struct.pack(f"<{len(table)}I", *table)))
-        return {"meta": meta, "base": q, "residual": b"".join(parts)}
+            parts = []
+            loff = 0
+            for j, z in enumerate(compressor.multi_compress_to_buffer(plains, threads=0)):
+                table[j, 0] = len(z)
+                parts += (z, lo[loff : loff + lens[2 * j + 1]])
+                loff += lo_caps[j]
+            parts.append(bytes(8))
+            residual = b"".join(parts)
+        meta = b"".join((struct.pack("<I", flags), f.astype("<f4", copy=False).tobytes(), table.astype("<u4").tobytes()))
+        return {"meta": meta, "base": q, "residual": residual}
 
     def decode(
         self,
