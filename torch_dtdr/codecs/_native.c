@@ -960,6 +960,99 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
 #define GATHER_FIELDS(W, first)
 #endif
 
+/* The encoder's first residual pass over a block of 16-bit values (enc_pass16
+ * below, same outputs) on AVX2, 32 elements at a time: AVX2 has no per-lane
+ * 16-bit shifts, so r >> k is a high multiply by 2^(16-k) and r mod 2^k a mask,
+ * both looked up by k with byte shuffles (GCC's vectorisation of the scalar
+ * loop widened every lane to 32 bits). Returns the scalar loop's start for the
+ * rest (a multiple of 32). */
+#ifdef DTDR_GATHER
+__attribute__((target("avx2")))
+static Py_ssize_t enc_pass16_avx2(const uint16_t *restrict px, const uint16_t *restrict pb, Py_ssize_t cnt, int A,
+                                  int Zc, int kmax, int mant, uint32_t emask, uint16_t nfmask, uint8_t *restrict kk,
+                                  uint16_t *restrict rr, uint8_t *restrict plane, int *nf, uint32_t *tot,
+                                  uint32_t *nesc) {
+    /* 2^(16-k) (0 for k = 0) and 2^k - 1, split into low and high bytes, per k in 0..15 */
+    const __m256i mul_lo = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, (char)128, 64, 32, 16, 8, 4, 2,
+                                            0, 0, 0, 0, 0, 0, 0, 0, 0, (char)128, 64, 32, 16, 8, 4, 2);
+    const __m256i mul_hi = _mm256_setr_epi8(0, (char)128, 64, 32, 16, 8, 4, 2, 1, 0, 0, 0, 0, 0, 0, 0,
+                                            0, (char)128, 64, 32, 16, 8, 4, 2, 1, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i low_lo = _mm256_setr_epi8(0, 1, 3, 7, 15, 31, 63, 127, (char)255, (char)255, (char)255, (char)255,
+                                            (char)255, (char)255, (char)255, (char)255,
+                                            0, 1, 3, 7, 15, 31, 63, 127, (char)255, (char)255, (char)255, (char)255,
+                                            (char)255, (char)255, (char)255, (char)255);
+    const __m256i low_hi = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 7, 15, 31, 63, 127,
+                                            0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 7, 15, 31, 63, 127);
+    const __m256i byte_lo = _mm256_set1_epi16(0x00FF), zero = _mm256_setzero_si256();
+    const __m256i vnf = _mm256_set1_epi16((short)nfmask), vemask = _mm256_set1_epi16((short)emask);
+    const int As = A > 32767 ? 32767 : A < -32768 ? -32768 : A;
+    const __m256i vA = _mm256_set1_epi16((short)As), vZ = _mm256_set1_epi16((short)(Zc > 32767 ? 32767 : Zc < -32768 ? -32768 : Zc));
+    const __m256i vkmax = _mm256_set1_epi16((short)kmax), v255 = _mm256_set1_epi16(255);
+    const __m128i vmant = _mm_cvtsi32_si128(mant);
+    __m256i nfacc = zero, ksum = zero;
+    uint32_t ne = 0;
+    Py_ssize_t i = 0;
+    for (; i + 32 <= cnt; i += 32) {
+        __m256i k2[2], h2[2];
+        for (int half = 0; half < 2; half++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(px + i + 16 * half));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(pb + i + 16 * half));
+            nfacc = _mm256_or_si256(nfacc, _mm256_cmpeq_epi16(_mm256_and_si256(p, vnf), vnf));
+            const __m256i e = _mm256_and_si256(_mm256_srl_epi16(b, vmant), vemask);
+            __m256i k = _mm256_min_epi16(_mm256_subs_epi16(vA, e), vZ);
+            k = _mm256_min_epi16(_mm256_max_epi16(k, zero), vkmax);
+            const __m256i op = _mm256_xor_si256(p, _mm256_srli_epi16(_mm256_srai_epi16(p, 15), 1));
+            const __m256i ob = _mm256_xor_si256(b, _mm256_srli_epi16(_mm256_srai_epi16(b, 15), 1));
+            const __m256i delta = _mm256_sub_epi16(op, ob);
+            const __m256i r = _mm256_xor_si256(_mm256_slli_epi16(delta, 1), _mm256_srai_epi16(delta, 15));
+            const __m256i kb = _mm256_or_si256(k, _mm256_slli_epi16(k, 8)); /* k in both bytes */
+            const __m256i mul = _mm256_or_si256(_mm256_and_si256(_mm256_shuffle_epi8(mul_lo, kb), byte_lo),
+                                                _mm256_andnot_si256(byte_lo, _mm256_shuffle_epi8(mul_hi, kb)));
+            const __m256i low = _mm256_or_si256(_mm256_and_si256(_mm256_shuffle_epi8(low_lo, kb), byte_lo),
+                                                _mm256_andnot_si256(byte_lo, _mm256_shuffle_epi8(low_hi, kb)));
+            const __m256i k0 = _mm256_cmpeq_epi16(k, zero);
+            const __m256i hi = _mm256_or_si256(_mm256_mulhi_epu16(r, mul), _mm256_and_si256(r, k0));
+            _mm256_storeu_si256((__m256i *)(rr + i + 16 * half), _mm256_and_si256(r, low));
+            ksum = _mm256_add_epi16(ksum, k);
+            k2[half] = k;
+            h2[half] = _mm256_min_epu16(hi, v255);
+        }
+        const __m256i planes = _mm256_permute4x64_epi64(_mm256_packus_epi16(h2[0], h2[1]), 0xD8);
+        const __m256i ks = _mm256_permute4x64_epi64(_mm256_packus_epi16(k2[0], k2[1]), 0xD8);
+        _mm256_storeu_si256((__m256i *)(plane + i), planes);
+        _mm256_storeu_si256((__m256i *)(kk + i), ks);
+        ne += (uint32_t)__builtin_popcount((unsigned)_mm256_movemask_epi8(_mm256_cmpeq_epi8(planes, _mm256_set1_epi8((char)255))));
+        if ((i & 1023) == 992) { /* 16-bit lane sums: at most 32 * 15 per lane each 1024 elements */
+            __m256i wide = _mm256_madd_epi16(ksum, _mm256_set1_epi16(1));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+            *tot += (uint32_t)_mm_cvtsi128_si32(s4);
+            ksum = zero;
+        }
+    }
+    {
+        __m256i wide = _mm256_madd_epi16(ksum, _mm256_set1_epi16(1));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        *tot += (uint32_t)_mm_cvtsi128_si32(s4);
+    }
+    *nf |= !_mm256_testz_si256(nfacc, nfacc);
+    *nesc += ne;
+    return i;
+}
+#endif
+
+#ifdef DTDR_GATHER
+#define ENC_PASS16_AVX2(W)                                                                                   \
+    if (W == 16 && have_avx2 && kmax <= 15)                                                                  \
+        i0 = enc_pass16_avx2((const uint16_t *)px, (const uint16_t *)pb, cnt, A, Zc, kmax, mant, emask,      \
+                             (uint16_t)nfmask, kk, (uint16_t *)rr, plane, &nf, &tot, &ne);
+#else
+#define ENC_PASS16_AVX2(W)
+#endif
+
 /* Width-specialised residual kernels: T is the unsigned and S the signed
  * integer type of the float's width W. Pass 1 of every block is branch-free
  * (vectorisable); the bit packing / unpacking pass is sequential. */
@@ -972,7 +1065,9 @@ static int dinfo_of(int w, int mant, int ebits, int kmax, DInfo *d) {
                            uint8_t *restrict plane, uint32_t *restrict total, Py_ssize_t *restrict nesc) {       \
         int nf = 0;                                                                                          \
         uint32_t tot = 0, ne = 0; /* 32-bit counts (a block has at most 2^16 elements): vectors stay narrow */ \
-        for (Py_ssize_t i = 0; i < cnt; i++) {                                                               \
+        Py_ssize_t i0 = 0;                                                                                   \
+        ENC_PASS16_AVX2(W)                                                                                   \
+        for (Py_ssize_t i = i0; i < cnt; i++) {                                                              \
             T p = px[i], b = pb[i];                                                                          \
             nf |= (p & nfmask) == nfmask;                                                                    \
             int k = A - (int)((b >> mant) & emask);                                                          \
